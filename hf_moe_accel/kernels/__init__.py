@@ -1,0 +1,53 @@
+"""Fused MoE kernels, each beside its plain-torch reference.
+
+`route` and `fused_experts` pick the Triton kernel for CUDA tensors of a served dtype and the
+reference otherwise (CPU, float64, ...). Tests call the `*_triton` functions directly, on CPU
+tensors under `TRITON_INTERPRET=1`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .experts_reference import experts_reference
+from .routing_reference import route_reference
+from .spec import Activation, ExpertWeights, RoutingSpec
+
+SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+__all__ = [
+    "SERVED_DTYPES",
+    "Activation",
+    "ExpertWeights",
+    "RoutingSpec",
+    "fused_experts",
+    "kernels_serve",
+    "route",
+]
+
+
+def kernels_serve(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for these tensors (on a GPU, in a served dtype)."""
+    return all(t.is_cuda and t.dtype in SERVED_DTYPES for t in tensors)
+
+
+def route(
+    logits: torch.Tensor, spec: RoutingSpec, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k], expert ids [T, k] int64), as `spec` says."""
+    if kernels_serve(logits):
+        from .routing import route_triton
+
+        return route_triton(logits, spec, correction_bias)
+    return route_reference(logits, spec, correction_bias)
+
+
+def fused_experts(
+    hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]) -> [T, H]."""
+    if kernels_serve(hidden_states, weights.gate_up, weights.down):
+        from .experts_triton import fused_experts_triton
+
+        return fused_experts_triton(hidden_states, weights, topk_ids, topk_weights)
+    return experts_reference(hidden_states, weights, topk_ids, topk_weights)

@@ -1,0 +1,74 @@
+"""Plain-torch fused-experts computation: the CPU path and the oracle for the Triton kernels.
+
+Same arithmetic as Transformers' `grouped_mm` experts path: GEMMs in the weights' dtype, the
+routing weight applied per (token, expert) pair, the top-k sum accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import Activation, ExpertWeights
+
+
+def apply_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
+    """[..., 2I] gate/up projections (or [..., I] up only) -> [..., I] activated."""
+    act = weights.activation
+    if not weights.has_gate:
+        return _elementwise(gate_up, act)
+    if weights.interleaved:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    if act.kind == "swiglu_oai":
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    return _elementwise(gate, act) * up
+
+
+def _elementwise(x: torch.Tensor, act: Activation) -> torch.Tensor:
+    if act.kind == "silu":
+        return F.silu(x)
+    if act.kind == "gelu":
+        return F.gelu(x)
+    if act.kind == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act.kind == "relu":
+        return F.relu(x)
+    raise ValueError(f"activation {act.kind!r} needs a gate")
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ weight if transposed else F.linear(x, weight)
+    return out + bias if bias is not None else out
+
+
+def experts_reference(
+    hidden_states: torch.Tensor,
+    weights: ExpertWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """hidden_states [T, H], topk_ids/topk_weights [T, k] -> [T, H] in hidden_states' dtype."""
+    num_tokens, hidden_size = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=weights.num_experts).tolist()
+    pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=torch.float32, device=hidden_states.device)
+    x_dtype = weights.gate_up.dtype
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        x = hidden_states[pairs // top_k].to(x_dtype)
+        gate_up_bias = weights.gate_up_bias[expert] if weights.gate_up_bias is not None else None
+        down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
+        inter = apply_activation(_project(x, weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
+        pair_out[pairs] = _project(inter, weights.down[expert], down_bias, weights.transposed).float()
+    pair_out *= topk_weights.reshape(-1, 1).float()
+    return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden_states.dtype)

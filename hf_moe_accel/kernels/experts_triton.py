@@ -1,0 +1,389 @@
+"""Fused MoE experts in Triton: sum_k w[t, k] * down(act(gate_up(x[t]))) for each token's k experts.
+
+Two paths, picked per call by `tuning.use_decode_path` (token count against tuned data):
+
+- prefill: the (token, expert) pairs are sorted by expert into BLOCK_M-row blocks (`align.py`);
+  one grouped GEMM computes gate and up for a block and applies the activation, one grouped GEMM
+  computes down, scales each row by its routing weight and adds it into a float32 [T, H] buffer
+  with atomics (the top-k sum). Blocks past the padded total exit at once.
+- decode (a few tokens, bound by reading the experts' weights): no sort; GEMV-style programs per
+  (pair, N block) for gate_up + activation, and per (token, N block) for down, which sums the
+  token's k pairs in registers and writes the output directly.
+
+Weights are read in place through their strides (transposed or not), gate/up concatenated
+(gate row j, up row I + j) or interleaved (rows 2j, 2j + 1: one tile of 2 * BLOCK_N rows, split
+after the GEMM). All arithmetic accumulates in float32; the intermediate is stored in the
+weights' dtype, like the reference. Every size depends only on T, k, E and the config, and
+nothing syncs with the host, so a call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .align import align_pairs
+from .spec import ExpertWeights
+from .tuning import KernelPath, get_config, use_decode_path
+
+
+def fused_experts_triton(
+    hidden_states: torch.Tensor,
+    weights: ExpertWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    path: KernelPath | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """hidden_states [T, H], topk_ids [T, k] (int32/int64), topk_weights [T, k] -> [T, H].
+
+    Equal to `experts_reference` up to float32 rounding. `path` forces "decode" or "prefill"
+    (default: from the tuning data); `config` overrides the launch parameters entirely (the
+    tuner's hook; same format as `tuning.get_config`).
+    """
+    num_tokens, hidden = hidden_states.shape
+    if not weights.has_gate and weights.activation.kind == "swiglu_oai":
+        raise ValueError("the swiglu_oai activation needs a gate")
+    if num_tokens == 0:
+        return hidden_states.new_empty((0, hidden))
+    top_k = topk_ids.shape[1]
+    if config is None:
+        layer = (weights.num_experts, weights.intermediate_size, hidden, num_tokens, top_k, weights.gate_up.dtype,
+                 hidden_states.device, weights.transposed)
+        config = get_config(path or ("decode" if use_decode_path(*layer) else "prefill"), *layer)
+    run = _decode if config["path"] == "decode" else _prefill
+    return run(hidden_states, weights, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config)
+
+
+def _weight_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(expert, N, K) strides: weights are [E, N, K], or [E, K, N] when transposed."""
+    return (weight.stride(0), weight.stride(2), weight.stride(1)) if transposed else tuple(weight.stride())
+
+
+def _bias_args(bias: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(pointer, expert stride, N stride); the weight stands in as an unused pointer without bias."""
+    return (weight, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
+
+
+def _gate_up_args(x: torch.Tensor, weights: ExpertWeights) -> dict:
+    """Arguments shared by both paths' gate_up kernels."""
+    w = weights.gate_up
+    stride_we, stride_wn, stride_wk = _weight_strides(w, weights.transposed)
+    bias, stride_be, stride_bn = _bias_args(weights.gate_up_bias, w)
+    return dict(
+        x_ptr=x, w_ptr=w, bias_ptr=bias, N=weights.intermediate_size, K=x.shape[1],
+        stride_xt=x.stride(0), stride_xk=x.stride(1),
+        stride_we=stride_we, stride_wn=stride_wn, stride_wk=stride_wk, stride_be=stride_be, stride_bn=stride_bn,
+        alpha=weights.activation.alpha, limit=weights.activation.limit,
+        HAS_BIAS=weights.gate_up_bias is not None, HAS_GATE=weights.has_gate,
+        INTERLEAVED=weights.has_gate and weights.interleaved, ACT=weights.activation.kind,
+    )
+
+
+def _down_args(weights: ExpertWeights) -> dict:
+    w = weights.down
+    stride_we, stride_wn, stride_wk = _weight_strides(w, weights.transposed)
+    bias, stride_be, stride_bn = _bias_args(weights.down_bias, w)
+    return dict(
+        w_ptr=w, bias_ptr=bias, N=weights.hidden_size, K=weights.intermediate_size,
+        stride_we=stride_we, stride_wn=stride_wn, stride_wk=stride_wk, stride_be=stride_be, stride_bn=stride_bn,
+        HAS_BIAS=weights.down_bias is not None,
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # float32 weights get full-precision dots (TF32 would miss the reference by ~1e-3).
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_pairs, inter_size = ids.numel(), weights.intermediate_size
+    block_m, gate_up, down = config["BLOCK_M"], config["gate_up"], config["down"]
+    sorted_pairs, block_experts = align_pairs(ids, weights.num_experts, block_m)
+    num_blocks = block_experts.numel()
+    precision = _dot_precision(weights.gate_up.dtype)
+
+    inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
+    _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gate_up["BLOCK_N"]),)](
+        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0),
+        sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
+        TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **gate_up,
+    )
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, down["BLOCK_N"]), down["SPLIT_K"])](
+        **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
+        out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), topk_weights_ptr=routing,
+        sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
+        TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **down,
+    )
+    return out.to(x.dtype)
+
+
+def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_pairs, inter_size = ids.numel(), weights.intermediate_size
+    gate_up, down = config["gate_up"], config["down"]
+
+    inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
+    _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
+        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, TOP_K=top_k, **gate_up,
+    )
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    _decode_down_kernel[(num_tokens, triton.cdiv(hidden, down["BLOCK_N"]))](
+        **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
+        out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), ids_ptr=ids, topk_weights_ptr=routing,
+        TOP_K=top_k, **down,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers
+
+
+@triton.jit
+def _activate(gate, up, alpha, limit, ACT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """float32 act(gate) * up, GPT-OSS's clamped form for "swiglu_oai", or act(up) without a gate."""
+    if ACT == "swiglu_oai":
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1) * gate * tl.sigmoid(alpha * gate)
+    else:
+        h = gate if HAS_GATE else up
+        if ACT == "silu":
+            h = h * tl.sigmoid(h)
+        elif ACT == "gelu":
+            h = 0.5 * h * (1 + tl.erf(h * 0.7071067811865476))
+        elif ACT == "gelu_tanh":
+            # 0.5 * (1 + tanh(y)) == sigmoid(2y), y = sqrt(2 / pi) * (h + 0.044715 h^3)
+            h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        else:  # relu
+            h = tl.maximum(h, 0.0)
+        out = h * up if HAS_GATE else h
+    return out
+
+
+@triton.jit
+def _gate_up_columns(pid_n, N, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows of the gate_up weight (along its N axis) that one BLOCK_N tile of the output needs.
+
+    Interleaved: the 2 * BLOCK_N consecutive rows holding gate and up of those outputs.
+    Otherwise: the BLOCK_N gate rows (or up rows without a gate); the up rows sit N further.
+    """
+    if INTERLEAVED:
+        cols = pid_n * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        mask = cols < 2 * N
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < N
+    return cols, mask
+
+
+@triton.jit
+def _finish_gate_up(acc, acc_up, bias_ptrs, cols, col_mask, N, stride_bn, alpha, limit,
+                    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                    ACT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Biases, gate/up split and activation: [rows, cols] accumulators -> [rows, BLOCK_N] float32."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptrs + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_GATE and not INTERLEAVED:
+            acc_up += tl.load(bias_ptrs + (cols + N) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        gate, up = tl.split(tl.reshape(acc, [acc.shape[0], BLOCK_N, 2]))
+    elif HAS_GATE:
+        gate, up = acc, acc_up
+    else:
+        gate, up = acc, acc
+    return _activate(gate, up, alpha, limit, ACT, HAS_GATE)
+
+
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (M block, N block), GROUP_M M blocks sweeping N together (L2 reuse)."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: grouped GEMMs over expert-sorted blocks
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # one compile for all token counts
+def _prefill_gate_up_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, N, K, num_blocks,
+    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op,
+    alpha, limit,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """inter[pair, n-tile] = act(x[token] @ gate^T, x[token] @ up^T) for one block of an expert's pairs."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    tokens = (pairs // TOP_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols, col_mask = _gate_up_columns(pid_n, N, BLOCK_N, INTERLEAVED)
+
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    up_offset = N * stride_wn
+    acc = tl.zeros([BLOCK_M, cols.shape[0]], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        if HAS_GATE and not INTERLEAVED:
+            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    h = _finish_gate_up(acc, acc_up, bias_ptr + expert * stride_be, cols[None, :], col_mask[None, :], N, stride_bn,
+                        alpha, limit, HAS_BIAS, HAS_GATE, INTERLEAVED, ACT, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_op + offs_n[None, :]
+    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # one compile for all token counts
+def _prefill_down_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, topk_weights_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, N, K, num_blocks,
+    stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """out[token] += routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + pairs.to(tl.int64)[:, None] * stride_ap + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_mask = offs_k < k_end - (k0 - k_start)
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        if split == 0:  # added once, by the first split
+            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+    routing = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+    tokens = (pairs // TOP_K).to(tl.int64)
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_n[None, :] * stride_on
+    tl.atomic_add(out_ptrs, acc * routing[:, None], mask=valid[:, None] & n_mask[None, :], sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: GEMV per pair, no sort. Weight tiles are [BLOCK_K, columns]: products accumulate in a
+# float32 tile of that shape and are reduced over K once, after the loop. The compiler lays each
+# tile out along whichever axis has stride 1 (K in the default layout, N when transposed: Triton
+# specialises stride-1 arguments), so the loads are wide and coalesced in both layouts.
+
+
+@triton.jit
+def _decode_gate_up_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr,
+    N, K,
+    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op,
+    alpha, limit,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    token = pair // TOP_K
+    offs_k = tl.arange(0, BLOCK_K)
+    cols, col_mask = _gate_up_columns(pid_n, N, BLOCK_N, INTERLEAVED)
+
+    x_ptrs = x_ptr + token * stride_xt + offs_k * stride_xk
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    up_offset = N * stride_wn
+    acc = tl.zeros([BLOCK_K, cols.shape[0]], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[:, None]
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x
+        if HAS_GATE and not INTERLEAVED:
+            acc_up += tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0).to(tl.float32) * x
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    h = _finish_gate_up(tl.sum(acc, axis=0)[None, :], tl.sum(acc_up, axis=0)[None, :], bias_ptr + expert * stride_be,
+                        cols[None, :], col_mask[None, :], N, stride_bn, alpha, limit,
+                        HAS_BIAS, HAS_GATE, INTERLEAVED, ACT, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + pair.to(tl.int64) * stride_op + offs_n[None, :]
+    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+
+
+@triton.jit
+def _decode_down_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, topk_weights_ptr,
+    N, K,
+    stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
+
+    The pairs are the inner, unrolled loop so that each K step has k weight tiles in flight; the
+    routing weight scales the activations, so one accumulator serves all k pairs.
+    """
+    token = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    first_pair = token * TOP_K
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        for j in tl.static_range(TOP_K):
+            expert = tl.load(ids_ptr + first_pair + j).to(tl.int64)
+            routing = tl.load(topk_weights_ptr + first_pair + j).to(tl.float32)
+            a = tl.load(a_ptr + (first_pair + j).to(tl.int64) * stride_ap + ks * stride_ak, mask=k_mask, other=0.0)
+            w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * (a.to(tl.float32) * routing)[:, None]
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        for j in tl.static_range(TOP_K):
+            expert = tl.load(ids_ptr + first_pair + j).to(tl.int64)
+            routing = tl.load(topk_weights_ptr + first_pair + j).to(tl.float32)
+            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+            out += routing * bias.to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_mask)

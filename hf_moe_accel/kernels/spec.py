@@ -1,0 +1,98 @@
+"""Plain descriptions of what the kernels compute: routing rules and expert weight layouts.
+
+These dataclasses are the contract between `patches/` (which reads a Transformers module and
+describes it) and `kernels/` (which computes from the description). They hold no logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Scoring = Literal["softmax", "sigmoid", "softmax_topk_logits"]
+GroupScore = Literal["max", "top2_sum"]
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a router turns logits [T, E] into (weights [T, k], expert ids [T, k]).
+
+    scoring:
+        "softmax"             probs = softmax(logits) in float32, top-k over probs (+bias if any).
+        "sigmoid"             probs = sigmoid(logits) in float32, top-k over probs (+bias if any).
+        "softmax_topk_logits" top-k over the raw logits, then softmax over the k chosen logits
+                              (GPT-OSS); the softmax runs in float32, then `weights_dtype`.
+    renormalize:        divide the k weights by their sum (+ renorm_eps) after selection.
+    n_group/topk_group: group-limited top-k: experts split into n_group groups, each group scored
+                        by `group_score` over (probs + correction bias), only the best topk_group
+                        groups are eligible. n_group == 1 disables it.
+    has_correction_bias: a per-expert bias added to probs for *selection only* (DeepSeek-V3); the
+                        weights are gathered from the unbiased probs.
+    routed_scaling_factor: multiplies the final weights.
+    weights_dtype:      None keeps float32 weights; otherwise the weights are cast to this dtype
+                        at the end (the stock router casts to the logits' dtype).
+    """
+
+    top_k: int
+    num_experts: int
+    scoring: Scoring = "softmax"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = "max"
+    has_correction_bias: bool = False
+    routed_scaling_factor: float = 1.0
+    weights_dtype: torch.dtype | None = None
+
+
+ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The elementwise step between the two expert GEMMs.
+
+    With a gate: out = act(gate) * up for silu/gelu/gelu_tanh/relu. "swiglu_oai" is GPT-OSS's:
+    gate = min(gate, limit); up = clamp(up, -limit, limit); out = (up + 1) * gate * sigmoid(alpha * gate).
+    Without a gate (has_gate=False): out = act(up).
+    """
+
+    kind: ActivationKind = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass
+class ExpertWeights:
+    """References (never copies) to one MoE layer's expert tensors and how they are laid out.
+
+    Not transposed (the Transformers default): gate_up [E, 2I, H] (or [E, I, H] without a gate),
+    down [E, H, I]. Transposed: gate_up [E, H, 2I], down [E, I, H].
+    Along the 2I axis the gate comes first then up ("concatenated"), or they alternate
+    gate0, up0, gate1, up1, ... ("interleaved", GPT-OSS).
+    Biases, when present: gate_up_bias [E, 2I] (same order as the weight), down_bias [E, H].
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    transposed: bool = False
+    interleaved: bool = False
+    has_gate: bool = True
+    activation: Activation = Activation()
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down.shape[2] if self.transposed else self.down.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[1] if self.transposed else self.down.shape[2]

@@ -1,0 +1,139 @@
+"""The accelerated router forward: the family's router linear, then one fused routing kernel."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..kernels.spec import RoutingSpec
+from .adapter import FamilyAdapter, LogitsPrecision
+from .swap import STATE_ATTR, swap_forward
+
+logger = logging.getLogger("hf_moe_accel")
+
+# Router input dtypes a spec is prepared for at patch time (the model may be cast after patching).
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class RouterState:
+    original_forward: Callable[..., object]
+    specs: Mapping[torch.dtype, RoutingSpec]  # by the dtype of the router's input
+    logits: LogitsPrecision
+    router_linear: str
+    correction_bias: str
+    # Where the stock router puts (logits, weights, ids) in its output tuple: (0, 1, 2) for every
+    # family in Transformers 5.23; GraniteMoE in 5.17 returned (ids, weights, logits).
+    output_order: tuple[int, int, int]
+
+
+def _resolve(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
+    return functools.reduce(getattr, path.split("."), module) if path else module
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: LogitsPrecision) -> torch.Tensor:
+    """The router's linear layer, run at the precision the stock router runs it."""
+    if precision == "float32":
+        return F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    if precision == "weight":
+        return F.linear(x.to(weight.dtype), weight, bias)
+    logits = F.linear(x, weight, bias)
+    return logits.float() if precision == "upcast" else logits
+
+
+def accelerated_router_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Same outputs as the stock router: (router_logits, top-k weights, top-k expert ids), in its order.
+
+    A second positional argument is the expert bias of the routers whose MoE block passes it in
+    (AFMoE, MiniMax-M2, HY-V3, LFM2-MoE); the other routers keep it as an attribute.
+    """
+    state: RouterState = getattr(self, STATE_ATTR)
+    spec = state.specs.get(hidden_states.dtype)
+    if self.training or spec is None:  # the kernels have no backward; odd dtypes keep the stock path
+        return state.original_forward(self, hidden_states, *args, **kwargs)
+    linear = _resolve(self, state.router_linear)
+    x = hidden_states.reshape(-1, linear.weight.shape[-1])
+    logits = router_logits(x, linear.weight, getattr(linear, "bias", None), state.logits)
+    correction_bias = None
+    if spec.has_correction_bias:
+        # Passed by the block (positionally in Transformers; a keyword under any name is accepted too),
+        # else the router's own attribute.
+        passed = args[0] if args else next(iter(kwargs.values()), None)
+        correction_bias = passed if passed is not None else _resolve(self, state.correction_bias)
+        correction_bias = correction_bias.reshape(-1)  # Ernie stores it as [1, E]
+    weights, ids = kernels.route(logits, spec, correction_bias)
+    outputs: list[torch.Tensor] = [logits, weights, ids]
+    for value, position in zip((logits, weights, ids), state.output_order):
+        outputs[position] = value
+    return tuple(outputs)
+
+
+def stock_output_order(router: nn.Module, weight: torch.Tensor) -> tuple[int, int, int] | None:
+    """Positions of (logits, weights, ids) in the stock router's output, or None when it doesn't return
+    that triple (a plain nn.Linear router, a 4-tuple...), found by running the stock forward once on
+    one zero token, flat [1, H] as most blocks pass it, else [1, 1, H] (AFMoE's router wants 3-D).
+    The class's forward is called directly, so no hook sees the call; on a meta (offloaded) weight
+    the probe runs on meta tensors and computes nothing."""
+    num_experts, hidden_size = weight.shape
+    params = list(inspect.signature(type(router).forward).parameters.values())[1:]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # Routers given the expert bias by their block take it as a second argument.
+    extra = (torch.zeros(num_experts, dtype=torch.float32, device=weight.device),) if len(positional) > 1 else ()
+    out = None
+    for shape in ((1, hidden_size), (1, 1, hidden_size)):
+        try:
+            with torch.no_grad():
+                out = type(router).forward(router, torch.zeros(shape, dtype=weight.dtype, device=weight.device), *extra)
+            break
+        except Exception:  # a router the probe can't drive keeps its stock forward
+            continue
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+        return None
+    ids = [i for i, t in enumerate(out) if not t.is_floating_point()]
+    if len(ids) != 1:
+        return None
+    floats = [i for i in range(3) if i != ids[0]]
+    weights = [i for i in floats if out[i].shape == out[ids[0]].shape]
+    if len(weights) != 1:
+        return None
+    logits = next(i for i in floats if i != weights[0])
+    return logits, weights[0], ids[0]
+
+
+def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
+    """Swap in the fused routing forward; False when the family (or this router) keeps its own."""
+    if adapter.routing is None:
+        return False
+    weight = getattr(_resolve(router, adapter.router_linear), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    order = stock_output_order(router, weight)
+    if order is None:
+        return False
+    try:
+        specs = {dtype: adapter.routing(router, dtype) for dtype in _INPUT_DTYPES}
+    except (AttributeError, TypeError, ValueError) as error:
+        # A router attribute the builder reads is gone (a newer Transformers?): keep the stock router
+        # rather than fail halfway through patching the model.
+        logger.warning("hf_moe_accel: keeping the stock %s: its routing builder failed (%r)", type(router).__name__, error)
+        return False
+    if any(spec is None for spec in specs.values()):
+        return False
+    state = RouterState(
+        original_forward=type(router).forward,
+        specs=specs,
+        logits=adapter.logits,
+        router_linear=adapter.router_linear,
+        correction_bias=adapter.correction_bias,
+        output_order=order,
+    )
+    swap_forward(router, accelerated_router_forward, state)
+    return True

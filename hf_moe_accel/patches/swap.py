@@ -1,0 +1,38 @@
+"""Swap a module instance's class for a subclass with an accelerated forward, and back.
+
+A class swap keeps the instance: its parameters and buffers (never copied), its hooks
+(Transformers' output recorders are forward hooks on router instances) and `isinstance` checks
+against the original class all stay valid. `restore` puts the original class back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+STATE_ATTR = "_hf_moe_accel_state"
+_ORIGINAL_CLASS_ATTR = "_hf_moe_accel_original_class"
+_SUBCLASS_CACHE: dict[tuple[type, Callable], type] = {}
+
+
+def swap_forward(module: nn.Module, forward: Callable[..., Any], state: Any) -> None:
+    """Make `module` run `forward(module, *args)`, keeping `state` on it as `module._hf_moe_accel_state`."""
+    original = type(module)
+    key = (original, forward)
+    if key not in _SUBCLASS_CACHE:
+        _SUBCLASS_CACHE[key] = type(f"Accelerated{original.__name__}", (original,), {"forward": forward})
+    object.__setattr__(module, _ORIGINAL_CLASS_ATTR, original)
+    object.__setattr__(module, STATE_ATTR, state)
+    module.__class__ = _SUBCLASS_CACHE[key]
+
+
+def is_swapped(module: nn.Module) -> bool:
+    return _ORIGINAL_CLASS_ATTR in module.__dict__
+
+
+def restore(module: nn.Module) -> None:
+    """Undo `swap_forward`: the original class back, the state removed."""
+    module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS_ATTR)
+    module.__dict__.pop(STATE_ATTR, None)

@@ -1,0 +1,319 @@
+"""One MoE layer (router + experts), ours against stock Transformers, on this GPU; bf16 random weights.
+
+    python scripts/bench_moe_layer.py --shapes olmoe-1b-7b,qwen3-30b-a3b,mixtral-8x7b \
+        --tokens 1,4,16,64,256,1024,4096 --json moe_layer.json
+
+Ours: router linear + `hf_moe_accel.kernels.route` + `fused_experts_triton`, eager and replayed
+from a CUDA graph. Stock: the family's real sparse-MoE block from Transformers with
+`_experts_implementation` "grouped_mm" (eager) and "batched_mm" (eager and graph; skipped where
+its per-pair weight copies would pass --batched-mm-limit-gb). Every figure cycles over 4 copies of
+the layer's weights (one graph holds the 4 calls) so L2 does not hold them, median per call.
+The HBM limit is (distinct experts touched) x 3 x H x I x 2 bytes over the measured copy
+bandwidth (read + write bytes counted) and over 3.35 TB/s (BENCH_PROTOCOL.md). Our output is
+checked against stock's on the same weights and inputs before any timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hf_moe_accel.kernels import tuning  # noqa: E402
+from hf_moe_accel.kernels.experts_triton import fused_experts_triton  # noqa: E402
+from hf_moe_accel.kernels.spec import Activation, ExpertWeights, RoutingSpec  # noqa: E402
+
+try:
+    from hf_moe_accel.kernels import route
+    from hf_moe_accel.kernels.routing import route_triton  # noqa: F401  (only checks it exists)
+
+    ROUTE_IMPL = "route_triton"
+except ImportError:
+    from hf_moe_accel.kernels.routing_reference import route_reference as route
+
+    ROUTE_IMPL = "route_reference"
+    print("note: hf_moe_accel.kernels.routing.route_triton not found; ours uses route_reference (plain torch)")
+
+COPIES = 4
+PROTOCOL_BANDWIDTH = 3.35e12  # bytes/s, H100 80GB HBM3 spec, as BENCH_PROTOCOL.md reports
+MAX_REL_ERROR = 2e-2
+
+# Public dimensions of the BENCH_PROTOCOL.md presets (routed experts only). `family` names the
+# Transformers MoE block the stock side is built from (None: tuning only, no stock builder here).
+SHAPES = {
+    "olmoe-1b-7b": dict(family="olmoe", E=64, k=8, H=2048, I=1024, renormalize=False),
+    "qwen3-30b-a3b": dict(family="qwen3_moe", E=128, k=8, H=2048, I=768, renormalize=True),
+    "mixtral-8x7b": dict(family="mixtral", E=8, k=2, H=4096, I=14336, renormalize=True),
+    "deepseek-v2-lite": dict(family=None, E=64, k=6, H=2048, I=1408, renormalize=False),
+    "gpt-oss-20b": dict(family=None, E=32, k=4, H=2880, I=2880, renormalize=False, gpt_oss=True),
+}
+for _shape in SHAPES.values():
+    _shape.setdefault("gpt_oss", False)
+    _shape["transposed"] = _shape["gpt_oss"]  # GPT-OSS: [E, H, 2I] interleaved, biases, clamped SwiGLU
+
+
+def make_expert_weights(shape: dict, seed: int = 0, std: float = 0.02, device: str = "cuda") -> ExpertWeights:
+    """Random bf16 expert weights of a preset, in the preset's layout."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, H, I = shape["E"], shape["H"], shape["I"]
+
+    def randn(*size):
+        return torch.randn(*size, generator=g, device=device, dtype=torch.bfloat16) * std
+
+    if shape["gpt_oss"]:
+        return ExpertWeights(randn(E, H, 2 * I), randn(E, I, H), randn(E, 2 * I), randn(E, H),
+                             transposed=True, interleaved=True, activation=Activation("swiglu_oai"))
+    return ExpertWeights(randn(E, 2 * I, H), randn(E, H, I))
+
+
+def random_routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, ids [T, k] int64): k distinct uniformly random experts per token."""
+    ids = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
+    return torch.softmax(torch.randn(tokens, top_k, device="cuda"), dim=-1), ids
+
+
+def _median_us(events: list, calls: int) -> float:
+    torch.cuda.synchronize()
+    return statistics.median(b.elapsed_time(e) for b, e in events) * 1000 / calls
+
+
+def _reps(seconds_per_rep: float, min_reps: int, max_reps: int, budget_s: float) -> int:
+    return max(min_reps, min(max_reps, int(budget_s / max(seconds_per_rep, 1e-6))))
+
+
+def time_eager(fns: list, min_reps: int = 10, max_reps: int = 40, budget_s: float = 0.3) -> float:
+    """Median microseconds per call of running all of `fns` back to back, eagerly."""
+    for _ in range(3):
+        for fn in fns:
+            fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(_reps(time.perf_counter() - start, min_reps, max_reps, budget_s))]
+    for begin, end in events:
+        begin.record()
+        for fn in fns:
+            fn()
+        end.record()
+    return _median_us(events, len(fns))
+
+
+def time_graph(fns: list, min_reps: int = 5, max_reps: int = 40, budget_s: float = 0.2) -> tuple[float, list]:
+    """(median microseconds per call, the captured outputs): one CUDA graph holding all `fns`, replayed."""
+    for fn in fns:  # compile and warm up outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [fn() for fn in fns]
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(_reps(time.perf_counter() - start, min_reps, max_reps, budget_s))]
+    for begin, end in events:
+        begin.record()
+        graph.replay()
+        end.record()
+    return _median_us(events, len(fns)), outputs
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write bytes counted."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    micros = time_eager([lambda: dst.copy_(src)], min_reps=10, max_reps=20)
+    del src, dst
+    return 2 * nbytes / (micros * 1e-6)
+
+
+def build_stock_blocks(shape: dict, device: str = "cuda") -> list[torch.nn.Module]:
+    """COPIES identical (same values, separate memory) Transformers MoE blocks, bf16."""
+    family, E, k, H, I = shape["family"], shape["E"], shape["k"], shape["H"], shape["I"]
+    if family == "olmoe":
+        from transformers.models.olmoe.configuration_olmoe import OlmoeConfig as Config
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+
+        config = Config(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k,
+                        norm_topk_prob=shape["renormalize"])
+    elif family == "qwen3_moe":
+        from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig as Config
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+        config = Config(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
+                        norm_topk_prob=shape["renormalize"])
+    elif family == "mixtral":
+        from transformers.models.mixtral.configuration_mixtral import MixtralConfig as Config
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+
+        config = Config(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    else:
+        raise SystemExit(f"no stock Transformers builder for this shape (family {family!r}); it is for tuning only")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            block = Block(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, 0.02)  # std 0.02: router logits of std ~1, non-degenerate routing
+    return [block] + [copy.deepcopy(block) for _ in range(COPIES - 1)]
+
+
+def set_experts_implementation(blocks: list[torch.nn.Module], name: str) -> None:
+    for block in blocks:
+        block.experts.config._experts_implementation = name
+
+
+def routing_spec(shape: dict) -> RoutingSpec:
+    # Mixtral's router keeps float32 weights; OLMoE's and Qwen3's cast them to the logits' dtype.
+    weights_dtype = None if shape["family"] == "mixtral" else torch.bfloat16
+    return RoutingSpec(top_k=shape["k"], num_experts=shape["E"], scoring="softmax",
+                       renormalize=shape["renormalize"], weights_dtype=weights_dtype)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def bench_row(name: str, shape: dict, blocks: list, tokens: int, bandwidth: float, limit_gb: float) -> dict:
+    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    spec = routing_spec(shape)
+    experts = [ExpertWeights(b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+
+    def ours(block, weights):
+        topk_weights, topk_ids = route(F.linear(x, block.gate.weight), spec)
+        return fused_experts_triton(x, weights, topk_ids, topk_weights)
+
+    ours_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, experts)]
+    stock_fns = [lambda b=b: b(x.view(1, tokens, H)).view(tokens, H) for b in blocks]
+    path = "decode" if tuning.use_decode_path(E, I, H, tokens, k, torch.bfloat16, x.device) else "prefill"
+    _, ids = route(F.linear(x, blocks[0].gate.weight), spec)
+    distinct = ids.unique().numel()
+    expert_bytes = distinct * 3 * H * I * 2
+    row = dict(shape=name, tokens=tokens, path=path, distinct_experts=distinct,
+               hbm_limit_us=expert_bytes / bandwidth * 1e6, hbm_limit_us_protocol=expert_bytes / PROTOCOL_BANDWIDTH * 1e6)
+
+    set_experts_implementation(blocks, "grouped_mm")
+    stock_out = stock_fns[0]()
+    row["max_rel_error"] = rel_error(ours_fns[0](), stock_out)
+    if row["max_rel_error"] > MAX_REL_ERROR:
+        print(f"!!!!! {name} tokens={tokens}: ours differs from stock by {row['max_rel_error']:.2e} "
+              f"(> {MAX_REL_ERROR}): row not timed !!!!!", flush=True)
+        return row
+
+    row["ours_eager_us"] = time_eager(ours_fns)
+    row["ours_graph_us"], graph_outputs = time_graph(ours_fns)
+    row["max_rel_error_graph"] = rel_error(graph_outputs[0], stock_out)
+    if row["max_rel_error_graph"] > MAX_REL_ERROR:
+        print(f"!!!!! {name} tokens={tokens}: ours replayed from a CUDA graph differs from stock by "
+              f"{row['max_rel_error_graph']:.2e} !!!!!", flush=True)
+    del graph_outputs
+    row["stock_grouped_mm_us"] = time_eager(stock_fns)
+    set_experts_implementation(blocks, "batched_mm")
+    if tokens * k * 3 * H * I * 2 > limit_gb * 1e9:
+        print(f"  {name} tokens={tokens}: stock batched_mm skipped (memory)")
+        row["stock_batched_mm"] = "skipped (memory)"
+    else:
+        row["stock_batched_mm_eager_us"] = time_eager(stock_fns)
+        try:
+            row["stock_batched_mm_graph_us"], _ = time_graph(stock_fns)
+        except Exception as error:  # report, don't abort the run
+            row["stock_batched_mm_graph"] = f"capture failed: {type(error).__name__}: {error}"[:200]
+            print(f"  {name} tokens={tokens}: stock batched_mm {row['stock_batched_mm_graph']}")
+    set_experts_implementation(blocks, "grouped_mm")
+    torch.cuda.empty_cache()
+
+    stock = [row.get(key) for key in ("stock_grouped_mm_us", "stock_batched_mm_eager_us", "stock_batched_mm_graph_us")]
+    row["stock_best_us"] = min(t for t in stock if t is not None)
+    row["pct_hbm_limit"] = 100 * row["hbm_limit_us"] / row["ours_graph_us"]
+    row["pct_hbm_limit_protocol"] = 100 * row["hbm_limit_us_protocol"] / row["ours_graph_us"]
+    row["speedup_vs_stock_best"] = row["stock_best_us"] / row["ours_graph_us"]
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    def us(row, key):
+        value = row.get(key)
+        return f"{value:.1f}" if isinstance(value, float) else "-"
+
+    lines = [
+        "| shape | tokens | path | HBM limit us (measured / 3.35 TB/s) | stock grouped_mm us | stock batched_mm us "
+        "(eager / graph) | ours eager us | ours graph us | % of HBM limit (measured / 3.35 TB/s) | speedup vs stock best |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "ours_graph_us" not in r:
+            lines.append(f"| {r['shape']} | {r['tokens']} | MISMATCH: rel error {r['max_rel_error']:.2e} |||||||")
+            continue
+        batched = r.get("stock_batched_mm") or f"{us(r, 'stock_batched_mm_eager_us')} / {us(r, 'stock_batched_mm_graph_us')}"
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['path']} | {us(r, 'hbm_limit_us')} / {us(r, 'hbm_limit_us_protocol')} "
+            f"| {us(r, 'stock_grouped_mm_us')} | {batched} | {us(r, 'ours_eager_us')} | {us(r, 'ours_graph_us')} "
+            f"| {r['pct_hbm_limit']:.0f}% / {r['pct_hbm_limit_protocol']:.0f}% | {r['speedup_vs_stock_best']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="olmoe-1b-7b,qwen3-30b-a3b,mixtral-8x7b")
+    parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
+    parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
+    parser.add_argument("--batched-mm-limit-gb", type=float, default=20.0)
+    args = parser.parse_args()
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+
+    start = time.perf_counter()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); routing: {ROUTE_IMPL}")
+    rows = []
+    for name in names:
+        blocks = build_stock_blocks(SHAPES[name])
+        with torch.inference_mode():
+            for tokens in token_counts:
+                print(f"[{time.perf_counter() - start:5.0f}s] {name} tokens={tokens}", flush=True)
+                rows.append(bench_row(name, SHAPES[name], blocks, tokens, bandwidth, args.batched_mm_limit_gb))
+        del blocks
+        torch.cuda.empty_cache()
+
+    table = markdown(rows)
+    print(f"\n{table}\n\n{time.perf_counter() - start:.0f}s in all")
+    if args.json:
+        import transformers
+        import triton
+
+        meta = dict(device=torch.cuda.get_device_name(), copy_bandwidth_bytes_per_s=bandwidth,
+                    protocol_bandwidth_bytes_per_s=PROTOCOL_BANDWIDTH, routing=ROUTE_IMPL, copies=COPIES,
+                    torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if any("ours_graph_us" not in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
