@@ -137,7 +137,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     micros = time_eager([lambda: dst.copy_(src)], min_reps=10, max_reps=20)
-    del src, dst
     return 2 * nbytes / (micros * 1e-6)
 
 

@@ -565,3 +565,34 @@ def test_training_mode_keeps_the_stock_path() -> None:
         assert model.model.layers[0].mlp.experts.gate_up_proj.grad is not None
     finally:
         unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["lfm2_moe", "mistral4"])
+def test_model_dtype_scoring_keeps_stock_router_in_half_precision(name: str) -> None:
+    """LFM2-MoE and Mistral-4 select experts on scores rounded to the model dtype; the kernels score in
+    float32, so bf16 models keep the stock router (float32 ones are fused, see the family test), also
+    when the model is cast after `accelerate`."""
+    model = build(CASE_BY_NAME[name], dtype=torch.bfloat16)
+    accelerate(model)
+    try:
+        assert not patch_report(model).routers
+    finally:
+        unpatch(model)
+
+    model = build(CASE_BY_NAME[name])
+    accelerate(model)
+    try:
+        assert patch_report(model).routers
+        model.to(torch.bfloat16)
+        experts_name, _ = experts_modules(model)[0]
+        router = router_of(model, experts_name)
+        block = model.get_submodule(experts_name.rsplit(".", 1)[0])
+        args = (torch.randn(9, 64, generator=torch.Generator().manual_seed(2)).bfloat16(),)
+        if hasattr(block, "expert_bias"):  # LFM2-MoE's block passes its expert bias to the router
+            args += (block.expert_bias,)
+        with torch.no_grad():
+            fast = router(*args)
+            stock = type(router).__bases__[0].forward(router, *args)
+        assert all(torch.equal(a, b) for a, b in zip(fast, stock, strict=True))
+    finally:
+        unpatch(model)

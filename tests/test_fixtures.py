@@ -92,3 +92,18 @@ def test_router_logits_recorded_as_stock(fixture_path):
     assert len(ours) == len(stock) == model.config.num_hidden_layers
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unserved_dtype_falls_back_to_reference_with_one_warning(fixture_path, caplog):
+    model, _ = load_fixture(fixture_path, dtype=torch.float64)
+    model.set_experts_implementation("eager")  # stock's grouped_mm has no float64 kernel
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        stock = model(ids).logits
+        with caplog.at_level("WARNING", logger="hf_moe_accel"):
+            accelerate(model)
+            ours = model(ids).logits
+            model(ids)
+    warnings = [r for r in caplog.records if "reference path" in r.getMessage()]
+    assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
+    torch.testing.assert_close(ours, stock, rtol=1e-9, atol=1e-9)

@@ -1,7 +1,8 @@
 """Plain-torch fused-experts computation: the CPU path and the oracle for the Triton kernels.
 
 Same arithmetic as Transformers' `grouped_mm` experts path: GEMMs in the weights' dtype, the
-routing weight applied per (token, expert) pair, the top-k sum accumulated in float32.
+routing weight applied per (token, expert) pair, the top-k sum accumulated in float32 (float64
+for float64 inputs).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def experts_reference(
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=weights.num_experts).tolist()
-    pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=torch.float32, device=hidden_states.device)
+    acc_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=acc_dtype, device=hidden_states.device)
     x_dtype = weights.gate_up.dtype
     start = 0
     for expert, count in enumerate(counts):
@@ -69,6 +71,6 @@ def experts_reference(
         gate_up_bias = weights.gate_up_bias[expert] if weights.gate_up_bias is not None else None
         down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
         inter = apply_activation(_project(x, weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
-        pair_out[pairs] = _project(inter, weights.down[expert], down_bias, weights.transposed).float()
-    pair_out *= topk_weights.reshape(-1, 1).float()
+        pair_out[pairs] = _project(inter, weights.down[expert], down_bias, weights.transposed).to(acc_dtype)
+    pair_out *= topk_weights.reshape(-1, 1).to(acc_dtype)
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden_states.dtype)

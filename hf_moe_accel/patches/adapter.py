@@ -12,7 +12,8 @@ from torch import nn
 from ..kernels.spec import Activation, RoutingSpec
 
 # Builds the RoutingSpec of one router module for router inputs of one dtype (the dtype matters
-# only where the stock router casts its weights to it); None keeps that router's stock forward.
+# where the stock router casts its weights to it, or scores in it); None keeps the stock forward
+# for that router (for inputs of that dtype).
 RoutingBuilder = Callable[[nn.Module, torch.dtype], "RoutingSpec | None"]
 
 # How the stock router runs its linear layer (x: router input, W/b: the linear's weight/bias):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -35,9 +36,15 @@ def is_experts_module(module: nn.Module) -> bool:
     return all(hasattr(module, flag) for flag in ("is_transposed", "is_concatenated", "has_bias", "has_gate"))
 
 
+# Plain functions some families store as `act_fn` (LFM2-MoE: F.silu).
+_ACTIVATION_BY_FUNCTION = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu", torch.relu: "relu"}
+
+
 def activation_from_act_fn(experts: nn.Module) -> Activation | None:
     """The Activation matching `experts.act_fn`, or None when the kernels don't know it."""
     act_fn = getattr(experts, "act_fn", None)
+    if act_fn in _ACTIVATION_BY_FUNCTION:
+        return Activation(_ACTIVATION_BY_FUNCTION[act_fn])
     if isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh":
         return Activation("gelu_tanh")
     if getattr(act_fn, "use_gelu_python", False):  # transformers' python GELU: same erf formula

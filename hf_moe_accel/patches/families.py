@@ -11,7 +11,8 @@ Families whose routers stay stock (routing=None): phimoe (sparsemixer), gemma4 a
 expert gammas beside the triple), zaya (router MLP carrying state across layers, a skip expert),
 kolibri1 (correction bias added to the logits, sigmoid after selection); per router: axk2 with
 grouped routing (groups masked with 0.0, not -inf), laguna with router logit softcapping, jamba in
-Transformers 5.17 (a plain nn.Linear router; the block routes).
+Transformers 5.17 (a plain nn.Linear router; the block routes); per dtype: lfm2_moe and mistral4 in
+half precision (they select on scores rounded to the model dtype, the kernels on float32 scores).
 
 Families left out (the registry raises UnsupportedMoEError; docs/ADAPTERS.md says why):
 deepseek_v4, glm5_next, hy_v4, inkling2, muse_spark, nemotron_h.
@@ -23,7 +24,6 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.spec import Activation, RoutingSpec
@@ -40,6 +40,10 @@ def _spec(router: nn.Module, input_dtype: torch.dtype, cast: Cast, **rule: Any) 
     keep float32 or take the router's input dtype, as `cast` says."""
     weights_dtype = None if cast == "float32" or input_dtype == torch.float32 else input_dtype
     return RoutingSpec(top_k=int(router.top_k), num_experts=int(router.num_experts), weights_dtype=weights_dtype, **rule)
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def _norm_topk_prob(router: nn.Module, renormalize: bool | None) -> bool:
@@ -91,11 +95,17 @@ def _deepseek_v2(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec | N
     return _spec(router, input_dtype, "float32", scoring="softmax", routed_scaling_factor=float(router.routed_scaling_factor), **groups)
 
 
-def _mistral4(router: nn.Module, input_dtype: torch.dtype, *, renormalize: bool | None = None, cast: Cast = "input") -> RoutingSpec:
+def _mistral4(
+    router: nn.Module, input_dtype: torch.dtype, *, renormalize: bool | None = None, cast: Cast = "input"
+) -> RoutingSpec | None:
     """Mistral-4 / Mistral-Large-4: softmax; group-limited top-k, groups scored by their top-2 prob
     sum (others masked with 0.0: -inf for probs > 0); renormalised (+1e-20) per `norm_topk_prob`
-    (always for Large-4); routed_scaling_factor. Mistral-4 computes softmax and weights in the model
-    dtype (the kernels compute in float32 and cast); Large-4 in float32 throughout."""
+    (always for Large-4); routed_scaling_factor. Large-4 runs in float32 throughout. Mistral-4 takes
+    the softmax in the model dtype and selects on those rounded probs, where the kernels select on
+    float32 ones: ties in half precision would pick other experts, so half-precision inputs keep the
+    stock router."""
+    if cast == "input" and _half(input_dtype):
+        return None
     return _spec(
         router,
         input_dtype,
@@ -200,10 +210,15 @@ def _laguna(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec | None:
     return _sigmoid_biased(router, input_dtype, renorm_eps=0.0, cast="input")
 
 
-def _lfm2_moe(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
-    """LFM2-MoE: sigmoid of the model-dtype logits (the kernels compute it in float32), selection on
-    scores + the block's expert_bias when config.use_expert_bias, renormalised (+1e-6) per
-    `norm_topk_prob`, times routed_scaling_factor, weights in the logits' dtype."""
+def _lfm2_moe(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec | None:
+    """LFM2-MoE: sigmoid of the model-dtype logits, selection on scores + the block's expert_bias
+    when config.use_expert_bias, renormalised (+1e-6) per `norm_topk_prob`, times
+    routed_scaling_factor, weights in the logits' dtype. The stock sigmoid runs in the model dtype
+    and selects on those rounded scores, where the kernels select on float32 ones: ties in half
+    precision pick other experts (seen on tiny bf16 models), so half-precision inputs keep the stock
+    router; float32 is exact."""
+    if _half(input_dtype):
+        return None
     return _spec(
         router,
         input_dtype,
@@ -235,24 +250,6 @@ def _swiglu_oai(alpha_attr: str, limit_attr: str):
         return Activation("swiglu_oai", alpha=float(getattr(experts, alpha_attr)), limit=float(getattr(experts, limit_attr)))
 
     return build
-
-
-def _silu_function(experts: nn.Module) -> Activation:
-    """LFM2-MoE's act_fn is the function F.silu, not an activation module."""
-    if experts.act_fn is not F.silu:
-        raise ValueError(f"{type(experts).__name__}.act_fn is {experts.act_fn!r}, expected F.silu")
-    return Activation("silu")
-
-
-def _act_fn_in_float32(experts: nn.Module) -> Activation:
-    """Beam's `_apply_gate` is the default act_fn(gate) * up, computed in float32 and cast back: the same
-    in float32 models; in half precision only the rounding of the intermediate can differ."""
-    activation = activation_from_act_fn(experts)
-    if activation is None:
-        from .registry import UnsupportedMoEError  # registry imports this module
-
-        raise UnsupportedMoEError(f"{type(experts).__name__} uses activation {type(experts.act_fn).__name__}")
-    return activation
 
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (
@@ -323,7 +320,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         logits="float32",
     ),
     FamilyAdapter(("axk2",), routing=_axk2, logits="float32"),
-    FamilyAdapter(("beam",), routing=_deepseek_v3, logits="float32", activation=_act_fn_in_float32),
+    # Beam's `_apply_gate` is the default act_fn(gate) * up computed in float32 and cast back: the
+    # kernels compute it in float32 too.
+    FamilyAdapter(("beam",), routing=_deepseek_v3, logits="float32", activation=activation_from_act_fn),
     FamilyAdapter(
         ("afmoe",),
         router_attr="router",
@@ -344,7 +343,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         activation=_swiglu_oai("swiglu_alpha", "swiglu_limit"),
     ),
     FamilyAdapter(("laguna",), routing=_laguna, logits="upcast"),
-    FamilyAdapter(("lfm2_moe",), routing=_lfm2_moe, activation=_silu_function),
+    FamilyAdapter(("lfm2_moe",), routing=_lfm2_moe),
     FamilyAdapter(("flint",), routing=_flint, logits="float32"),
     # Routers RoutingSpec can't express: the stock router stays, the experts are fused.
     FamilyAdapter(("phimoe",), router_attr="router"),  # sparsemixer

@@ -51,7 +51,10 @@ def _check_layout(experts: nn.Module, adapter: FamilyAdapter):
     if getattr(experts, "_is_expert_parallel", False):
         raise _unsupported(f"{name} is sharded by Transformers' expert parallelism")
     if adapter.activation is not None:
-        return adapter.activation(experts)
+        activation = adapter.activation(experts)
+        if activation is None:
+            raise _unsupported(f"{name}: its family adapter can't describe this configuration's activation")
+        return activation
     if type(experts)._apply_gate.__name__ != "_default_apply_gate":
         raise _unsupported(f"{name} has its own gating (_apply_gate) and its family adapter doesn't describe it")
     activation = activation_from_act_fn(experts)
@@ -91,13 +94,17 @@ def patch_model(model: nn.Module) -> PatchReport:
         plan.append((name, parent, experts, adapter, _check_layout(experts, adapter)))
 
     report = PatchReport()
-    for name, parent, experts, adapter, activation in plan:
-        swap_forward(experts, accelerated_experts_forward, ExpertsState(type(experts).forward, activation))
-        report.experts.append(name)
-        report.families.add(experts.config.model_type)
-        router = getattr(parent, adapter.router_attr, None)
-        if router is not None and patch_router(router, adapter):
-            report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
+    try:
+        for name, parent, experts, adapter, activation in plan:
+            swap_forward(experts, accelerated_experts_forward, ExpertsState(type(experts).forward, activation))
+            report.experts.append(name)
+            report.families.add(experts.config.model_type)
+            router = getattr(parent, adapter.router_attr, None)
+            if router is not None and patch_router(router, adapter):
+                report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
+    except BaseException:
+        unpatch_model(model)  # all or nothing: never leave a half-patched model
+        raise
     return report
 
 

@@ -19,14 +19,16 @@ from .swap import STATE_ATTR, swap_forward
 
 logger = logging.getLogger("hf_moe_accel")
 
-# Router input dtypes a spec is prepared for at patch time (the model may be cast after patching).
+# Router input dtypes a spec is prepared for at patch time (the model may be cast after patching);
+# inputs of other dtypes run the stock router.
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
 class RouterState:
     original_forward: Callable[..., object]
-    specs: Mapping[torch.dtype, RoutingSpec]  # by the dtype of the router's input
+    # By the dtype of the router's input; None: that dtype runs the stock forward.
+    specs: Mapping[torch.dtype, RoutingSpec | None]
     logits: LogitsPrecision
     router_linear: str
     correction_bias: str
@@ -57,7 +59,7 @@ def accelerated_router_forward(self: nn.Module, hidden_states: torch.Tensor, *ar
     """
     state: RouterState = getattr(self, STATE_ATTR)
     spec = state.specs.get(hidden_states.dtype)
-    if self.training or spec is None:  # the kernels have no backward; odd dtypes keep the stock path
+    if self.training or spec is None:  # the kernels have no backward; some dtypes keep the stock path
         return state.original_forward(self, hidden_states, *args, **kwargs)
     linear = _resolve(self, state.router_linear)
     x = hidden_states.reshape(-1, linear.weight.shape[-1])
@@ -125,7 +127,7 @@ def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
         # rather than fail halfway through patching the model.
         logger.warning("hf_moe_accel: keeping the stock %s: its routing builder failed (%r)", type(router).__name__, error)
         return False
-    if any(spec is None for spec in specs.values()):
+    if specs[weight.dtype] is None:  # not expressible (for the dtype the model runs in): stock router
         return False
     state = RouterState(
         original_forward=type(router).forward,
