@@ -34,6 +34,7 @@ class Case:
     bias: bool = False
     has_gate: bool = True
     act: str = "silu"
+    limit: float = 7.0  # the clamped SwiGLUs' limit
     used_experts: int | None = None  # route every token to the first few experts only
 
 
@@ -54,7 +55,7 @@ def make_weights(case: Case, device: str = DEVICE) -> ExpertWeights:
         transposed=case.transposed,
         interleaved=case.interleaved,
         has_gate=case.has_gate,
-        activation=Activation(case.act),
+        activation=Activation(case.act, limit=case.limit),
     )
 
 
@@ -85,21 +86,41 @@ CASES = [
     Case(tokens=3, top_k=2, dtype=torch.float16),
     Case(tokens=3, top_k=4, transposed=True),
     Case(tokens=3, top_k=8, experts=16, hidden=64, inter=48, used_experts=10),
-    Case(tokens=3, top_k=2, interleaved=True, bias=True, act="swiglu_oai"),
-    Case(tokens=3, top_k=4, transposed=True, interleaved=True, bias=True, act="swiglu_oai", dtype=torch.float16),
+    # The projections are ~N(0, 1) (~N(0, 2) with biases): limit 0.75 clips a good share of gate and up.
+    Case(tokens=3, top_k=2, interleaved=True, bias=True, act="swiglu_oai", limit=0.75),
+    Case(tokens=3, top_k=4, transposed=True, interleaved=True, bias=True, act="swiglu_oai", dtype=torch.float16, limit=0.75),
     Case(tokens=3, top_k=2, has_gate=False, act="relu", bias=True),
     Case(tokens=3, top_k=2, transposed=True, has_gate=False, act="gelu_tanh", dtype=torch.float16),
     Case(tokens=3, top_k=2, act="gelu", bias=True, transposed=True),
     Case(tokens=3, top_k=2, act="gelu_tanh", interleaved=True),
     Case(tokens=64, top_k=2, experts=16, hidden=64, inter=48, used_experts=5),
     Case(tokens=64, top_k=4, experts=8, hidden=64, inter=48, dtype=torch.float16, transposed=True, bias=True),
+    Case(tokens=3, top_k=2, act="swiglu_clamped", limit=0.75),
+    Case(tokens=3, top_k=4, transposed=True, act="swiglu_clamped", limit=0.75, dtype=torch.float16),
+    Case(tokens=3, top_k=2, interleaved=True, bias=True, act="swiglu_clamped", limit=0.75),
+    Case(tokens=24, top_k=2, act="swiglu_clamped", limit=0.75, dtype=torch.float16, used_experts=3),  # several blocks per expert
+    Case(tokens=3, top_k=2, has_gate=False, act="relu2"),
+    Case(tokens=3, top_k=4, transposed=True, has_gate=False, act="relu2", bias=True, dtype=torch.float16),
+    Case(tokens=3, top_k=2, act="relu2", interleaved=True),
+    Case(tokens=24, top_k=2, has_gate=False, act="relu2", used_experts=3),
 ]
+CLAMPED_CASES = [case for case in CASES if case.act.startswith("swiglu")]
 
 
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_experts_match_reference(case: Case, path: str) -> None:
     check(case, path)
+
+
+@pytest.mark.parametrize("case", CLAMPED_CASES, ids=str)
+def test_clamped_cases_clip(case: Case) -> None:
+    """The clamped-SwiGLU cases above must hit their limit, or they would pass without the clamp."""
+    weights = make_weights(case)
+    x, ids, topk_weights = make_routing(case)
+    unclamped = replace(weights, activation=replace(weights.activation, limit=float("inf")))
+    ref = experts_reference(x, weights, ids, topk_weights)
+    assert rel_error(experts_reference(x, unclamped, ids, topk_weights), ref) > 10 * TOLERANCE[case.dtype]
 
 
 def test_prefill_many_tokens() -> None:
@@ -131,8 +152,9 @@ def test_no_tokens(path: str | None) -> None:
     assert out.shape == (0, case.hidden) and out.dtype == x.dtype
 
 
-def test_swiglu_oai_needs_a_gate() -> None:
-    case = Case(tokens=1, top_k=1, has_gate=False, act="swiglu_oai")
+@pytest.mark.parametrize("act", ["swiglu_oai", "swiglu_clamped"])
+def test_swiglus_need_a_gate(act: str) -> None:
+    case = Case(tokens=1, top_k=1, has_gate=False, act=act)
     x, ids, topk_weights = make_routing(case)
     with pytest.raises(ValueError, match="gate"):
         fused_experts_triton(x, make_weights(case), ids, topk_weights)
@@ -189,11 +211,15 @@ def test_shape_key() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-@pytest.mark.parametrize("layout", ["default", "gpt_oss"])
+@pytest.mark.parametrize("layout", ["default", "gpt_oss", "swiglu_clamped", "relu2"])
 def test_bf16_on_gpu(path: str, tokens: int, layout: str) -> None:
     base = Case(tokens=tokens, top_k=4, experts=32, hidden=512, inter=384, dtype=torch.bfloat16)
     if layout == "gpt_oss":
         base = replace(base, transposed=True, interleaved=True, bias=True, act="swiglu_oai")
+    elif layout == "swiglu_clamped":  # DeepSeek-V4 / GLM-5-Next / HY-V4, with a limit that clips
+        base = replace(base, act="swiglu_clamped", limit=0.75)
+    elif layout == "relu2":  # Nemotron-H: ungated
+        base = replace(base, has_gate=False, act="relu2")
     check(base, path)
 
 

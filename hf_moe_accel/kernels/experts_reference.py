@@ -26,6 +26,10 @@ def apply_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Ten
         gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    if act.kind == "swiglu_clamped":
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        return F.silu(gate) * up
     return _elementwise(gate, act) * up
 
 
@@ -38,6 +42,8 @@ def _elementwise(x: torch.Tensor, act: Activation) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if act.kind == "relu":
         return F.relu(x)
+    if act.kind == "relu2":
+        return F.relu(x).square()
     raise ValueError(f"activation {act.kind!r} needs a gate")
 
 

@@ -44,8 +44,8 @@ def fused_experts_triton(
     tuner's hook; same format as `tuning.get_config`).
     """
     num_tokens, hidden = hidden_states.shape
-    if not weights.has_gate and weights.activation.kind == "swiglu_oai":
-        raise ValueError("the swiglu_oai activation needs a gate")
+    if not weights.has_gate and weights.activation.kind in ("swiglu_oai", "swiglu_clamped"):
+        raise ValueError(f"the {weights.activation.kind} activation needs a gate")
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
     top_k = topk_ids.shape[1]
@@ -146,11 +146,15 @@ def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -
 
 @triton.jit
 def _activate(gate, up, alpha, limit, ACT: tl.constexpr, HAS_GATE: tl.constexpr):
-    """float32 act(gate) * up, GPT-OSS's clamped form for "swiglu_oai", or act(up) without a gate."""
+    """float32 act(gate) * up, the clamped SwiGLUs ("swiglu_oai", "swiglu_clamped"), or act(up) without a gate."""
     if ACT == "swiglu_oai":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         out = (up + 1) * gate * tl.sigmoid(alpha * gate)
+    elif ACT == "swiglu_clamped":
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = gate * tl.sigmoid(gate) * up
     else:
         h = gate if HAS_GATE else up
         if ACT == "silu":
@@ -160,6 +164,9 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr, HAS_GATE: tl.constexpr)
         elif ACT == "gelu_tanh":
             # 0.5 * (1 + tanh(y)) == sigmoid(2y), y = sqrt(2 / pi) * (h + 0.044715 h^3)
             h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        elif ACT == "relu2":
+            h = tl.maximum(h, 0.0)
+            h = h * h
         else:  # relu
             h = tl.maximum(h, 0.0)
         out = h * up if HAS_GATE else h

@@ -48,16 +48,19 @@ class RoutingSpec:
     weights_dtype: torch.dtype | None = None
 
 
-ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]
+ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_clamped"]
 
 
 @dataclass(frozen=True)
 class Activation:
     """The elementwise step between the two expert GEMMs.
 
-    With a gate: out = act(gate) * up for silu/gelu/gelu_tanh/relu. "swiglu_oai" is GPT-OSS's:
-    gate = min(gate, limit); up = clamp(up, -limit, limit); out = (up + 1) * gate * sigmoid(alpha * gate).
-    Without a gate (has_gate=False): out = act(up).
+    With a gate: out = act(gate) * up for silu/gelu/gelu_tanh/relu/relu2 ("relu2" is the squared ReLU,
+    relu(x)**2). Both clamped SwiGLUs first clip gate = min(gate, limit), up = clamp(up, -limit, limit):
+    "swiglu_oai" (GPT-OSS) then computes out = (up + 1) * gate * sigmoid(alpha * gate);
+    "swiglu_clamped" (DeepSeek-V4, GLM-5-Next, HY-V4) out = silu(gate) * up.
+    Without a gate (has_gate=False): out = act(up) (relu2 for Nemotron-H); the SwiGLUs need a gate.
+    `alpha` is read by "swiglu_oai" only, `limit` by both SwiGLUs.
     """
 
     kind: ActivationKind = "silu"

@@ -28,6 +28,7 @@ _ACTIVATION_BY_CLASS_NAME = {
     "PytorchGELUTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh",
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 
 

@@ -9,13 +9,14 @@ returning None leaves that router's stock forward in place (exact by constructio
 Families whose routers stay stock (routing=None): phimoe (sparsemixer), gemma4 and diffusion_gemma
 (RMS-normed, rescaled router input and a per-expert scale on the weights), inkling (returns shared-
 expert gammas beside the triple), zaya (router MLP carrying state across layers, a skip expert),
-kolibri1 (correction bias added to the logits, sigmoid after selection); per router: axk2 with
+kolibri1 (correction bias added to the logits, sigmoid after selection), deepseek_v4 (sqrtsoftplus
+scores in the model dtype; hash routing in the first layers); per router: axk2 with
 grouped routing (groups masked with 0.0, not -inf), laguna with router logit softcapping, jamba in
 Transformers 5.17 (a plain nn.Linear router; the block routes); per dtype: lfm2_moe and mistral4 in
 half precision (they select on scores rounded to the model dtype, the kernels on float32 scores).
 
 Families left out (the registry raises UnsupportedMoEError; docs/ADAPTERS.md says why):
-deepseek_v4, glm5_next, hy_v4, inkling2, muse_spark, nemotron_h.
+inkling2, muse_spark.
 """
 
 from __future__ import annotations
@@ -154,11 +155,11 @@ def _cohere2(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
 
 def _deepseek_v3(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
     """DeepSeek-V3 and the families that copy its router (DeepSeek-V3.2, GLM-4-MoE/-Lite/-4.5V/-DSA,
-    dots1, dots3 text, EXAONE-MoE, Kimi-Linear, Solar-Open, MiMo-V2-Flash, Bailing-Hybrid, A.X-K1,
-    Beam): float32 logits, sigmoid, + e_score_correction_bias for selection, group-limited top-k (groups
-    scored by the sum of their top-2 biased scores, the others masked with -inf), renormalised
-    (+1e-20) per `norm_topk_prob`, times routed_scaling_factor (Beam applies it in the block);
-    float32 weights.
+    GLM-5-Next text, dots1, dots3 text, EXAONE-MoE, Kimi-Linear, Solar-Open, MiMo-V2-Flash,
+    Bailing-Hybrid, A.X-K1, Beam, HY-V4, Nemotron-H): float32 logits, sigmoid, + e_score_correction_bias
+    for selection, group-limited top-k (groups scored by the sum of their top-2 biased scores, the
+    others masked with -inf), renormalised (+1e-20) per `norm_topk_prob`, times routed_scaling_factor
+    (Beam applies it in the block); float32 weights.
     """
     n_group = int(router.num_group or 1)
     return _spec(
@@ -252,6 +253,20 @@ def _swiglu_oai(alpha_attr: str, limit_attr: str):
     return build
 
 
+def _swiglu_clamped(limit_attr: str):
+    """SwiGLU with GPT-OSS's clamps but no alpha: silu(min(gate, limit)) * clamp(up, -limit, limit), the
+    limit read from the experts module (DeepSeek-V4: `limit`; GLM-5-Next, HY-V4: `swiglu_limit`).
+    GLM-5-Next and HY-V4 hard-code F.silu; DeepSeek-V4 applies its `act_fn` (config.hidden_act), so any
+    other act_fn than SiLU is refused (None: the registry raises UnsupportedMoEError)."""
+
+    def build(experts: nn.Module) -> Activation | None:
+        if hasattr(experts, "act_fn") and getattr(activation_from_act_fn(experts), "kind", None) != "silu":
+            return None
+        return Activation("swiglu_clamped", limit=float(getattr(experts, limit_attr)))
+
+    return build
+
+
 ADAPTERS: tuple[FamilyAdapter, ...] = (
     # Softmax, then top-k.
     FamilyAdapter(("mixtral", "minimax"), routing=partial(_softmax_topk, renormalize=True, cast="float32")),
@@ -320,6 +335,12 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         logits="float32",
     ),
     FamilyAdapter(("axk2",), routing=_axk2, logits="float32"),
+    FamilyAdapter(
+        ("glm5_next_text", "hy_v4"), routing=_deepseek_v3, logits="float32", activation=_swiglu_clamped("swiglu_limit")
+    ),
+    # Ungated experts with relu2 (squared ReLU), from their act_fn; a latent projection around the
+    # experts (moe_latent_size) stays in the block.
+    FamilyAdapter(("nemotron_h",), routing=_deepseek_v3, logits="float32"),
     # Beam's `_apply_gate` is the default act_fn(gate) * up computed in float32 and cast back: the
     # kernels compute it in float32 too.
     FamilyAdapter(("beam",), routing=_deepseek_v3, logits="float32", activation=activation_from_act_fn),
@@ -351,4 +372,6 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(("inkling_text",)),  # also returns the shared experts' gammas
     FamilyAdapter(("zaya",)),  # router MLP with state carried across layers, skip expert
     FamilyAdapter(("kolibri1",)),  # correction bias added to the logits, sigmoid after selection
+    # sqrtsoftplus scores in the model dtype; hash routing (a token-id table) in the first layers.
+    FamilyAdapter(("deepseek_v4",), activation=_swiglu_clamped("limit")),
 )
