@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import Activation, ExpertWeights
+from .spec import CLAMPED_SWIGLUS, Activation, ExpertWeights
 
 
 def apply_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
@@ -22,13 +22,11 @@ def apply_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Ten
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-    if act.kind == "swiglu_oai":
+    if act.kind in CLAMPED_SWIGLUS:
         gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
-    if act.kind == "swiglu_clamped":
-        gate = gate.clamp(max=act.limit)
-        up = up.clamp(min=-act.limit, max=act.limit)
+        if act.kind == "swiglu_oai":
+            return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
         return F.silu(gate) * up
     return _elementwise(gate, act) * up
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .align import align_pairs
-from .spec import ExpertWeights
+from .spec import CLAMPED_SWIGLUS, ExpertWeights
 from .tuning import KernelPath, get_config, use_decode_path
 
 
@@ -44,7 +44,7 @@ def fused_experts_triton(
     tuner's hook; same format as `tuning.get_config`).
     """
     num_tokens, hidden = hidden_states.shape
-    if not weights.has_gate and weights.activation.kind in ("swiglu_oai", "swiglu_clamped"):
+    if not weights.has_gate and weights.activation.kind in CLAMPED_SWIGLUS:
         raise ValueError(f"the {weights.activation.kind} activation needs a gate")
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))

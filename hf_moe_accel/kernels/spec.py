@@ -49,6 +49,8 @@ class RoutingSpec:
 
 
 ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_clamped"]
+# The kinds that clip gate and up to `limit` first; both need a gate.
+CLAMPED_SWIGLUS = ("swiglu_oai", "swiglu_clamped")
 
 
 @dataclass(frozen=True)
