@@ -6,7 +6,11 @@
 
 from .api import accelerate, is_accelerated, patch_report, unpatch
 from .patches.registry import UnsupportedMoEError, supported_families
+from .placement.offload import OffloadOptions, offload_stats, reset_offload_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedMoEError", "__version__", "accelerate", "is_accelerated", "patch_report", "supported_families", "unpatch"]
+__all__ = [
+    "OffloadOptions", "UnsupportedMoEError", "__version__", "accelerate", "is_accelerated", "offload_stats", "patch_report",
+    "reset_offload_stats", "supported_families", "unpatch",
+]

@@ -1,4 +1,4 @@
-"""The one-liner: `accelerate(model)` validates options and patches the model in place."""
+"""The one-liner: `accelerate(model)` validates options, patches the model in place, installs graph decode."""
 
 from __future__ import annotations
 
@@ -6,45 +6,96 @@ import logging
 
 from torch import nn
 
+from .graphs import disable_graph_decode, enable_graph_decode
 from .kernels import SERVED_DTYPES
 from .patches.registry import PatchReport, patch_model, unpatch_model
+from .placement.offload import OffloadOptions, apply_offload, plan_offload, remove_offload
+from .placement.place import Devices, Parallel, apply_placement, plan_placement, remove_placement
+from .quality.selection import TopK, apply_expert_selection, check_expert_selection
 
 logger = logging.getLogger("hf_moe_accel")
 
-# Options this version understands; each later feature adds its own.
-KNOWN_OPTIONS: frozenset[str] = frozenset()
 _REPORT_ATTR = "_hf_moe_accel_report"
 
 
-def accelerate(model: nn.Module, **options) -> nn.Module:
+def accelerate(
+    model: nn.Module,
+    *,
+    cuda_graphs: bool = True,
+    top_k: TopK | None = None,
+    expert_threshold: float | None = None,
+    gpu_memory: str | int | None = None,
+    offload: OffloadOptions | None = None,
+    devices: Devices = None,
+    parallel: Parallel | None = None,
+) -> nn.Module:
     """Make a loaded Transformers MoE model fast, in place; returns the same model object.
 
     Every MoE block's router and experts run through fused kernels (Triton on a GPU, the
     plain-torch reference path on CPU). Parameters are shared, never copied; `unpatch(model)`
     undoes it. Calling it again on an accelerated model changes nothing.
+
+    Options:
+        cuda_graphs: on a CUDA model, `generate()` decodes through captured CUDA graphs over a
+            static KV cache (prefill stays eager); what a graph can't serve runs eagerly, with
+            one log line saying why. False keeps every step eager.
+        top_k: experts activated per token, an int or one per MoE layer (default: the model's own);
+            fewer experts is less work and some quality cost (`hf-moe-accel eval` measures it).
+        expert_threshold: per token, drop the experts whose normalised routing weight is under this
+            fraction in [0, 1) (the largest always stays), renormalising as the family's router does.
+        gpu_memory: a GPU budget ("24GiB", "512MB", or bytes) for a model larger than the GPU: non-expert
+            weights, KV cache and workspace on the GPU, a cache of expert slots in the rest, all experts in
+            pinned host memory; misses run on the CPU or are fetched (load the model with device_map="cpu").
+        offload: OffloadOptions for gpu_memory (eviction policy, miss policy, prefetch, reserve sizes).
+        devices: GPUs to place the model on ([0, 1], "auto" for all, "cpu"); the predictor picks the
+            fastest plan that fits. Under torchrun, this rank's GPU (default cuda:LOCAL_RANK).
+        parallel: force a plan: "single", "pp" (layers over `devices`, one process), or under torchrun
+            "ep" (experts split over ranks), "tp" (heads and expert inner dim split), "dp" (replicas);
+            "auto" (default when `devices` is given) asks the predictor.
     """
-    unknown = sorted(set(options) - KNOWN_OPTIONS)
-    if unknown:
-        known = ", ".join(sorted(KNOWN_OPTIONS)) or "none in this version"
-        raise TypeError(f"accelerate() got unknown option(s): {', '.join(unknown)} (known options: {known})")
     if is_accelerated(model):
         logger.info("%s is already accelerated; nothing to do", type(model).__name__)
         return model
+    check_expert_selection(top_k, expert_threshold)  # bad values raise before anything changes
+    if offload is not None and gpu_memory is None:
+        raise TypeError("accelerate(): offload options need gpu_memory=...")
+    if gpu_memory is not None and (devices is not None or parallel is not None):
+        raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
+    offload_setup = plan_offload(model, gpu_memory, offload) if gpu_memory is not None else None
+    placement = plan_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
+    # Steps, in order: patch the MoE blocks; expert-selection options; then (placement) where the
+    # weights live; graph decode last, since graphs capture the final placement.
     report = patch_model(model)
+    try:
+        apply_expert_selection(model, top_k, expert_threshold)  # unpatch drops it with the router state
+        if offload_setup is not None:
+            apply_offload(model, offload_setup)
+        if placement is not None:
+            apply_placement(model, placement)
+    except BaseException:
+        unpatch_model(model)
+        raise
     setattr(model, _REPORT_ATTR, report)
     _warn_if_dtype_unserved(model)
+    if cuda_graphs:
+        enable_graph_decode(model)
     logger.info(
-        "hf_moe_accel: patched %d MoE blocks (%d routers fused) of %s (%s)",
+        "hf_moe_accel: patched %d MoE blocks (%d routers fused) of %s (%s)%s",
         len(report.experts),
         len(report.routers),
         type(model).__name__,
         ", ".join(sorted(report.families)),
+        "; generate() decodes through CUDA graphs on CUDA" if cuda_graphs else "",
     )
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Put back the original modules of an accelerated model; parameters are untouched."""
+    """Put back the original modules of an accelerated model; parameters are untouched (and back on
+    their devices after an offload)."""
+    disable_graph_decode(model)
+    remove_offload(model)
+    remove_placement(model)
     unpatch_model(model)
     if hasattr(model, _REPORT_ATTR):
         delattr(model, _REPORT_ATTR)

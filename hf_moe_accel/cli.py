@@ -1,4 +1,4 @@
-"""`hf-moe-accel bench | env` (also `python -m hf_moe_accel ...`)."""
+"""`hf-moe-accel bench | plan | generate | eval | env` (also `python -m hf_moe_accel ...`)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,14 @@ from importlib import metadata
 
 import torch
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .cli_args import DTYPES as _DTYPES
+from .cli_args import int_list as _int_list
+from .placement import cli as placement_cli
+from .quality import cli as quality_cli
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.ab import Workload, markdown_table, run_ab
+    from .bench.ab import STOCK_BASELINES, Workload, markdown_table, plot, run_ab
     from .bench.presets import PRESETS, build_preset
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -33,28 +25,43 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     # The built-in default: a real-size preset on a GPU, a tiny one a 2-core CPU runs in seconds.
     preset = args.preset or (None if args.model else ("olmoe-1b-7b" if cuda else "tiny-qwen3-moe"))
-    batches = args.batch or ([1, 8, 32] if cuda else [1, 4])
+    batches = args.batch or ([1, 8, 32, 128] if cuda else [1, 4])
     prompt_len = args.prompt_len or (128 if cuda else 32)
     new_tokens = args.new_tokens or (128 if cuda else 32)
+    baselines = tuple(args.stock.split(","))
     if preset is not None and preset not in PRESETS:
         print(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
         return 2
+    if unknown := sorted(set(baselines) - set(STOCK_BASELINES)):
+        print(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}", file=sys.stderr)
+        return 2
+    options = {"cuda_graphs": not args.no_cuda_graphs}
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    if args.threshold is not None:
+        options["expert_threshold"] = args.threshold
     if args.model:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device)).eval()
         name = args.model
     else:
+        print(f"building {preset} with random weights on {device} ...")
         model = build_preset(preset, device, dtype)
         name = preset
-    print(f"{name} on {device} ({dtype}), prompt {prompt_len}, {new_tokens} new tokens, batches {batches}")
+    print(f"{name} on {device} ({dtype}), prompt {prompt_len}, {new_tokens} new tokens, batches {batches}, "
+          f"stock baselines {', '.join(baselines)}")
     workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
-    results = run_ab(model, name, workloads, repeats=args.repeats)
+    results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
+                     accelerate_options=options)
     print(markdown_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -65,7 +72,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _env(_: argparse.Namespace) -> int:
+def _env(args: argparse.Namespace) -> int:
     import os
 
     from . import __version__, supported_families
@@ -88,10 +95,38 @@ def _env(_: argparse.Namespace) -> int:
             lines[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
     families = supported_families()
     lines["supported families"] = f"{len(families)}: {', '.join(families)}"
+    if args.preset or args.model:
+        lines.update(_patch_summary(args.preset, args.model))
     width = max(len(k) for k in lines)
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]:
+    """What accelerate() patches on a model, from its config alone (built on the meta device: no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import accelerate, patch_report
+    from .bench.presets import PRESETS
+    from .graphs.cache_pool import static_cache_blocker
+
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    config = PRESETS[preset]() if preset else AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    accelerate(model, cuda_graphs=False)
+    report = patch_report(model)
+    blocker = static_cache_blocker(model.config.get_text_config(decoder=True))
+    return {
+        "model": f"{preset or model_path} ({type(model).__name__})",
+        "families patched": ", ".join(sorted(report.families)),
+        "MoE blocks patched": str(len(report.experts)),
+        "routers fused": f"{len(report.routers)} of {len(report.experts)}",
+        "RMSNorms fused": "checked when the weights are loaded (each norm is verified against the kernel's formula)",
+        "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,16 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--preset", help="random-weight model shape (default: olmoe-1b-7b on a GPU, tiny-qwen3-moe on CPU)")
     source.add_argument("--model", help="path of a local Hugging Face checkpoint")
-    bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes")
+    bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,4 on CPU)")
     bench.add_argument("--prompt-len", type=int, help="prompt tokens (default 128 on a GPU, 32 on CPU)")
     bench.add_argument("--new-tokens", type=int, help="new tokens, forced (default 128 on a GPU, 32 on CPU)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per run; the median is reported")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
     bench.add_argument("--device", choices=["auto", "cpu"], default="auto")
-    bench.add_argument("--json", help="write the per-run results to this JSON file")
+    bench.add_argument("--stock", default="default,static",
+                       help="stock baselines: default (its default experts implementation), static (static cache, compiled on a GPU)")
+    bench.add_argument("--stock-passes", type=int, choices=[1, 2], default=2,
+                       help="time stock before ours only (1) or before and after (2, the protocol's default)")
+    bench.add_argument("--no-cuda-graphs", action="store_true", help="ours without CUDA-graph decode (accelerate(cuda_graphs=False))")
+    bench.add_argument("--top-k", type=int, help="ours with this many experts per token (accelerate(top_k=...))")
+    bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
+    bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")
+    bench.add_argument("--plot", help="write a bar chart of decode tokens/s to this PNG file (needs matplotlib)")
     bench.set_defaults(run=_bench)
 
+    quality_cli.add_parser(sub)
+    placement_cli.add_parsers(sub)
+
     env = sub.add_parser("env", help="print versions and hardware for a bug report")
+    target = env.add_mutually_exclusive_group()
+    target.add_argument("--preset", help="also say what accelerate() patches on this preset (from its config, no weights)")
+    target.add_argument("--model", help="also say what accelerate() patches on this checkpoint (reads its config only)")
     env.set_defaults(run=_env)
     return parser
 

@@ -37,6 +37,7 @@ class Case:
         parts += [f"g{s.n_group}of{s.topk_group}{s.group_score}"] if s.n_group > 1 else []
         parts += [f"x{s.routed_scaling_factor}"] if s.routed_scaling_factor != 1.0 else []
         parts += [f"w{str(s.weights_dtype)[6:]}"] if s.weights_dtype else []
+        parts += [f"t{s.expert_threshold:g}"] if s.expert_threshold else []
         parts += [f"in{str(self.logits_dtype)[6:]}", self.layout]
         parts += [f"plus{self.logit_offset:g}"] if self.logit_offset else []
         return "-".join(parts)
@@ -109,6 +110,12 @@ CASES = [
     Case(64, _deepseek_v2(64, 8, renormalize=True), layout="strided"),
     Case(64, _deepseek_v2(128, 4, n_group=64, topk_group=16)),
     Case(64, _deepseek_v2(160, 6, weights_dtype=BF16)),  # 20 experts per group: not a power of 2
+    # Expert threshold: dropped experts come out as id -1, weight 0
+    Case(200, _softmax(16, 4, renormalize=True, expert_threshold=0.2)),
+    Case(64, _softmax(60, 6, expert_threshold=0.15, weights_dtype=BF16), logits_dtype=BF16),
+    Case(64, _gpt_oss(32, 4, expert_threshold=0.25)),
+    Case(64, _deepseek_v3(64, 6, expert_threshold=0.18)),
+    Case(3, _softmax(8, 1, renormalize=True, expert_threshold=0.9)),
 ]
 
 
@@ -158,6 +165,16 @@ def test_matches_reference(case: Case) -> None:
     assert torch.equal(out[1].cpu(), ref[1].cpu())
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.spec.expert_threshold and c.spec.top_k > 1], ids=str)
+def test_threshold_cases_drop_some_experts(case: Case) -> None:
+    """The threshold cases above must drop some experts and keep others, or they would test nothing."""
+    logits, bias = _inputs(case, seed=CASES.index(case))
+    weights, ids = route_triton(logits, case.spec, bias)
+    kept = ids >= 0
+    assert (~kept).any() and kept.sum(dim=1).gt(1).any() and kept.any(dim=1).all()
+    assert not weights[~kept].any()
+
+
 def test_comparison_catches_wrong_routing() -> None:
     """The check above fails when the kernel's output is compared with any other spec's."""
     case = Case(64, _deepseek_v3(64, 6))
@@ -173,6 +190,7 @@ def test_comparison_catches_wrong_routing() -> None:
         replace(case.spec, topk_group=3),
         replace(case.spec, scoring="softmax"),
         replace(case.spec, weights_dtype=torch.float16),
+        replace(case.spec, expert_threshold=0.17),
     ]
     for wrong in wrong_specs:
         with pytest.raises(AssertionError):

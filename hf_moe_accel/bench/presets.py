@@ -51,6 +51,15 @@ def _gpt_oss_20b() -> PretrainedConfig:
     )
 
 
+def _qwen3_235b() -> PretrainedConfig:
+    # 470 GB in bf16: for planning (`hf-moe-accel plan`, built on the meta device), not for one GPU.
+    return AutoConfig.for_model(
+        "qwen3_moe", hidden_size=4096, moe_intermediate_size=1536, intermediate_size=12288, num_hidden_layers=94,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    )
+
+
 def _tiny_qwen3_moe() -> PretrainedConfig:
     return AutoConfig.for_model(
         "qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -66,6 +75,7 @@ PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
     "mixtral-8x7b": _mixtral,
     "deepseek-v2-lite": _deepseek_v2_lite,
     "gpt-oss-20b": _gpt_oss_20b,
+    "qwen3-235b-a22b": _qwen3_235b,
 }
 
 

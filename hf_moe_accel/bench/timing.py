@@ -1,4 +1,9 @@
-"""Timing of generate(): time to first token, decode tokens/s, peak memory."""
+"""Timing of generate(): time to first token, decode tokens/s, prefill tokens/s, peak memory.
+
+One generate() call gives both phases: a pass-through logits processor notes when the first
+logits are ready (one device sync, at the first step only), so prefill and decode are split
+without a second, one-token run.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -15,6 +21,8 @@ class GenerateTiming:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     peak_memory_gib: float | None
+    # The untimed first run: includes torch.compile / graph capture and other one-time work.
+    warmup_s: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -25,8 +33,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
-    _sync(input_ids.device)
+class _FirstLogitsClock(LogitsProcessor):
+    """Notes the time the first logits are ready; leaves the scores alone."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_logits_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first_logits_at is None:
+            _sync(self.device)
+            self.first_logits_at = time.perf_counter()
+        return scores
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float]:
+    """(seconds to the first logits, seconds from there to the last token) of one generate() call."""
+    device = input_ids.device
+    clock = _FirstLogitsClock(device)
+    _sync(device)
     start = time.perf_counter()
     model.generate(
         input_ids,
@@ -35,27 +60,35 @@ def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock]),
+        **generate_kwargs,
     )
-    _sync(input_ids.device)
-    return time.perf_counter() - start
+    _sync(device)
+    end = time.perf_counter()
+    return clock.first_logits_at - start, end - clock.first_logits_at
 
 
-def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int) -> GenerateTiming:
+def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, **generate_kwargs) -> GenerateTiming:
     """Warm up with a full-length decode, then take the median of `repeats` timed runs."""
+    if new_tokens < 2:
+        raise ValueError(f"decode timing needs at least 2 new tokens, got {new_tokens}")
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    _timed_generate(model, input_ids, new_tokens)
+    warm_start = time.perf_counter()
+    timed_generate(model, input_ids, new_tokens, **generate_kwargs)
+    warmup_s = time.perf_counter() - warm_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ttft = statistics.median(_timed_generate(model, input_ids, 1) for _ in range(repeats))
-    total = statistics.median(_timed_generate(model, input_ids, new_tokens) for _ in range(repeats))
-    decode_s = max(total - ttft, 1e-9)
+    runs = [timed_generate(model, input_ids, new_tokens, **generate_kwargs) for _ in range(repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode_s = statistics.median(r[1] for r in runs)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GenerateTiming(
         ttft_s=ttft,
         decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
         prefill_tokens_per_s=batch * prompt_len / ttft,
         peak_memory_gib=peak,
+        warmup_s=warmup_s,
     )
 
 

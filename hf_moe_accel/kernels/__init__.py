@@ -45,7 +45,12 @@ def route(
 def fused_experts(
     hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]) -> [T, H]."""
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]) -> [T, H].
+
+    An id of -1 means "no expert": the pair adds nothing, its weight is ignored, and no work is
+    done for it (a token whose ids are all -1 gets zeros). Variable expert counts per token are
+    written this way, so that shapes stay static (CUDA graphs).
+    """
     if kernels_serve(hidden_states, weights.gate_up, weights.down):
         from .experts_triton import fused_experts_triton
 

@@ -1,8 +1,9 @@
 """Sort the (token, expert) pairs by expert, each expert's segment padded to a multiple of BLOCK_M.
 
 The prefill GEMMs then read BLOCK_M rows at a time that all belong to one expert. Pair p is
-token p // top_k's choice p % top_k (the flattened `topk_ids`). Outputs, with sizes that depend
-only on (pairs, experts, BLOCK_M) so the step can be captured in a CUDA graph:
+token p // top_k's choice p % top_k (the flattened `topk_ids`); pairs with expert id -1 ("no
+expert") are left out, so no block is computed for them. Outputs, with sizes that depend only on
+(pairs, experts, BLOCK_M) so the step can be captured in a CUDA graph:
 
     sorted_pair_ids [max_blocks * BLOCK_M] int32: pair ids grouped by expert (stable order within
         an expert), each segment padded with the sentinel `num_pairs`; sentinel past the end too.
@@ -34,11 +35,12 @@ def align_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     flat = topk_ids.reshape(-1).long()
     num_pairs = flat.numel()
     n_blocks = max_blocks(num_pairs, num_experts, block_m)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat + 1, minlength=num_experts + 1)[1:]  # the -1 ("no expert") pairs dropped
     blocks = (counts + block_m - 1) // block_m
     starts = (torch.cumsum(blocks, 0) - blocks) * block_m
     order = torch.argsort(flat, stable=True)
-    rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    order = order[flat[order] >= 0]
+    rank = torch.arange(order.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
     sorted_pair_ids = torch.full((n_blocks * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
     sorted_pair_ids[starts[flat[order]] + rank] = order.int()
     block_expert_ids = torch.full((n_blocks,), -1, dtype=torch.int32, device=flat.device)
@@ -84,7 +86,8 @@ def _count_kernel(
     ids_ptr, counts_ptr, sorted_ptr, num_pairs, sorted_len, fill_per_chunk,
     CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
-    """counts[c, e] = pairs of chunk c routed to e; also fills this chunk's share of the sentinels."""
+    """counts[c, e] = pairs of chunk c routed to e (-1 ids match no lane); also fills this chunk's
+    share of the sentinels."""
     c = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
@@ -135,8 +138,8 @@ def _scatter_kernel(ids_ptr, base_ptr, sorted_ptr, num_pairs, CHUNK: tl.constexp
     seen = tl.zeros([E_PAD], dtype=tl.int32)  # pairs of each expert already placed by this chunk
     for start in range(c * CHUNK, c * CHUNK + CHUNK, SUB):
         offs = start + tl.arange(0, SUB)
-        valid = offs < num_pairs
-        ids = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        valid = ids >= 0  # past the end, or "no expert": not placed
         one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)
         rank = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - 1 + seen[None, :]), axis=1)
         seen += tl.sum(one_hot, axis=0)

@@ -56,16 +56,20 @@ def experts_reference(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """hidden_states [T, H], topk_ids/topk_weights [T, k] -> [T, H] in hidden_states' dtype."""
+    """hidden_states [T, H], topk_ids/topk_weights [T, k] -> [T, H] in hidden_states' dtype.
+
+    An id of -1 means "no expert" (dropped by a threshold, a cache miss served elsewhere, a remote
+    expert): that pair adds nothing, whatever its weight.
+    """
     num_tokens, hidden_size = hidden_states.shape
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=weights.num_experts).tolist()
+    order = torch.argsort(flat_ids, stable=True)  # the -1 pairs sort first
+    counts = torch.bincount(flat_ids + 1, minlength=weights.num_experts + 1).tolist()
     acc_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
     pair_out = torch.zeros(num_tokens * top_k, hidden_size, dtype=acc_dtype, device=hidden_states.device)
     x_dtype = weights.gate_up.dtype
-    start = 0
+    start = counts.pop(0)
     for expert, count in enumerate(counts):
         if count == 0:
             continue
@@ -76,5 +80,6 @@ def experts_reference(
         down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
         inter = apply_activation(_project(x, weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
         pair_out[pairs] = _project(inter, weights.down[expert], down_bias, weights.transposed).to(acc_dtype)
-    pair_out *= topk_weights.reshape(-1, 1).to(acc_dtype)
+    routing = topk_weights.reshape(-1, 1).to(acc_dtype)
+    pair_out *= torch.where(flat_ids.unsqueeze(1) >= 0, routing, 0.0)  # a dropped pair's weight may be anything
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden_states.dtype)

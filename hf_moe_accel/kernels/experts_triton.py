@@ -4,11 +4,17 @@ Two paths, picked per call by `tuning.use_decode_path` (token count against tune
 
 - prefill: the (token, expert) pairs are sorted by expert into BLOCK_M-row blocks (`align.py`);
   one grouped GEMM computes gate and up for a block and applies the activation, one grouped GEMM
-  computes down, scales each row by its routing weight and adds it into a float32 [T, H] buffer
-  with atomics (the top-k sum). Blocks past the padded total exit at once.
+  computes down, scales each row by its routing weight and stores it in its own row of a float32
+  [T, k * SPLIT_K, H] buffer, which one reduction sums over k in a fixed order (the top-k sum).
+  No atomics: the result is the same from run to run, so greedy decoding is reproducible and a
+  graph replay gives what the eager step gives. Blocks past the padded total exit at once.
 - decode (a few tokens, bound by reading the experts' weights): no sort; GEMV-style programs per
   (pair, N block) for gate_up + activation, and per (token, N block) for down, which sums the
   token's k pairs in registers and writes the output directly.
+
+An expert id of -1 means "no expert" (a threshold dropped it, or another device or the CPU serves
+it): the pair adds nothing and its weight is ignored. Its weights are never read: the sort leaves
+it out (prefill), its gate_up program exits at once and the down kernel masks its loads (decode).
 
 Weights are read in place through their strides (transposed or not), gate/up concatenated
 (gate row j, up row I + j) or interleaved (rows 2j, 2j + 1: one tile of 2 * BLOCK_N rows, split
@@ -112,14 +118,15 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) 
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
         TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **gate_up,
     )
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    # One float32 row per (pair, K split), zero where no block writes (pairs with expert -1).
+    partial = torch.zeros(num_pairs * down["SPLIT_K"], hidden, dtype=torch.float32, device=x.device)
     _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, down["BLOCK_N"]), down["SPLIT_K"])](
         **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
-        out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), topk_weights_ptr=routing,
+        out_ptr=partial, stride_ot=partial.stride(0), stride_on=partial.stride(1), topk_weights_ptr=routing,
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
         TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **down,
     )
-    return out.to(x.dtype)
+    return partial.view(num_tokens, -1, hidden).sum(dim=1).to(x.dtype)
 
 
 def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -> torch.Tensor:
@@ -275,7 +282,7 @@ def _prefill_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """out[token] += routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
+    """out[pair * SPLIT_K + split] = routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -306,9 +313,9 @@ def _prefill_down_kernel(
             bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
     routing = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
-    tokens = (pairs // TOP_K).to(tl.int64)
-    out_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_n[None, :] * stride_on
-    tl.atomic_add(out_ptrs, acc * routing[:, None], mask=valid[:, None] & n_mask[None, :], sem="relaxed")
+    rows = pairs.to(tl.int64) * SPLIT_K + split
+    out_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc * routing[:, None], mask=valid[:, None] & n_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +338,8 @@ def _decode_gate_up_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert < 0:  # "no expert": the down kernel skips this pair's row
+        return
     token = pair // TOP_K
     offs_k = tl.arange(0, BLOCK_K)
     cols, col_mask = _gate_up_columns(pid_n, N, BLOCK_N, INTERLEAVED)
@@ -368,7 +377,9 @@ def _decode_down_kernel(
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
     The pairs are the inner, unrolled loop so that each K step has k weight tiles in flight; the
-    routing weight scales the activations, so one accumulator serves all k pairs.
+    routing weight scales the activations, so one accumulator serves all k pairs. A pair with
+    expert -1 has its loads masked off (no weight bytes read; its unwritten row of `inter` and its
+    weight are never used).
     """
     token = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -378,10 +389,11 @@ def _decode_down_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        k_mask = ks < K
         for j in tl.static_range(TOP_K):
             expert = tl.load(ids_ptr + first_pair + j).to(tl.int64)
-            routing = tl.load(topk_weights_ptr + first_pair + j).to(tl.float32)
+            used = expert >= 0
+            routing = tl.where(used, tl.load(topk_weights_ptr + first_pair + j).to(tl.float32), 0.0)
+            k_mask = ks < tl.where(used, K, 0)  # all off for "no expert" (a scalar select, not a branch)
             a = tl.load(a_ptr + (first_pair + j).to(tl.int64) * stride_ap + ks * stride_ak, mask=k_mask, other=0.0)
             w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -390,7 +402,9 @@ def _decode_down_kernel(
     if HAS_BIAS:
         for j in tl.static_range(TOP_K):
             expert = tl.load(ids_ptr + first_pair + j).to(tl.int64)
-            routing = tl.load(topk_weights_ptr + first_pair + j).to(tl.float32)
-            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+            used = expert >= 0
+            routing = tl.where(used, tl.load(topk_weights_ptr + first_pair + j).to(tl.float32), 0.0)
+            bias_mask = offs_n < tl.where(used, N, 0)
+            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=bias_mask, other=0.0)
             out += routing * bias.to(tl.float32)
     tl.store(out_ptr + token * stride_ot + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_mask)

@@ -2,8 +2,9 @@
 
 `route_triton` computes exactly what `routing_reference.route_reference` computes, for every
 `RoutingSpec`: softmax or sigmoid scores in float32, an optional correction bias used for selection
-only, group-limited top-k ("max" or "top2_sum" group scores), top-k, renormalisation, scaling, and
-GPT-OSS's "softmax_topk_logits" (top-k over the raw logits, softmax over the k chosen ones).
+only, group-limited top-k ("max" or "top2_sum" group scores), top-k, renormalisation, scaling,
+GPT-OSS's "softmax_topk_logits" (top-k over the raw logits, softmax over the k chosen ones), and the
+expert threshold (dropped experts written as id -1, weight 0: the output shape stays [T, k]).
 
 Each program routes BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile, one lane per expert (E padded
 to a power of two; the padding lanes can never be chosen). Top-k is k passes of argmax, each masking
@@ -42,10 +43,12 @@ def _route_kernel(
     stride_bias,
     renorm_eps,
     scaling_factor,
+    threshold,
     NUM_EXPERTS: tl.constexpr,
     TOP_K: tl.constexpr,
     SCORING: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
@@ -122,6 +125,15 @@ def _route_kernel(
         top_logits = tl.where(slot_ok[None, :], top_weights, neg_inf)
         shifted = tl.exp(top_logits - tl.max(top_logits, axis=1)[:, None])
         top_weights = shifted / tl.sum(shifted, axis=1)[:, None]
+    if HAS_THRESHOLD:
+        # Drop the experts under `threshold` of the token's total weight, keeping the largest.
+        total = tl.sum(top_weights, axis=1)
+        largest = tl.argmax(top_weights, axis=1)
+        keep = (top_weights >= threshold * total[:, None]) | (slots[None, :] == largest[:, None])
+        top_weights = tl.where(keep, top_weights, 0.0)
+        top_ids = tl.where(keep, top_ids, -1)
+        if SCORING == "softmax_topk_logits" and not RENORMALIZE:  # the softmax over the kept logits
+            top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]
     if RENORMALIZE:
         top_weights = top_weights / (tl.sum(top_weights, axis=1)[:, None] + renorm_eps)
     top_weights = top_weights * scaling_factor
@@ -164,10 +176,12 @@ def route_triton(
         bias.stride(0),
         spec.renorm_eps,
         spec.routed_scaling_factor,
+        spec.expert_threshold,
         NUM_EXPERTS=num_experts,
         TOP_K=top_k,
         SCORING=spec.scoring,
         RENORMALIZE=spec.renormalize,
+        HAS_THRESHOLD=spec.expert_threshold > 0,
         HAS_BIAS=has_bias,
         N_GROUP=n_group,
         TOPK_GROUP=spec.topk_group if n_group > 1 else 1,
@@ -187,6 +201,8 @@ def _check_spec(
     """Reject specs the kernel cannot honour (host-side integer checks only, no device sync)."""
     if not 1 <= spec.top_k <= num_experts:
         raise ValueError(f"top_k={spec.top_k} must be in [1, {num_experts}]")
+    if not 0.0 <= spec.expert_threshold < 1.0:
+        raise ValueError(f"expert_threshold={spec.expert_threshold} must be in [0, 1)")
     if has_bias and (correction_bias is None or correction_bias.shape != (num_experts,)):
         raise ValueError(f"has_correction_bias needs a correction_bias of shape ({num_experts},)")
     if n_group > 1:

@@ -21,6 +21,10 @@ def route_reference(
             choice = _mask_to_best_groups(choice, spec)
         ids = torch.topk(choice, spec.top_k, dim=-1).indices
         weights = probs.gather(1, ids)
+    if spec.expert_threshold > 0:
+        weights, ids = _drop_under_threshold(weights, ids, spec.expert_threshold)
+        if spec.scoring == "softmax_topk_logits" and not spec.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # the softmax over the kept logits
     if spec.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     if spec.routed_scaling_factor != 1.0:
@@ -42,3 +46,10 @@ def _mask_to_best_groups(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tenso
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
     keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, num_experts)
     return choice.masked_fill(~keep, float("-inf"))
+
+
+def _drop_under_threshold(weights: torch.Tensor, ids: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight 0 and id -1 where w_i < threshold * sum_j w_j, except each row's largest weight."""
+    keep = weights >= threshold * weights.sum(dim=-1, keepdim=True)
+    keep.scatter_(1, weights.argmax(dim=-1, keepdim=True), True)
+    return weights.masked_fill(~keep, 0.0), ids.masked_fill(~keep, -1)

@@ -33,6 +33,13 @@ class RoutingSpec:
     routed_scaling_factor: multiplies the final weights.
     weights_dtype:      None keeps float32 weights; otherwise the weights are cast to this dtype
                         at the end (the stock router casts to the logits' dtype).
+    expert_threshold:   0 disables it. Otherwise, after selection, each token drops the chosen experts
+                        whose normalised weight w_i / sum_j w_j (over its k, before renormalisation
+                        and scaling) is under it; the largest (the first on a tie) is always kept. A
+                        dropped expert gets id -1 and weight 0 ("no expert"). The kept weights are then
+                        renormalised the way the family does: by their sum (+ renorm_eps) when
+                        `renormalize`, by their sum for "softmax_topk_logits" (a softmax over the kept
+                        logits), not at all otherwise.
     """
 
     top_k: int
@@ -46,6 +53,7 @@ class RoutingSpec:
     has_correction_bias: bool = False
     routed_scaling_factor: float = 1.0
     weights_dtype: torch.dtype | None = None
+    expert_threshold: float = 0.0
 
 
 ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_clamped"]

@@ -14,8 +14,11 @@ written by `scripts/tune_moe_configs.py`:
 
 Each "gate_up" / "down" entry holds the launch parameters of that kernel, passed through as is:
 BLOCK_N, BLOCK_K, num_warps, num_stages, plus GROUP_M (prefill) and SPLIT_K (prefill down). The
-token-count key nearest to the call's token count is used, as in vLLM. Shapes absent from the
-file, and every shape under TRITON_INTERPRET=1 (small blocks, fast CPU tests), use a heuristic.
+token-count key nearest to the call's token count is used, as in vLLM. A top-k absent from the
+file for a shape that is there (fewer activated experts: `accelerate(model, top_k=...)`) uses the
+nearest tuned top-k's entry at the same number of (token, expert) pairs: per expert, the GEMMs see
+the same rows. Shapes absent from the file, and every shape under TRITON_INTERPRET=1 (small blocks,
+fast CPU tests), use a heuristic.
 """
 
 from __future__ import annotations
@@ -66,10 +69,21 @@ def _load(file: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _tuned(num_experts, N, K, top_k, dtype, device, transposed) -> dict | None:
+def _tuned(num_experts, N, K, top_k, dtype, device, transposed) -> tuple[dict, int] | None:
+    """(the tuned entry, the top-k it was tuned for): this top-k's, else the nearest tuned one's of the
+    same shape (the larger on a tie); None without data."""
     if interpreting() or torch.device(device).type != "cuda":
         return None
-    return _load(device_config_file(device)).get(shape_key(num_experts, N, K, top_k, dtype, transposed))
+    data = _load(device_config_file(device))
+    by_top_k = {}
+    for tuned_top_k in range(1, num_experts + 1):
+        entry = data.get(shape_key(num_experts, N, K, tuned_top_k, dtype, transposed))
+        if entry is not None:
+            by_top_k[tuned_top_k] = entry
+    if not by_top_k:
+        return None
+    nearest = min(by_top_k, key=lambda tuned_top_k: (abs(tuned_top_k - top_k), -tuned_top_k))
+    return by_top_k[nearest], nearest
 
 
 def use_decode_path(
@@ -82,8 +96,9 @@ def use_decode_path(
     quarter of the experts, or one token), since the decode path reads an expert once per pair.
     """
     tuned = _tuned(num_experts, N, K, top_k, dtype, device, transposed)
-    if tuned is not None and "decode_max_tokens" in tuned:
-        return num_tokens <= tuned["decode_max_tokens"]
+    if tuned is not None and "decode_max_tokens" in tuned[0]:
+        entry, tuned_top_k = tuned
+        return num_tokens * top_k <= entry["decode_max_tokens"] * tuned_top_k
     return num_tokens * top_k <= max(top_k, num_experts // 4)
 
 
@@ -98,9 +113,10 @@ def get_config(
     prefill, "BLOCK_M" (shared by both GEMMs: it is the sort's padding). Treat it as read-only.
     """
     tuned = _tuned(num_experts, N, K, top_k, dtype, device, transposed)
-    if tuned is not None and tuned.get(path):
-        by_tokens = tuned[path]
-        nearest = min(by_tokens, key=lambda tokens: abs(int(tokens) - num_tokens))
+    if tuned is not None and tuned[0].get(path):
+        (entry, tuned_top_k), pairs = tuned, num_tokens * top_k
+        by_tokens = entry[path]
+        nearest = min(by_tokens, key=lambda tokens: abs(int(tokens) * tuned_top_k - pairs))
         return {"path": path, **by_tokens[nearest]}
     return heuristic_config(path, num_experts, N, K, num_tokens, top_k, device, transposed)
 

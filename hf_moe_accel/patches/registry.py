@@ -10,6 +10,7 @@ from torch import nn
 from .adapter import FamilyAdapter
 from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn, is_experts_module
 from .families import ADAPTERS
+from .norms import patch_norms
 from .router import patch_router
 from .swap import is_swapped, restore, swap_forward
 
@@ -30,6 +31,7 @@ class PatchReport:
     experts: list[str] = field(default_factory=list)
     routers: list[str] = field(default_factory=list)
     families: set[str] = field(default_factory=set)
+    norms: list[str] = field(default_factory=list)  # RMSNorm modules running the fused kernel
 
 
 def supported_families() -> list[str]:
@@ -102,6 +104,7 @@ def patch_model(model: nn.Module) -> PatchReport:
             router = getattr(parent, adapter.router_attr, None)
             if router is not None and patch_router(router, adapter):
                 report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
+        report.norms = patch_norms(model)
     except BaseException:
         unpatch_model(model)  # all or nothing: never leave a half-patched model
         raise

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels.spec import RoutingSpec
-from .adapter import FamilyAdapter, LogitsPrecision
+from .adapter import FamilyAdapter, LogitsPrecision, RoutingBuilder
 from .swap import STATE_ATTR, swap_forward
 
 logger = logging.getLogger("hf_moe_accel")
@@ -35,6 +35,8 @@ class RouterState:
     # Where the stock router puts (logits, weights, ids) in its output tuple: (0, 1, 2) for every
     # family in Transformers 5.23; GraniteMoE in 5.17 returned (ids, weights, logits).
     output_order: tuple[int, int, int]
+    # The family's builder, kept to rebuild the specs for another top-k (`select_experts`).
+    routing: RoutingBuilder
 
 
 def _resolve(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
@@ -121,7 +123,7 @@ def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
     if order is None:
         return False
     try:
-        specs = {dtype: adapter.routing(router, dtype) for dtype in _INPUT_DTYPES}
+        specs = _build_specs(router, adapter.routing)
     except (AttributeError, TypeError, ValueError) as error:
         # A router attribute the builder reads is gone (a newer Transformers?): keep the stock router
         # rather than fail halfway through patching the model.
@@ -136,6 +138,57 @@ def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
         router_linear=adapter.router_linear,
         correction_bias=adapter.correction_bias,
         output_order=order,
+        routing=adapter.routing,
     )
     swap_forward(router, accelerated_router_forward, state)
     return True
+
+
+def _build_specs(router: nn.Module, routing: RoutingBuilder) -> dict[torch.dtype, RoutingSpec | None]:
+    return {dtype: routing(router, dtype) for dtype in _INPUT_DTYPES}
+
+
+def is_fused_router(module: nn.Module) -> bool:
+    """Whether `module` is a router whose forward `patch_router` swapped for the fused one."""
+    return isinstance(module.__dict__.get(STATE_ATTR), RouterState)
+
+
+def select_experts(routers: Sequence[nn.Module], top_ks: Sequence[int | None], expert_threshold: float) -> None:
+    """Make each fused router pick its `top_ks[i]` experts per token (None: its own top_k), then drop
+    those whose normalised weight is under `expert_threshold` (0: none), as `RoutingSpec.expert_threshold`
+    says. All or nothing: raises ValueError, changing no router, when a top-k doesn't fit its router.
+
+    The specs are rebuilt by the family's builder from a router whose `top_k` reads the new value, so
+    every rule that depends on k (e.g. the privacy filter's 1/k scale) is the stock router's with that k.
+    The family's own specs come back with `unpatch`, which drops the state.
+    """
+    states = [_selected_state(router, top_k, expert_threshold) for router, top_k in zip(routers, top_ks, strict=True)]
+    for router, state in zip(routers, states):
+        object.__setattr__(router, STATE_ATTR, state)
+
+
+def _selected_state(router: nn.Module, top_k: int | None, expert_threshold: float) -> RouterState:
+    state: RouterState = router.__dict__[STATE_ATTR]
+    own_top_k = router.top_k
+    if top_k is not None:
+        router.top_k = top_k
+    try:
+        specs = _build_specs(router, state.routing)
+    finally:
+        router.top_k = own_top_k
+    for spec in specs.values():
+        if spec is not None:
+            _check_selection(spec, type(router).__name__)
+    selected = {dtype: replace(spec, expert_threshold=expert_threshold) if spec else None for dtype, spec in specs.items()}
+    return replace(state, specs=selected)
+
+
+def _check_selection(spec: RoutingSpec, router_name: str) -> None:
+    if not 1 <= spec.top_k <= spec.num_experts:
+        raise ValueError(f"top_k={spec.top_k} is out of range for {router_name}: it must be in [1, {spec.num_experts}]")
+    eligible = spec.topk_group * (spec.num_experts // spec.n_group)
+    if spec.n_group > 1 and spec.top_k > eligible:
+        raise ValueError(
+            f"top_k={spec.top_k} is out of range for {router_name}: its group-limited routing makes only "
+            f"{eligible} experts eligible ({spec.topk_group} of {spec.n_group} groups)"
+        )

@@ -7,25 +7,35 @@ against the original class all stay valid. `restore` puts the original class bac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 STATE_ATTR = "_hf_moe_accel_state"
 _ORIGINAL_CLASS_ATTR = "_hf_moe_accel_original_class"
-_SUBCLASS_CACHE: dict[tuple[type, Callable], type] = {}
+_SUBCLASS_CACHE: dict[tuple, type] = {}
+
+
+def swap_methods(module: nn.Module, methods: Mapping[str, Callable[..., Any]], state: Any) -> None:
+    """Give `module` a subclass overriding `methods`, keeping `state` on it as `module._hf_moe_accel_state`.
+
+    The subclass keeps the original class name: `save_pretrained` writes it to the config as the
+    architecture, which must stay loadable.
+    """
+    original = type(module)
+    key = (original, tuple(sorted(methods.items())))
+    if key not in _SUBCLASS_CACHE:
+        namespace = {**methods, "__qualname__": original.__qualname__, "__module__": original.__module__}
+        _SUBCLASS_CACHE[key] = type(original.__name__, (original,), namespace)
+    object.__setattr__(module, _ORIGINAL_CLASS_ATTR, original)
+    object.__setattr__(module, STATE_ATTR, state)
+    module.__class__ = _SUBCLASS_CACHE[key]
 
 
 def swap_forward(module: nn.Module, forward: Callable[..., Any], state: Any) -> None:
     """Make `module` run `forward(module, *args)`, keeping `state` on it as `module._hf_moe_accel_state`."""
-    original = type(module)
-    key = (original, forward)
-    if key not in _SUBCLASS_CACHE:
-        _SUBCLASS_CACHE[key] = type(f"Accelerated{original.__name__}", (original,), {"forward": forward})
-    object.__setattr__(module, _ORIGINAL_CLASS_ATTR, original)
-    object.__setattr__(module, STATE_ATTR, state)
-    module.__class__ = _SUBCLASS_CACHE[key]
+    swap_methods(module, {"forward": forward}, state)
 
 
 def is_swapped(module: nn.Module) -> bool:

@@ -1,0 +1,93 @@
+"""Static KV caches kept across generate() calls, so captured decode graphs stay valid.
+
+Transformers makes a new `StaticCache` in every static-cache `generate()` call; a graph captured
+over one cache's tensors can't serve the next. The pool keeps Transformers' own `StaticCache`
+objects, one per (batch size, length bucket), resets one (in place) for each call that fits it,
+and evicts the least recently used beyond `max_entries`, so memory stays bounded however batch
+sizes and lengths change.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from transformers import PretrainedConfig, StaticCache
+from transformers.cache_utils import StaticLayer
+
+MIN_BUCKET = 256
+
+
+def length_bucket(max_cache_len: int) -> int:
+    """The cache length allocated for a generation needing `max_cache_len`: a power of two >= 256.
+
+    Rounding up lets generations of different lengths share one cache and its graphs; the cost is
+    attention over at most twice the needed length (masked), small beside the expert weights.
+    """
+    bucket = MIN_BUCKET
+    while bucket < max_cache_len:
+        bucket *= 2
+    return bucket
+
+
+def static_cache_blocker(config: PretrainedConfig) -> str | None:
+    """Why this model's static cache can't be replayed by a graph, or None when it can.
+
+    Only plain full-attention `StaticLayer`s keep their write position in a device tensor;
+    sliding-window and linear-attention layers track it in Python, which a replayed graph
+    never updates.
+    """
+    try:
+        cache = StaticCache(config=config, max_cache_len=MIN_BUCKET)
+    except Exception as error:  # configs Transformers can't build a static cache for
+        return f"Transformers can't build a static cache for it ({type(error).__name__}: {error})"
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if kinds:
+        return f"its static cache has {', '.join(kinds)} layers, whose position a replayed graph can't advance"
+    return None
+
+
+class StaticCachePool:
+    def __init__(self, config: PretrainedConfig, max_entries: int = 3, on_evict: Callable[[StaticCache], None] | None = None):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.config = config
+        self.max_entries = max_entries
+        self.on_evict = on_evict
+        self._caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+
+    def get(self, batch_size: int, max_cache_len: int) -> StaticCache:
+        """A reset static cache holding `batch_size` sequences of up to `max_cache_len` tokens."""
+        key = (batch_size, length_bucket(max_cache_len))
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=self.config, max_cache_len=key[1])
+        else:
+            cache.reset()  # zeroes keys, values and positions in place: tensors (and graphs over them) stay valid
+        self._caches[key] = cache
+        while len(self._caches) > self.max_entries:
+            _, evicted = self._caches.popitem(last=False)
+            self._evict(evicted)
+        return cache
+
+    def owns(self, cache: object) -> bool:
+        return any(cache is c for c in self._caches.values())
+
+    def release(self, cache: StaticCache) -> None:
+        """Hand `cache` over to the caller (it was returned to the user): the pool forgets it."""
+        for key, c in list(self._caches.items()):
+            if c is cache:
+                del self._caches[key]
+                self._evict(cache)
+
+    def clear(self) -> None:
+        while self._caches:
+            _, cache = self._caches.popitem()
+            self._evict(cache)
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def _evict(self, cache: StaticCache) -> None:
+        if self.on_evict is not None:
+            self.on_evict(cache)

@@ -1,0 +1,184 @@
+"""generate() integration: decode steps replay CUDA graphs, everything else stays Transformers'.
+
+Transformers' own decode loop (logits processors, sampling, stopping criteria, streamers,
+`pipeline`) is kept whole. The model's class is swapped for a subclass that, when a call can
+be served by graphs,
+- asks for a static cache and takes it from our pool (`_prepare_static_cache`), so the cache's
+  tensors, and the graphs captured over them, survive from one call to the next;
+- hands `generate()` our graph runner where it would use a `torch.compile`d forward for decode
+  steps (`_valid_auto_compile_criteria`, `get_compiled_call`); prefill stays eager.
+A call graphs can't serve runs Transformers' generate() unchanged, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
+
+from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
+from .cache_pool import StaticCachePool, static_cache_blocker
+from .runner import Capture, DecodeGraphs, capture_cuda_graph
+
+logger = logging.getLogger("hf_moe_accel")
+
+_SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
+GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
+
+
+@dataclass(frozen=True)
+class GraphBackend:
+    """Where decode graphs run: CUDA graphs on CUDA models (tests swap in a CPU stand-in)."""
+
+    device_type: str
+    capture: Capture
+
+
+CUDA_GRAPHS = GraphBackend("cuda", capture_cuda_graph)
+
+
+@dataclass
+class GraphDecodeState:
+    original_class: type
+    backend: GraphBackend
+    pool: StaticCachePool
+    runner: DecodeGraphs
+    cache_blocker: str | None
+    serving: bool = False  # True inside a generate() call that graphs serve
+    logged_reasons: set[str] = field(default_factory=set)
+
+
+def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS) -> None:
+    """Make `model.generate()` decode through captured graphs whenever it can (in place)."""
+    if not hasattr(model, "generate") or not hasattr(model, "_prepare_static_cache") or is_swapped(model):
+        logger.info("hf_moe_accel: %s has no generate() to serve with graphs", type(model).__name__)
+        return
+    config = model.config.get_text_config(decoder=True)
+    runner_holder: list[DecodeGraphs] = []
+    pool = StaticCachePool(config, on_evict=lambda cache: runner_holder[0].forget(cache))
+    runner = DecodeGraphs(model, pool, backend.capture)
+    runner_holder.append(runner)
+    state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
+    swap_methods(model, _METHODS, state)
+
+
+def disable_graph_decode(model: nn.Module) -> None:
+    """Undo `enable_graph_decode`: free the pooled caches and graphs, restore the class."""
+    state = _state(model)
+    if state is None:
+        return
+    state.runner.clear()
+    state.pool.clear()
+    restore(model)
+
+
+def graph_stats(model: nn.Module) -> dict | None:
+    """Captures, capture time, graph memory, replays, eager steps and pooled KV-cache bytes, or None."""
+    state = _state(model)
+    if state is None:
+        return None
+    kv_bytes = sum(
+        t.numel() * t.element_size()
+        for cache in state.pool._caches.values()
+        for layer in cache.layers
+        if layer.is_initialized
+        for t in (layer.keys, layer.values)
+    )
+    return {**asdict(state.runner.stats), "pooled_caches": len(state.pool), "pooled_kv_cache_bytes": kv_bytes}
+
+
+def _state(model: nn.Module) -> GraphDecodeState | None:
+    state = model.__dict__.get(STATE_ATTR)
+    return state if isinstance(state, GraphDecodeState) else None
+
+
+def _resolved_generation_config(model: nn.Module, kwargs: dict) -> GenerationConfig:
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+    return config
+
+
+def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> str | None:
+    """Why this generate() call can't decode through graphs, or None when it can."""
+    if model.device.type != state.backend.device_type:
+        return f"the model is on {model.device.type}; decode graphs need {state.backend.device_type}"
+    if getattr(model, GRAPHS_BLOCKED_ATTR, None):
+        return getattr(model, GRAPHS_BLOCKED_ATTR)
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) > 1:
+        return f"the model is spread over several devices ({', '.join(sorted(map(str, devices)))})"
+    if model.training:
+        return "the model is in train() mode"
+    if state.cache_blocker is not None:
+        return state.cache_blocker
+    if kwargs.get("past_key_values") is not None:
+        return "a cache was passed in (past_key_values)"
+    for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate", "synced_gpus"):
+        if kwargs.get(name):
+            return f"{name} was given"
+    config = _resolved_generation_config(model, kwargs)
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode not in _SERVED_MODES:
+        return f"{mode.value.replace('_', ' ')} is not served by graphs (greedy and sampling are)"
+    if config.cache_implementation not in (None, "static"):
+        return f"cache_implementation={config.cache_implementation!r} was asked for"
+    if config.use_cache is False:
+        return "use_cache=False"
+    return None
+
+
+def _generate(self, *args, **kwargs):
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    original = super(type(self), self).generate
+    named = {"generation_config": args[1], **kwargs} if len(args) > 1 else kwargs  # generate(inputs, generation_config, ...)
+    reason = _eager_reason(self, state, named)
+    if reason is not None:
+        if reason not in state.logged_reasons:
+            state.logged_reasons.add(reason)
+            logger.warning("hf_moe_accel: generate() decodes eagerly: %s", reason)
+        return original(*args, **kwargs)
+    kwargs["cache_implementation"] = "static"
+    state.serving = True
+    try:
+        output = original(*args, **kwargs)
+    finally:
+        state.serving = False
+    cache = getattr(output, "past_key_values", None)
+    if cache is not None and state.pool.owns(cache):
+        state.pool.release(cache)  # returned to the user (return_dict_in_generate): theirs now, never reset by us
+    return output
+
+
+def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    if not state.serving:
+        return super(type(self), self)._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+    return state.pool.get(batch_size, max_cache_len)
+
+
+def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: GenerationConfig) -> bool:
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    if state.serving:
+        return True
+    return super(type(self), self)._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+
+def _get_compiled_call(self, compile_config) -> Callable:
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    if state.serving:
+        return state.runner
+    return super(type(self), self).get_compiled_call(compile_config)
+
+
+_METHODS = {
+    "generate": _generate,
+    "_prepare_static_cache": _prepare_static_cache,
+    "_valid_auto_compile_criteria": _valid_auto_compile_criteria,
+    "get_compiled_call": _get_compiled_call,
+}

@@ -1,0 +1,266 @@
+"""Short microbenchmarks of this machine (well under a minute on a GPU), cached to a JSON file.
+
+Measured: HBM copy bandwidth, bf16 GEMM rate, pinned PCIe bandwidth, the GPU-to-GPU link when the
+process sees several GPUs, the CPU's expert-matmul rates, the GPU time floor per kernel inside a
+CUDA graph, and the host time of our own decode path (a tiny patched model, eager and under graph
+replay). The result is a `Hardware`; later runs read it back from the cache file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .hardware import GIB, Hardware, hardware_preset, preset_for_gpu_name
+
+logger = logging.getLogger("hf_moe_accel")
+
+
+def cache_dir() -> Path:
+    """$HF_MOE_ACCEL_CACHE, else $XDG_CACHE_HOME/hf_moe_accel, else ~/.cache/hf_moe_accel."""
+    if "HF_MOE_ACCEL_CACHE" in os.environ:
+        return Path(os.environ["HF_MOE_ACCEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_moe_accel"
+
+
+def cache_path() -> Path:
+    """One file per GPU model, GPU count and torch version (a driver or torch change re-measures)."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name}-x{count}-torch{torch.__version__}".lower()).strip("-")
+    return cache_dir() / f"calibration-{slug}.json"
+
+
+def load_calibration(path: Path | None = None) -> Hardware | None:
+    """The cached calibration of this machine, or None when there is none (or it's unreadable)."""
+    path = path or cache_path()
+    try:
+        data = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(Hardware)}
+        return Hardware(**{k: v for k, v in data["hardware"].items() if k in fields})
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def hardware_of_this_machine() -> Hardware:
+    """Without measuring: the cached calibration, else the preset of this GPU, else H100 figures."""
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU here: pass a stated hardware description (--hardware PRESET or a JSON file)")
+    return load_calibration() or _uncalibrated_hardware()
+
+
+def _uncalibrated_hardware() -> Hardware:
+    """The preset of this GPU model (H100 figures for an unknown one); count and memory from the devices."""
+    name = torch.cuda.get_device_name(0)
+    base = preset_for_gpu_name(name)
+    if base is None:
+        base, source = hardware_preset("h100"), f"H100 figures for an unknown GPU {name!r}"
+    else:
+        source = f"preset {base.name}"
+    memory = torch.cuda.get_device_properties(0).total_memory / GIB
+    return dataclasses.replace(
+        base, gpu_name=name, gpu_count=torch.cuda.device_count(), gpu_memory_gib=memory,
+        source=f"{source}, not calibrated (`hf-moe-accel plan --calibrate` measures this machine)",
+    )
+
+
+def calibrate(*, refresh: bool = False, progress: bool = True) -> Hardware:
+    """Measure this machine (or read the cache written by an earlier call); needs a CUDA GPU."""
+    path = cache_path()
+    if not refresh:
+        cached = load_calibration(path)
+        if cached is not None:
+            logger.info("hf_moe_accel: calibration read from %s", path)
+            return cached
+    if not torch.cuda.is_available():
+        raise ValueError("calibration measures a CUDA GPU and there is none here; plan with --hardware PRESET or a JSON file")
+    base = _uncalibrated_hardware()
+    device = torch.device("cuda", 0)
+    start = time.perf_counter()
+    steps: list[tuple[str, Callable[[], dict]]] = [
+        ("HBM bandwidth", lambda: {"hbm_tb_s": _hbm_tb_s(device)}),
+        ("GEMM rate", lambda: {"gemm_tflops": _gemm_tflops(device)}),
+        ("PCIe bandwidth", lambda: {"pcie_gb_s": _pcie_gb_s(device)}),
+        ("GPU link", _link),
+        ("CPU expert rate", _cpu_rates),
+        ("kernel gap in a graph", lambda: {"kernel_gap_us": _kernel_gap_us(device)}),
+        ("host time of decode", lambda: _host_overheads(device)),
+    ]
+    measured: dict = {}
+    for label, step in tqdm(steps, desc="calibrating", unit="step", disable=not progress):
+        measured.update(step())
+        logger.info("hf_moe_accel: calibrated %s", label)
+    seconds = time.perf_counter() - start
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    hardware = dataclasses.replace(
+        base,
+        name="calibrated",
+        host_memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
+        source=f"calibration {path} ({stamp})",
+        **measured,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"hardware": hardware.to_json(), "seconds": seconds, "torch": torch.__version__}, indent=2))
+    logger.info("hf_moe_accel: calibration took %.1f s, written to %s", seconds, path)
+    return hardware
+
+
+# ---- the microbenchmarks ---------------------------------------------------------------------
+
+
+def _gpu_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median GPU time of fn() over `repeats`, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _hbm_tb_s(device: torch.device) -> float:
+    from ..bench.timing import copy_bandwidth_bytes_per_s
+
+    return copy_bandwidth_bytes_per_s(device) / 1e12
+
+
+def _gemm_tflops(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / _gpu_seconds(lambda: a @ b, repeats=10) / 1e12
+
+
+def _pcie_gb_s(device: torch.device, nbytes: int = 256 << 20) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dest = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return nbytes / _gpu_seconds(lambda: dest.copy_(host, non_blocking=True), repeats=5) / 1e9
+
+
+def _link() -> dict:
+    """GPU 0 -> GPU 1 copies: bandwidth of 64 MiB, latency of 8 KiB (a decode step's hidden states).
+
+    Timed by the host around both devices' synchronisation: a copy between devices runs on one
+    device's stream, and events of the other would miss it.
+    """
+    if torch.cuda.device_count() < 2:
+        return {}
+    src = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty_like(src, device="cuda:1")
+
+    def copy(source: torch.Tensor, dest: torch.Tensor):
+        def run() -> None:
+            dest.copy_(source)
+            torch.cuda.synchronize(0)
+            torch.cuda.synchronize(1)
+
+        return run
+
+    bandwidth = src.numel() / _cpu_seconds(copy(src, dst), repeats=5) / 1e9
+    latency = _cpu_seconds(copy(src[: 8 << 10], dst[: 8 << 10]), repeats=20)
+    return {"link_gb_s": bandwidth, "link_latency_us": 1e6 * latency}
+
+
+def _cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cpu_rates(hidden: int = 4096, inner: int = 4096) -> dict:
+    """One expert-sized bf16 matmul on the CPU: streaming rate at 1 token, FLOP rate at 64."""
+    weight = torch.randn(inner, hidden, dtype=torch.bfloat16)
+    one, batch = torch.randn(1, hidden, dtype=torch.bfloat16), torch.randn(64, hidden, dtype=torch.bfloat16)
+    stream = weight.numel() * weight.element_size() / _cpu_seconds(lambda: torch.nn.functional.linear(one, weight), 10)
+    flops = 2 * 64 * weight.numel() / _cpu_seconds(lambda: torch.nn.functional.linear(batch, weight), 5)
+    return {"cpu_gb_s": stream / 1e9, "cpu_tflops": flops / 1e12}
+
+
+def _kernel_gap_us(device: torch.device, kernels: int = 200) -> float:
+    """GPU time per tiny kernel replayed from a CUDA graph."""
+    x = torch.zeros(1024, device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(kernels):
+            x.add_(1)
+    return 1e6 * _gpu_seconds(graph.replay, repeats=10) / kernels
+
+
+def _tiny_model(layers: int, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+        vocab_size=1024, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def _decode_step_s(model, device: torch.device, steps: int = 24) -> float:
+    """Seconds per decode step of a greedy generate() at batch 1 (one-token run subtracted)."""
+    ids = torch.randint(1, 1000, (1, 16), device=device)
+
+    def run(new: int) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    run(steps)  # compiles the kernels, captures the graphs
+    return statistics.median((run(steps) - run(1)) / (steps - 1) for _ in range(3))
+
+
+def _host_overheads(device: torch.device) -> dict:
+    """Host time per decode step of our path: eager per layer and per step, and under graph replay.
+
+    Tiny layers make the GPU work negligible, so the step time is the host's. The graph figure is
+    taken only when graph decode actually ran (it replaces the preset's estimate).
+    """
+    from ..api import accelerate
+    from ..graphs import graph_stats
+    from .predictor import ATTENTION_KERNELS, MOE_KERNELS, STEP_KERNELS
+
+    one, three = _tiny_model(1, device), _tiny_model(3, device)
+    accelerate(one, cuda_graphs=False)
+    accelerate(three, cuda_graphs=False)
+    step_one, step_three = _decode_step_s(one, device), _decode_step_s(three, device)
+    per_layer = max((step_three - step_one) / 2, 0.0)
+    result = {"eager_layer_host_us": 1e6 * per_layer, "eager_step_host_us": 1e6 * max(step_one - per_layer, 0.0)}
+    graphed = _tiny_model(3, device)
+    accelerate(graphed, cuda_graphs=True)
+    step_graph = _decode_step_s(graphed, device)
+    if (graph_stats(graphed) or {}).get("replays", 0) > 0:
+        floor_us = (3 * (ATTENTION_KERNELS + MOE_KERNELS) + STEP_KERNELS) * _kernel_gap_us(device)
+        result["graph_step_host_us"] = max(1e6 * step_graph - floor_us, 0.0)
+    else:
+        logger.warning("hf_moe_accel: graph decode didn't run in calibration; the graph host time stays the preset's")
+    return result

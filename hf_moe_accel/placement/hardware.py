@@ -1,0 +1,172 @@
+"""What the predictor knows about a machine: stated presets, JSON files, or a calibration.
+
+Figures are kept in the units people read them in (GiB, TB/s, TFLOP/s, us) and are "achieved"
+rates, not datasheet peaks: HBM is a device copy counting bytes read plus bytes written (as the
+bench measures it), GEMM a large bf16 matmul, PCIe a pinned host-to-device copy, the link an
+all-reduce's bus bandwidth. The host figures are the Python/launch time of our own decode path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One machine: `gpu_count` identical GPUs, the host CPU, and the overheads of our decode path.
+
+    gpu_memory_gib      memory of one GPU (or the budget planned for, `--gpu-memory`)
+    hbm_tb_s            device copy bandwidth, bytes read + written per second / 1e12
+    gemm_tflops         achieved dense bf16 matmul rate
+    pcie_gb_s           pinned host -> device copy
+    link_gb_s           all-reduce bus bandwidth between the GPUs (NVLink, or PCIe through the host)
+    link_latency_us     time of a small all-reduce (one decode step's hidden states)
+    cpu_gb_s            CPU streaming expert weights in a one-token matmul (bf16), all threads
+    cpu_tflops          CPU matmul rate on a batch of tokens (bf16), all threads
+    host_memory_gib     host RAM (offloaded experts live there, pinned)
+    eager_layer_host_us host time per decoder layer of an eager decode step (launches, Python)
+    eager_step_host_us  host time per eager decode step outside the layers (generate(), sampling)
+    graph_step_host_us  host time per decode step under CUDA-graph replay
+    kernel_gap_us       GPU time floor per kernel inside a graph replay (launch latency, tails)
+    """
+
+    name: str
+    gpu_name: str
+    gpu_count: int
+    gpu_memory_gib: float
+    hbm_tb_s: float
+    gemm_tflops: float
+    pcie_gb_s: float
+    link_gb_s: float
+    link_latency_us: float
+    cpu_gb_s: float
+    cpu_tflops: float
+    host_memory_gib: float
+    eager_layer_host_us: float
+    eager_step_host_us: float
+    graph_step_host_us: float
+    kernel_gap_us: float
+    source: str = "preset"
+
+    def with_gpus(self, count: int) -> Hardware:
+        if count < 1:
+            raise ValueError(f"the GPU count must be at least 1, got {count}")
+        return dataclasses.replace(self, gpu_count=count)
+
+    def with_gpu_memory(self, gib: float) -> Hardware:
+        if gib <= 0:
+            raise ValueError(f"the GPU memory must be positive, got {gib} GiB")
+        return dataclasses.replace(self, gpu_memory_gib=gib)
+
+    def describe(self) -> str:
+        return (
+            f"{self.gpu_count} x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB, HBM {self.hbm_tb_s:.2f} TB/s, "
+            f"GEMM {self.gemm_tflops:.0f} TFLOP/s, PCIe {self.pcie_gb_s:.0f} GB/s"
+            + (f", link {self.link_gb_s:.0f} GB/s / {self.link_latency_us:.0f} us" if self.gpu_count > 1 else "")
+            + f"; CPU {self.cpu_gb_s:.0f} GB/s) [{self.source}]"
+        )
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Host figures: eager decode measured on the lent H100 machine (docs/BENCHMARKS.md: olmoe-1b-7b, 16
+# layers, 26.5 ms per step at batch 1 -> about 1.5 ms per layer plus ~2 ms per step); the graph
+# figures are estimates until `scripts/check_predictor.py` measures them. A calibration replaces them.
+_HOST = dict(eager_layer_host_us=1500.0, eager_step_host_us=2000.0, graph_step_host_us=800.0, kernel_gap_us=3.0)
+# A 16-core server host of the lent machines (bf16 matmul through torch's CPU kernels).
+_SERVER_CPU = dict(cpu_gb_s=20.0, cpu_tflops=0.5)
+
+# One GPU of each kind; "NAMExN" in `hardware_preset` makes N of them.
+_BASE_PRESETS: dict[str, Hardware] = {
+    "h100": Hardware(
+        "h100", "NVIDIA H100 80GB HBM3", 1, 79.1, hbm_tb_s=3.0, gemm_tflops=650.0, pcie_gb_s=50.0, link_gb_s=360.0,
+        link_latency_us=10.0, host_memory_gib=128.0, **_SERVER_CPU, **_HOST,
+    ),
+    "h200": Hardware(
+        "h200", "NVIDIA H200", 1, 139.8, hbm_tb_s=4.3, gemm_tflops=650.0, pcie_gb_s=50.0, link_gb_s=360.0,
+        link_latency_us=10.0, host_memory_gib=128.0, **_SERVER_CPU, **_HOST,
+    ),
+    "a100": Hardware(
+        "a100", "NVIDIA A100-SXM4-80GB", 1, 79.1, hbm_tb_s=1.7, gemm_tflops=270.0, pcie_gb_s=24.0, link_gb_s=200.0,
+        link_latency_us=12.0, host_memory_gib=128.0, **_SERVER_CPU, **_HOST,
+    ),
+    "l40s": Hardware(
+        "l40s", "NVIDIA L40S", 1, 44.4, hbm_tb_s=0.78, gemm_tflops=300.0, pcie_gb_s=24.0, link_gb_s=20.0,
+        link_latency_us=25.0, host_memory_gib=128.0, **_SERVER_CPU, **_HOST,
+    ),
+    # GeForce cards have no peer-to-peer: the link goes through host memory.
+    "rtx4090": Hardware(
+        "rtx4090", "NVIDIA GeForce RTX 4090", 1, 23.6, hbm_tb_s=0.9, gemm_tflops=150.0, pcie_gb_s=24.0, link_gb_s=10.0,
+        link_latency_us=30.0, cpu_gb_s=15.0, cpu_tflops=0.3, host_memory_gib=64.0, **_HOST,
+    ),
+}
+# Host RAM of the multi-GPU machines these presets stand for (560 GiB on the lent 8 x H200).
+_HOST_MEMORY_BY_COUNT = {8: 560.0, 4: 512.0, 2: 256.0}
+
+
+def preset_names() -> list[str]:
+    return [*_BASE_PRESETS, "h100x8", "h200x2", "h200x4", "h200x8", "a100x8", "rtx4090x2"]
+
+
+def hardware_preset(name: str) -> Hardware:
+    """A stated machine: a base GPU name (`h100`, `h200`, `a100`, `l40s`, `rtx4090`), optionally `xN`."""
+    lowered = name.lower()
+    for key, base in _BASE_PRESETS.items():
+        match = re.fullmatch(rf"{key}(?:x(\d+))?", lowered)
+        if match:
+            break
+    else:
+        raise ValueError(
+            f"unknown hardware preset {name!r}; presets: {', '.join(preset_names())} "
+            "(any base name takes xN for N GPUs), or a JSON file"
+        )
+    count = int(match.group(1) or 1)
+    host = _HOST_MEMORY_BY_COUNT.get(count, base.host_memory_gib)
+    return dataclasses.replace(base, name=name.lower(), gpu_count=count, host_memory_gib=host, source=f"preset {name.lower()}")
+
+
+def hardware_from_json(path: str | Path) -> Hardware:
+    """A JSON object of Hardware fields; `"base": PRESET` fills the fields it leaves out."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"can't read hardware description {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of hardware fields")
+    fields = {f.name: f for f in dataclasses.fields(Hardware)}
+    unknown = sorted(set(data) - set(fields) - {"base"})
+    if unknown:
+        raise ValueError(f"{path}: unknown hardware field(s) {', '.join(unknown)}; fields: base, {', '.join(fields)}")
+    base = hardware_preset(data.pop("base")).to_json() if "base" in data else {}
+    merged = {**base, **data, "source": data.get("source", f"file {path}")}
+    missing = sorted(name for name in fields if name not in merged and name != "source")
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (or give \"base\": a preset to fill them)")
+    for name in fields:
+        if name not in ("name", "gpu_name", "source") and not isinstance(merged[name], (int, float)):
+            raise ValueError(f"{path}: field {name} must be a number, got {merged[name]!r}")
+    return Hardware(**merged)
+
+
+def resolve_hardware(spec: str) -> Hardware:
+    """`--hardware`: a preset name, or the path of a JSON file."""
+    if spec.endswith(".json") or Path(spec).is_file():
+        return hardware_from_json(spec)
+    return hardware_preset(spec)
+
+
+def preset_for_gpu_name(gpu_name: str) -> Hardware | None:
+    """The base preset of a GPU by its CUDA name (fills what a calibration doesn't measure)."""
+    lowered = gpu_name.lower().replace(" ", "")
+    for key, hardware in _BASE_PRESETS.items():
+        if key in lowered:
+            return hardware
+    return None

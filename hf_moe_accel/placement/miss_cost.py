@@ -1,0 +1,132 @@
+"""Where a missed expert runs: on the CPU, where its weights are, or fetched into a GPU slot.
+
+A fetch costs the same whatever the expert's token count (its bytes over PCIe); CPU work grows
+with the tokens. The copy lane and the CPU run at the same time, so the misses of one forward are
+split to finish both lanes soonest: the busiest experts are placed first, each on the lane that
+would then finish earlier (few tokens: CPU; many: fetch). Measured on the user's machine at
+`accelerate()` time by `calibrate_miss_costs`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .cpu_experts import run_cpu_experts
+from .expert_cache import ExpertCache, expert_tensors
+from .transfers import DeviceLanes
+
+# "auto": the cost model decides per expert; "fetch": every miss fetched (the baseline the cost
+# model is measured against); "cpu": misses always computed on the CPU (prefetch still fills slots).
+MissPolicy = Literal["auto", "fetch", "cpu"]
+MISS_POLICIES = ("auto", "fetch", "cpu")
+
+
+@dataclass(frozen=True)
+class MissCostModel:
+    """Seconds to serve one missed expert: `fetch_s` to copy it into a slot, or
+    `cpu_base_s + cpu_per_token_s * tokens` to compute it on the CPU."""
+
+    fetch_s: float
+    cpu_base_s: float
+    cpu_per_token_s: float
+
+    def cpu_s(self, tokens: int) -> float:
+        return self.cpu_base_s + self.cpu_per_token_s * tokens
+
+    def fetch_is_faster(self, tokens: int) -> bool:
+        return self.fetch_s <= self.cpu_s(tokens)
+
+    def split(self, tokens: list[int], copy_backlog_s: float = 0.0) -> list[bool]:
+        """For each missed expert (its token count), True to fetch it, False to run it on the CPU;
+        the copy lane may still be busy for `copy_backlog_s` (prefetches in flight)."""
+        fetch = [False] * len(tokens)
+        copy_lane, cpu_lane = copy_backlog_s, 0.0
+        for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
+            if copy_lane + self.fetch_s <= cpu_lane + self.cpu_s(tokens[i]):
+                fetch[i] = True
+                copy_lane += self.fetch_s
+            else:
+                cpu_lane += self.cpu_s(tokens[i])
+        return fetch
+
+
+def split_misses(policy: MissPolicy, costs: MissCostModel | None, tokens: list[int], can_fetch: bool,
+                 copy_backlog_s: float = 0.0) -> list[bool]:
+    """True for the misses to fetch, by the miss policy (the CPU serves all when there is no slot)."""
+    if not can_fetch or policy == "cpu":
+        return [False] * len(tokens)
+    if policy == "fetch":
+        return [True] * len(tokens)
+    return costs.split(tokens, copy_backlog_s)
+
+
+class CopyLaneClock:
+    """An estimate of when the copy lane will be idle (host time), from the copies queued on it and
+    the cost model's time per expert; and of the time a layer's forward takes. Prefetch uses only
+    the copy time a layer leaves spare, so it doesn't delay the fetches the next layer must make."""
+
+    def __init__(self, fetch_s: float) -> None:
+        self.fetch_s = fetch_s
+        self.idle_at = 0.0
+        self.layer_s = 0.0  # moving average of the time from one layer's forward to the next's
+        self._last: tuple[int, float] | None = None
+
+    def queued(self, experts: int) -> None:
+        now = time.perf_counter()
+        self.idle_at = max(now, self.idle_at) + experts * self.fetch_s
+
+    def backlog_s(self) -> float:
+        return max(0.0, self.idle_at - time.perf_counter())
+
+    def layer_started(self, index: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None and self._last[0] == index - 1:
+            interval = now - self._last[1]
+            self.layer_s = interval if self.layer_s == 0.0 else 0.8 * self.layer_s + 0.2 * interval
+        self._last = (index, now)
+
+    def spare_copies(self) -> int:
+        """Experts the copy lane can take on and still be idle by the end of the next layer."""
+        if self.fetch_s <= 0:
+            return sys.maxsize
+        if not math.isfinite(self.fetch_s):
+            return 0
+        return max(0, int((self.layer_s - self.backlog_s()) / self.fetch_s))
+
+
+def _median_time(run: Callable[[], None], lanes: DeviceLanes, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        lanes.synchronize()
+        start = time.perf_counter()
+        run()
+        lanes.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16) -> MissCostModel:
+    """Time the copy of one expert into (still empty) slot 0 and its CPU compute on 1 and on `tokens`
+    tokens; a layer without slots can't fetch (fetch_s = inf). A few milliseconds."""
+    host = cache.host
+    fetch_s = math.inf
+    if cache.num_slots > 0:
+        pairs = [(slot[0], weight[0]) for slot, weight in zip(expert_tensors(cache.slots), expert_tensors(host))]
+        fetch_s = _median_time(lambda: lanes.copy_after(pairs), lanes, repeats)
+    hidden = host.hidden_size
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(host.gate_up.dtype)
+    ones = torch.ones(tokens)
+    first_row = torch.zeros(1, dtype=torch.int64)
+    one = _median_time(lambda: run_cpu_experts(x[:1], host, [(0, first_row, ones[:1])]), lanes, repeats)
+    many = _median_time(lambda: run_cpu_experts(x, host, [(0, torch.arange(tokens), ones)]), lanes, repeats)
+    per_token = max(0.0, (many - one) / (tokens - 1))
+    return MissCostModel(fetch_s=fetch_s, cpu_base_s=max(0.0, one - per_token), cpu_per_token_s=per_token)

@@ -1,0 +1,356 @@
+"""CPU expert offload with a GPU expert cache: `accelerate(model, gpu_memory="24GiB")`.
+
+Non-expert weights, the KV cache and the workspace stay on the GPU; every MoE layer gets as many
+expert slots as the rest of the budget holds; all experts live in pinned host memory. Each layer's
+forward (`offload_layer.py`) runs cached experts on the GPU through the fused kernels and serves
+each miss on the CPU or by a fetch, whichever the calibrated cost model says finishes sooner.
+
+The "GPU side" is a device parameter: with `OffloadOptions(device="cpu")` the CPU stands in for
+it (slots are CPU tensors, copies are plain copies), so the cache, eviction, miss routing and CPU
+experts run through the same code in tests without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kernels.spec import Activation
+from ..patches.experts import expert_weights, is_experts_module
+from ..patches.registry import ADAPTER_BY_MODEL_TYPE
+from ..patches.swap import STATE_ATTR
+from .budget import MemoryPlan, parse_memory_size, plan_memory, reserve_bytes
+from .cpu_experts import CpuExpertsWorker
+from .eviction import PolicyFactory, policy_factory
+from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors
+from .host_weights import WeightPlacement
+from .miss_cost import MISS_POLICIES, CopyLaneClock, MissCostModel, MissPolicy, calibrate_miss_costs
+from .offload_layer import OffloadedLayer
+from .offload_stats import PHASES, LayerOffloadStats, OffloadStats
+from .transfers import DeviceLanes
+
+logger = logging.getLogger("hf_moe_accel")
+
+_ENGINE_ATTR = "_hf_moe_accel_offload"
+# Read by the CUDA-graph decode (graphs/): a reason string while decode can't be captured.
+GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """Knobs of `accelerate(model, gpu_memory=..., offload=OffloadOptions(...))`; the defaults suit most uses.
+
+    eviction: "lfu", "lru", "routing" (moving average of router weight mass), or a callable
+        `num_experts -> EvictionPolicy` (see placement/eviction.py).
+    miss_policy: "auto" (the cost model picks CPU or fetch per missed expert), "fetch" (every miss
+        fetched into a slot), "cpu" (misses always computed on the CPU).
+    prefetch: copy the next layer's likely experts (its router run on this layer's input) into slots.
+    prefetch_experts: at most this many prefetched per layer and forward (default: the layer's top-k);
+        fewer when the copy lane has no spare time for them.
+    kv_cache_tokens: tokens of KV cache to keep room for (batch x (prompt + new tokens) of a generate()).
+    prefill_tokens: tokens of the largest forward to keep activation room for (batch x prompt length).
+    reserve: the GPU memory kept beside the weights instead of the estimate from the two above.
+    slots_per_layer: fewer expert slots than the budget holds (for sweeps); more raises.
+    device: the GPU side; default the current CUDA device, else the CPU (standing in, for tests).
+    cost_model: the miss costs; default measured when the model is accelerated.
+    """
+
+    eviction: str | PolicyFactory = "lfu"
+    miss_policy: MissPolicy = "auto"
+    prefetch: bool = True
+    prefetch_experts: int | None = None
+    kv_cache_tokens: int = 8192
+    prefill_tokens: int = 4096
+    reserve: str | int | None = None
+    slots_per_layer: int | None = None
+    device: str | torch.device | None = None
+    cost_model: MissCostModel | None = field(default=None, compare=False)
+
+    def validate(self) -> None:
+        policy_factory(self.eviction)
+        if self.miss_policy not in MISS_POLICIES:
+            raise ValueError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
+        for name in ("kv_cache_tokens", "prefill_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.prefetch_experts is not None and (not isinstance(self.prefetch_experts, int) or self.prefetch_experts < 0):
+            raise ValueError(f"prefetch_experts must be an int >= 0 or None, got {self.prefetch_experts!r}")
+        if self.cost_model is not None and not isinstance(self.cost_model, MissCostModel):
+            raise TypeError(f"cost_model must be a MissCostModel, got {type(self.cost_model).__name__}")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        if not torch.cuda.is_available():
+            logger.warning("hf_moe_accel: no CUDA device; the CPU stands in for the GPU side of the offload (no speed-up)")
+            return torch.device("cpu")
+        device = "cuda"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"OffloadOptions.device {device!r} is not a device: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"OffloadOptions.device={device} but CUDA is not available; device='cpu' runs the CPU stand-in")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"OffloadOptions.device={device}: there are {torch.cuda.device_count()} CUDA devices")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"OffloadOptions.device must be a CUDA device or 'cpu', got {device}")
+    return device
+
+
+@dataclass
+class OffloadSetup:
+    """What `apply_offload` will do, decided (and validated) before the model is touched."""
+
+    plan: MemoryPlan
+    device: torch.device
+    options: OffloadOptions
+    experts: list[tuple[str, nn.Module]]
+    expert_tensor_names: dict[nn.Module, list[str]]
+
+
+def plan_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOptions | None = None) -> OffloadSetup:
+    """Validate the budget and options and split the budget; raises ValueError/TypeError, changes nothing."""
+    options = OffloadOptions() if options is None else options
+    if not isinstance(options, OffloadOptions):
+        raise TypeError(f"offload must be an OffloadOptions, got {type(options).__name__}")
+    options.validate()
+    budget = parse_memory_size(gpu_memory)
+    device = _resolve_device(options.device)
+    experts = [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+    if not experts:
+        raise ValueError(f"gpu_memory offloads MoE experts, and {type(model).__name__} has no MoE block")
+    names: dict[nn.Module, list[str]] = {}
+    expert_ids = set()
+    for _, module in experts:
+        tensors = expert_tensors(expert_weights(module, Activation()))
+        names[module] = [n for n, p in module._parameters.items() if any(p is t for t in tensors)]
+        expert_ids.update(id(t) for t in tensors)
+    seen = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in expert_ids:
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    layer_weights = [expert_weights(m, Activation()) for _, m in experts]
+    if options.reserve is not None:
+        reserve = parse_memory_size(options.reserve)
+    else:
+        reserve = reserve_bytes(
+            model.config, layer_weights[0].gate_up.dtype, kv_cache_tokens=options.kv_cache_tokens,
+            prefill_tokens=options.prefill_tokens, expert_inner=max(w.intermediate_size for w in layer_weights),
+        )
+    plan = plan_memory(budget, sum(seen.values()), reserve, [bytes_per_expert(w) for w in layer_weights],
+                       [w.num_experts for w in layer_weights], options.slots_per_layer)
+    if options.miss_policy == "fetch" and min(plan.slots) == 0:
+        raise ValueError(f"miss_policy='fetch' needs at least one expert slot per layer; {plan.describe()}")
+    return OffloadSetup(plan, device, options, experts, names)
+
+
+class OffloadEngine:
+    """The offload state of one model: layers with their caches, the copy lane, the CPU worker, counters."""
+
+    def __init__(self, model: nn.Module, setup: OffloadSetup, placement: WeightPlacement) -> None:
+        self.setup = setup
+        self.placement = placement
+        self.routed_modules: list[nn.Module] = []  # experts modules whose forward is ours
+        self.phase_hook = None
+        self.saved_device_map = None
+        self.options = setup.options
+        self.device = setup.device
+        self.miss_policy: MissPolicy = setup.options.miss_policy
+        self.phase = "prefill"
+        self.lanes = DeviceLanes(setup.device)
+        self.cpu_worker = CpuExpertsWorker()
+        make_policy = policy_factory(setup.options.eviction)
+        self.layers: list[OffloadedLayer] = []
+        for index, ((name, module), slots) in enumerate(zip(setup.experts, setup.plan.slots)):
+            host = expert_weights(module, getattr(module, STATE_ATTR).activation)
+            cache = ExpertCache(host, slots, setup.device, make_policy(host.num_experts))
+            router_weight, top_k = _router_of(model, name, module, host.num_experts)
+            self.layers.append(OffloadedLayer(index, name, cache, router_weight, top_k, self))
+        self.cost_model = setup.options.cost_model or self._calibrate()
+        self.copy_clock = CopyLaneClock(self.cost_model.fetch_s if self.cost_model is not None else math.inf)
+        self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
+        self._warned_workload = False
+
+    def _calibrate(self) -> MissCostModel | None:
+        with_slots = [layer.cache for layer in self.layers if layer.cache.num_slots > 0]
+        if not with_slots:
+            return None  # nothing can be fetched: every miss runs on the CPU
+        costs = calibrate_miss_costs(with_slots[0], self.lanes)
+        logger.info("hf_moe_accel: miss costs %s", costs)
+        return costs
+
+    def layer_stats(self, index: int) -> LayerOffloadStats:
+        return self._stats[self.phase][index]
+
+    def reset_stats(self) -> None:
+        self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
+
+    def stats(self, phase: str) -> OffloadStats:
+        if phase == "all":
+            per_layer = [sum((self._stats[p][i] for p in PHASES), LayerOffloadStats()) for i in range(len(self.layers))]
+        elif phase in PHASES:
+            per_layer = self._stats[phase]
+        else:
+            raise ValueError(f"phase must be 'all', {', '.join(repr(p) for p in PHASES)}; got {phase!r}")
+        return OffloadStats(phase, {layer.name: s for layer, s in zip(self.layers, per_layer)})
+
+    def next_layer(self, index: int) -> OffloadedLayer | None:
+        return self.layers[index + 1] if index + 1 < len(self.layers) else None
+
+    def prefetch_limit(self, top_k: int) -> int:
+        return top_k if self.options.prefetch_experts is None else self.options.prefetch_experts
+
+    def check_workload(self, num_tokens: int) -> None:
+        if num_tokens > self.options.prefill_tokens and self.options.reserve is None and not self._warned_workload:
+            self._warned_workload = True
+            logger.warning(
+                "hf_moe_accel: a forward over %d tokens, more than the %d the GPU reserve was sized for "
+                "(OffloadOptions.prefill_tokens): peak memory may pass the gpu_memory budget",
+                num_tokens, self.options.prefill_tokens,
+            )
+
+    def set_phase(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: one new token per sequence is decode, anything else prefill."""
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        self.phase = "decode" if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 1 else "prefill"
+
+
+def _resolve(module: nn.Module, path: str):
+    return functools.reduce(getattr, path.split("."), module) if path else module
+
+
+def _router_of(model: nn.Module, name: str, experts: nn.Module, num_experts: int) -> tuple[torch.Tensor | None, int]:
+    """The router linear weight [E, H] of an experts module's block and its top-k, for prefetch; (None, 0) if not found."""
+    adapter = ADAPTER_BY_MODEL_TYPE.get(getattr(getattr(experts, "config", None), "model_type", None))
+    if adapter is None or "." not in name:
+        return None, 0
+    router = getattr(model.get_submodule(name.rsplit(".", 1)[0]), adapter.router_attr, None)
+    try:
+        weight = _resolve(router, adapter.router_linear).weight
+    except AttributeError:
+        return None, 0
+    top_k = getattr(router, "top_k", None) or getattr(experts.config, "num_experts_per_tok", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != num_experts or not top_k:
+        return None, 0
+    return weight, int(top_k)
+
+
+def apply_offload(model: nn.Module, setup: OffloadSetup) -> None:
+    """Place the weights, allocate the slots, route every experts module through its OffloadedLayer.
+    All or nothing: on an error everything done so far is undone."""
+    placement = WeightPlacement(model, setup.expert_tensor_names, setup.device, pin=setup.device.type == "cuda")
+    engine = None
+    try:
+        engine = OffloadEngine(model, setup, placement)
+        for (_, module), layer in zip(setup.experts, engine.layers):
+            if "forward" in module.__dict__:
+                raise ValueError(f"{type(module).__name__} has an instance-level forward already; can't offload it")
+            # An instance attribute, above the patched class's forward, so unpatching stays independent.
+            module.forward = functools.partial(layer.forward, module)
+            engine.routed_modules.append(module)
+        engine.phase_hook = model.register_forward_pre_hook(engine.set_phase, with_kwargs=True)
+        engine.saved_device_map = model.__dict__.get("hf_device_map")
+        model.hf_device_map = {"": str(setup.device), **{name: "cpu" for name, _ in setup.experts}}
+        setattr(model, GRAPHS_BLOCKED_ATTR, "expert offload: each MoE layer exchanges routing and CPU results with the host")
+        setattr(model, _ENGINE_ATTR, engine)
+    except BaseException:
+        if engine is not None:
+            _undo(model, engine)
+        else:
+            placement.restore()
+        raise
+    logger.info("hf_moe_accel: expert offload on %s, %s", setup.device, setup.plan.describe())
+
+
+def _undo(model: nn.Module, engine: OffloadEngine) -> None:
+    for module in engine.routed_modules:
+        del module.__dict__["forward"]
+    if engine.phase_hook is not None:
+        engine.phase_hook.remove()
+    if "hf_device_map" in model.__dict__:
+        if engine.saved_device_map is None:
+            del model.__dict__["hf_device_map"]
+        else:
+            model.hf_device_map = engine.saved_device_map
+    model.__dict__.pop(GRAPHS_BLOCKED_ATTR, None)
+    model.__dict__.pop(_ENGINE_ATTR, None)
+    engine.lanes.synchronize()
+    engine.cpu_worker.shutdown()
+    for layer in engine.layers:
+        layer.cache.slots = None
+    engine.placement.restore()
+
+
+def remove_offload(model: nn.Module) -> None:
+    """Undo `apply_offload`: slots freed, every tensor back on its device, hooks as they were."""
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        _undo(model, engine)
+
+
+def _engine(model: nn.Module) -> OffloadEngine:
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is None:
+        raise ValueError(f"{type(model).__name__} has no expert offload: accelerate it with gpu_memory=...")
+    return engine
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    return hasattr(model, _ENGINE_ATTR)
+
+
+def offload_stats(model: nn.Module, phase: str = "all") -> OffloadStats:
+    """Hit rate, fetches, CPU experts, PCIe bytes and CPU expert time, per MoE layer and in total,
+    since accelerate() or the last reset; `phase` is "all", "prefill" or "decode"."""
+    return _engine(model).stats(phase)
+
+
+def reset_offload_stats(model: nn.Module) -> None:
+    _engine(model).reset_stats()
+
+
+def offload_plan(model: nn.Module) -> MemoryPlan:
+    """How the budget was split: non-expert weights, reserve, slots per layer."""
+    return _engine(model).setup.plan
+
+
+def offload_miss_costs(model: nn.Module) -> MissCostModel | None:
+    """The miss costs the engine decides with (measured at accelerate() time, or given)."""
+    return _engine(model).cost_model
+
+
+def set_miss_policy(model: nn.Module, policy: MissPolicy) -> None:
+    """Switch an offloaded model's miss policy ("auto", "fetch", "cpu") in place, e.g. to compare them."""
+    engine = _engine(model)
+    if policy not in MISS_POLICIES:
+        raise ValueError(f"miss policy must be one of {', '.join(MISS_POLICIES)}, got {policy!r}")
+    if policy == "fetch" and min(engine.setup.plan.slots) == 0:
+        raise ValueError("miss policy 'fetch' needs at least one expert slot per layer")
+    engine.miss_policy = policy
+
+
+__all__ = [
+    "GRAPHS_BLOCKED_ATTR",
+    "OffloadOptions",
+    "apply_offload",
+    "is_offloaded",
+    "offload_miss_costs",
+    "offload_plan",
+    "offload_stats",
+    "plan_offload",
+    "remove_offload",
+    "reset_offload_stats",
+    "set_miss_policy",
+]

@@ -1,0 +1,176 @@
+"""One offloaded MoE layer's forward: cached experts on the GPU side, each miss on the CPU or fetched.
+
+Per forward (all sizes on the host after one sync that brings the routing over):
+
+1. The router's choices are looked up in the layer's slots: hits, and misses split by the miss
+   policy into CPU work and fetches (`miss_cost`).
+2. The CPU share starts on the worker thread, on the rows of the tokens routed to CPU experts.
+3. Fetches are copied into slots on the copy lane; the fused kernel runs over the slot table
+   (expert ids remapped to slot ids, -1 for the experts it doesn't serve) after the copies. More
+   fetches than free slots run in waves that reuse the slots, each wave's copies after the last
+   kernel that read them.
+4. The next layer's likely experts (its router run on this layer's input) are prefetched, as many
+   as the copy lane has spare time for.
+5. The CPU result is added in; the output is summed in float32 and cast once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from .cpu_experts import plan_cpu_job
+from .expert_cache import ExpertCache
+from .miss_cost import split_misses
+
+if TYPE_CHECKING:
+    from .offload import OffloadEngine
+
+# Up to this many tokens, the hidden states come to the host with the routing (one transfer); above,
+# only the rows the CPU experts need, after the split.
+_HIDDEN_TO_HOST_TOKENS = 256
+
+
+class OffloadedLayer:
+    def __init__(self, index: int, name: str, cache: ExpertCache, router_weight: torch.Tensor | None, top_k: int,
+                 engine: OffloadEngine) -> None:
+        self.index = index
+        self.name = name
+        self.cache = cache
+        self.router_weight = router_weight  # this layer's router linear [E, H], to predict its routing a layer early
+        self.top_k = top_k
+        self.engine = engine
+
+    @torch.no_grad()  # inference only: slots and host copies never join an autograd graph
+    def forward(self, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if module.training:
+            raise RuntimeError("offloaded experts run inference only (no backward through the cache): call model.eval()")
+        engine, cache = self.engine, self.cache
+        stats = engine.layer_stats(self.index)
+        num_tokens, hidden_size = hidden.shape
+        out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
+        stats.forwards += 1
+        stats.tokens += num_tokens
+        if num_tokens == 0:
+            return out.to(hidden.dtype)
+        engine.check_workload(num_tokens)
+        engine.copy_clock.layer_started(self.index)
+        next_layer = engine.next_layer(self.index)
+        predicted = next_layer.predict(hidden) if next_layer is not None else None
+
+        # The one sync: routing (and the prediction, and for a few tokens the hidden states) to the host.
+        to_host = [top_k_index, top_k_weights]
+        if num_tokens <= _HIDDEN_TO_HOST_TOKENS:
+            to_host.append(hidden)
+        if predicted is not None:
+            to_host.append(predicted)
+        host = engine.lanes.to_host(to_host)
+        stats.d2h_bytes += sum(t.numel() * t.element_size() for t in to_host)
+        ids, routing = host[0].to(torch.int64), host[1].to(torch.float32)
+        hidden_host = host[2] if num_tokens <= _HIDDEN_TO_HOST_TOKENS else None
+        predicted_host = host[-1] if predicted is not None else None
+
+        # Pairs without an expert (-1: dropped by an expert threshold) point at a sentinel column E.
+        num_experts = cache.num_experts
+        routed = ids >= 0
+        ids = torch.where(routed, ids, num_experts)
+        routing = torch.where(routed, routing, 0.0)
+        flat = ids.view(-1)
+        tokens_per_expert = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+        touched = tokens_per_expert.nonzero().view(-1)
+        mass = torch.zeros(num_experts + 1, dtype=torch.float64).index_add_(0, flat, routing.view(-1).double())
+        cache.policy.record(touched, tokens_per_expert[touched], mass[touched])
+        is_hit = cache.slot_of_expert[touched] >= 0
+        hits, misses = touched[is_hit], touched[~is_hit]
+        hit_list = hits.tolist()
+        stats.lookups += touched.numel()
+        stats.hits += len(hit_list)
+        stats.prefetch_hits += len(cache.prefetched_unused.intersection(hit_list))
+        cache.prefetched_unused.difference_update(touched.tolist())
+
+        hit_slots = set(cache.slot_of_expert[hits].tolist())
+        miss_tokens = tokens_per_expert[misses].tolist()
+        fetch = split_misses(engine.miss_policy, engine.cost_model, miss_tokens, can_fetch=cache.num_slots > 0,
+                             copy_backlog_s=engine.copy_clock.backlog_s())
+        on_cpu = torch.zeros(num_experts + 1, dtype=torch.bool)
+        on_cpu[misses[~torch.tensor(fetch, dtype=torch.bool)]] = True
+        # The busiest fetched experts go last, so they are the ones left in the slots.
+        to_fetch = [e for _, e in sorted((n, e) for n, e, f in zip(miss_tokens, misses.tolist(), fetch) if f)]
+        stats.fetched += len(to_fetch)
+        stats.cpu_experts += len(fetch) - len(to_fetch)
+
+        cpu_work = self._start_cpu_work(hidden, hidden_host, ids, routing, on_cpu, stats) if on_cpu.any() else None
+        if hit_list or to_fetch:
+            self._run_on_slots(hidden, ids, top_k_weights, hits, hit_slots, to_fetch, out, stats)
+        if predicted is not None:
+            next_layer.prefetch(predicted_host)
+        if cpu_work is not None:
+            rows, future = cpu_work
+            cpu_out, seconds = future.result()
+            stats.cpu_expert_s += seconds
+            stats.h2d_bytes += cpu_out.numel() * cpu_out.element_size()
+            out.index_add_(0, rows, engine.lanes.to_device(cpu_out))
+        return out.to(hidden.dtype)
+
+    def _start_cpu_work(self, hidden, hidden_host, ids, routing, on_cpu, stats):
+        job = plan_cpu_job(ids, routing, on_cpu)
+        rows = self.engine.lanes.to_device(job.tokens)
+        stats.h2d_bytes += rows.numel() * rows.element_size()
+        if hidden_host is not None:
+            x = hidden_host[job.tokens]
+        else:  # many tokens: only the rows the CPU needs come over
+            x = hidden.index_select(0, rows).cpu()
+            stats.d2h_bytes += x.numel() * x.element_size()
+        return rows, self.engine.cpu_worker.submit(x, self.cache.host, job)
+
+    def _run_on_slots(self, hidden, ids, top_k_weights, hits, hit_slots, to_fetch, out, stats) -> None:
+        """The fused kernel over the slots: the hits with as many fetches as the other slots hold, then
+        the remaining fetches in waves over all the slots, each wave copied in after the last kernel."""
+        cache, lanes = self.cache, self.engine.lanes
+        remaining, keep, first = list(to_fetch), hit_slots, True
+        while first or remaining:
+            slots = cache.choose_slots(min(len(remaining), cache.num_slots - len(keep)), keep=keep)
+            wave, remaining = remaining[: len(slots)], remaining[len(slots) :]
+            table = torch.full((cache.num_experts + 1,), -1, dtype=torch.int64)  # the sentinel column stays -1
+            if first:
+                table[hits] = cache.slot_of_expert[hits]
+            table[wave] = torch.tensor(slots, dtype=torch.int64)
+            slot_ids = lanes.to_device(table[ids])
+            stats.h2d_bytes += slot_ids.numel() * slot_ids.element_size() + self._install(list(zip(slots, wave)))
+            lanes.compute_wait(cache.ready)
+            out += kernels.fused_experts(hidden, cache.slots, slot_ids, top_k_weights).float()
+            cache.last_read = lanes.compute_mark()
+            keep, first = set(), False
+
+    def _install(self, assignments: list[tuple[int, int]]) -> int:
+        self.engine.copy_clock.queued(len(assignments))
+        return self.cache.install(self.engine.lanes, assignments)
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """This layer's likely experts [T, k] for the previous layer's MoE input (its router, a layer early)."""
+        if self.router_weight is None or not self.engine.options.prefetch or self.cache.num_slots == 0:
+            return None
+        logits = F.linear(hidden.to(self.router_weight.dtype), self.router_weight)
+        return logits.topk(self.top_k, dim=-1).indices
+
+    def prefetch(self, predicted: torch.Tensor) -> None:
+        """Copy the most-predicted experts that aren't cached into slots (never evicting a predicted one)."""
+        cache = self.cache
+        counts = torch.bincount(predicted.view(-1), minlength=cache.num_experts)
+        chosen = counts.nonzero().view(-1)
+        ranked = chosen[torch.argsort(counts[chosen], descending=True, stable=True)]
+        ranked = ranked[: self.engine.prefetch_limit(self.top_k)]
+        # only as many as the copy lane has spare time for: prefetch must not delay demand fetches
+        wanted = ranked[cache.slot_of_expert[ranked] < 0].tolist()[: self.engine.copy_clock.spare_copies()]
+        if not wanted:
+            return
+        slots = cache.choose_slots(len(wanted), protect=set(ranked.tolist()))
+        assignments = list(zip(slots, wanted))
+        stats = self.engine.layer_stats(self.index)
+        stats.h2d_bytes += self._install(assignments)
+        stats.prefetched += len(assignments)
+        cache.prefetched_unused.update(e for _, e in assignments)

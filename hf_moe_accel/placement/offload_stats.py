@@ -1,0 +1,63 @@
+"""Counters of the expert cache and CPU offload, per MoE layer and phase (prefill, decode)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class LayerOffloadStats:
+    """One MoE layer's counters. A lookup is one expert routed to in one forward (however many
+    tokens chose it): a hit when it sat in a slot, else a miss, fetched or computed on the CPU."""
+
+    forwards: int = 0
+    tokens: int = 0
+    lookups: int = 0
+    hits: int = 0
+    fetched: int = 0
+    cpu_experts: int = 0
+    prefetched: int = 0
+    prefetch_hits: int = 0  # hits on an expert prefetched for this layer and not used before
+    h2d_bytes: int = 0  # host to GPU: expert copies, CPU results, index tables
+    d2h_bytes: int = 0  # GPU to host: routing, token rows for the CPU
+    cpu_expert_s: float = 0.0  # wall time of the CPU expert work
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def pcie_bytes(self) -> int:
+        return self.h2d_bytes + self.d2h_bytes
+
+    def __add__(self, other: LayerOffloadStats) -> LayerOffloadStats:
+        return LayerOffloadStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate, "pcie_bytes": self.pcie_bytes}
+
+
+@dataclass
+class OffloadStats:
+    """Counters of every offloaded MoE layer (by module name) for one phase, or both ("all")."""
+
+    phase: str
+    layers: dict[str, LayerOffloadStats]
+
+    @property
+    def total(self) -> LayerOffloadStats:
+        return sum(self.layers.values(), LayerOffloadStats())
+
+    def as_dict(self) -> dict:
+        layers = {name: stats.as_dict() for name, stats in self.layers.items()}
+        return {"phase": self.phase, "total": self.total.as_dict(), "layers": layers}
+
+    def summary(self) -> str:
+        t = self.total
+        return (
+            f"{self.phase}: hit rate {100 * t.hit_rate:.1f}% ({t.hits}/{t.lookups} expert lookups), fetched {t.fetched}, "
+            f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used), "
+            f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
+        )

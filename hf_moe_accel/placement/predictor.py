@@ -1,0 +1,408 @@
+"""The cost model: predicted decode tokens/s and memory per GPU of each plan, from sizes and rates.
+
+A decode step streams weights and KV cache from HBM (or computes, when the batch is large), pays
+a fixed GPU time per kernel, and on top of that host time: under CUDA-graph replay only
+generate()'s per-step work, eagerly every layer's Python and launches. Our eager path syncs the
+host inside each MoE layer, so eager host and GPU times add rather than overlap (with the h100
+preset, the whole-model eager figures of docs/BENCHMARKS.md, olmoe-1b-7b at batch 1, 8, 32, are
+predicted 1%, 6% and 9% high; adding them as max() would be 30% high at batch 32).
+Multi-GPU plans add their collectives; offload adds PCIe fetches or CPU expert compute.
+
+Expert traffic assumes uniform routing (random-weight benchmark models): a layer touches
+E * (1 - (1 - k/E)^B) distinct experts at batch B. Trained models route with skew; pass a
+measured cache hit rate in `Workload.hit_rate` for offload.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .hardware import GIB, Hardware
+from .shapes import ModelShape
+
+PlanKind = Literal["single", "pp", "ep", "tp", "dp", "offload"]
+PLAN_KINDS: tuple[str, ...] = ("single", "pp", "ep", "tp", "dp", "offload")
+# Plans that run one process per GPU over torch.distributed (launched with torchrun).
+DISTRIBUTED_KINDS = ("ep", "tp", "dp")
+
+# Constants of our code, not of the hardware (sources in the comments).
+# The fused MoE layer reaches 89-97% of the measured copy bandwidth from 16 tokens up
+# (docs/BENCHMARKS.md, graph replay); dense cuBLAS GEMVs are taken alike.
+STREAM_EFFICIENCY = 0.92
+# Grouped expert GEMMs at 4096 tokens ran at 300-490 TFLOP/s on the H100 against ~650 for a large
+# cuBLAS matmul; dense projections nearer cuBLAS's rate.
+MOE_GEMM_EFFICIENCY = 0.6
+DENSE_GEMM_EFFICIENCY = 0.85
+# Kernels per decode step, each paying `kernel_gap_us` of GPU time in a graph: the MoE layer is
+# router linear, routing, sort, gate/up, down (its ~15 us above the HBM limit at 1 token fits 5 gaps);
+# an attention block with its norms, rotary, cache update and residuals about 16; the step's
+# embedding, final norm, head and token choice about 10.
+MOE_KERNELS = 5
+ATTENTION_KERNELS = 16
+STEP_KERNELS = 10
+# Host time of one collective call (eager) and of accelerate's device-alignment hooks per layer.
+COLLECTIVE_HOST_US = 30.0
+PIPELINE_HOOK_HOST_US = 80.0
+# Host time per MoE layer of the offload path (cache lookup, splitting hits from misses).
+OFFLOAD_HOST_US = 100.0
+# CUDA context, cuBLAS workspace and allocator slack on each GPU.
+RESERVE_GIB = 1.0
+# Expected maximum of n standard normals (load of the busiest expert-parallel rank).
+_MAX_OF_NORMALS = {1: 0.0, 2: 0.5642, 3: 0.8463, 4: 1.0294, 5: 1.1630, 6: 1.2672, 7: 1.3522, 8: 1.4236}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A decode workload: `batch` sequences, `prompt_len` prompt tokens, `new_tokens` generated.
+
+    hit_rate: the offload plan's expert-cache hit rate; None takes uniform routing (slots / experts).
+    """
+
+    batch: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 128
+    hit_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.prompt_len < 1 or self.new_tokens < 1:
+            raise ValueError(f"batch, prompt_len and new_tokens must be positive, got {self}")
+        if self.hit_rate is not None and not 0.0 <= self.hit_rate <= 1.0:
+            raise ValueError(f"hit_rate must be in [0, 1], got {self.hit_rate}")
+
+    @property
+    def mean_context(self) -> int:
+        """Context length averaged over the decode steps."""
+        return self.prompt_len + self.new_tokens // 2
+
+    @property
+    def max_context(self) -> int:
+        return self.prompt_len + self.new_tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the model runs: `kind` over `gpus` GPUs, decode eager or through CUDA graphs.
+
+    single  one GPU holds everything
+    pp      pipeline: consecutive layers on consecutive GPUs, one process (accelerate device map)
+    ep      expert parallel: each rank holds 1/n of every layer's experts; rest replicated (torchrun)
+    tp      tensor parallel: attention heads and each expert's inner dim split n ways (torchrun)
+    dp      data parallel: n full replicas, each decoding 1/n of the batch (torchrun)
+    offload one GPU holds the non-expert weights and a cache of experts; the rest on the CPU
+    """
+
+    kind: PlanKind
+    gpus: int = 1
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"unknown plan {self.kind!r}; plans: {', '.join(PLAN_KINDS)}")
+        if self.gpus < 1 or (self.kind in ("single", "offload") and self.gpus != 1):
+            raise ValueError(f"plan {self.kind} can't run on {self.gpus} GPUs")
+
+    @property
+    def label(self) -> str:
+        name = self.kind if self.gpus == 1 else f"{self.kind} x{self.gpus}"
+        return name if self.cuda_graphs else f"{name} (eager)"
+
+    @property
+    def launch(self) -> str:
+        """How the plan is started."""
+        if self.kind in DISTRIBUTED_KINDS:
+            return f"torchrun --nproc-per-node {self.gpus}"
+        return "one process"
+
+
+@dataclass
+class Prediction:
+    plan: Plan
+    workload: Workload
+    decode_tokens_per_s: float
+    step_ms: float
+    ttft_ms: float
+    memory_gib: float  # on the most loaded GPU
+    feasible: bool
+    reason: str = ""
+    parts_ms: dict[str, float] = field(default_factory=dict)  # the step time's components
+
+    def as_dict(self) -> dict:
+        return {
+            "plan": self.plan.label,
+            "kind": self.plan.kind,
+            "gpus": self.plan.gpus,
+            "cuda_graphs": self.plan.cuda_graphs,
+            "launch": self.plan.launch,
+            "batch": self.workload.batch,
+            "prompt_len": self.workload.prompt_len,
+            "new_tokens": self.workload.new_tokens,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "step_ms": self.step_ms,
+            "ttft_ms": self.ttft_ms,
+            "memory_gib_per_gpu": self.memory_gib,
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "parts_ms": self.parts_ms,
+        }
+
+
+# ---- pieces of a step ------------------------------------------------------------------------
+
+
+def touched_experts(shape: ModelShape, tokens: int) -> float:
+    """Expected distinct experts one layer reads for `tokens` tokens, under uniform routing."""
+    return shape.num_experts * (1.0 - (1.0 - shape.top_k / shape.num_experts) ** tokens)
+
+
+def _busiest_share(count: float, n: int) -> float:
+    """Expected maximum over n ranks of a per-rank count whose mean is `count` (Poisson-like spread)."""
+    z = _MAX_OF_NORMALS.get(n, math.sqrt(2 * math.log(n)))
+    return count + z * math.sqrt(count)
+
+
+def _stream_s(nbytes: float, flops: float, hw: Hardware, gemm_efficiency: float) -> float:
+    """Time to read `nbytes` from HBM or do `flops`, whichever bounds."""
+    return max(nbytes / (hw.hbm_tb_s * 1e12 * STREAM_EFFICIENCY), flops / (hw.gemm_tflops * 1e12 * gemm_efficiency))
+
+
+def _expert_params(shape: ModelShape) -> float:
+    return shape.expert_bytes / shape.dtype_bytes
+
+
+def _dense_s(shape: ModelShape, hw: Hardware, tokens: int, context: int, *, attention_share: float = 1.0, kv_share: float = 1.0) -> float:
+    """Attention, norms, routers, shared/dense MLPs, embedding rows and head for `tokens` decode tokens."""
+    weights = shape.attention_bytes * attention_share + shape.other_bytes + shape.lm_head_bytes
+    kv = shape.kv_bytes(tokens, context) * kv_share
+    embed_rows = tokens * shape.hidden_size * shape.dtype_bytes
+    # Scores and weighted sum: 2 FLOPs per (query head x key element); queries share each KV head.
+    group = shape.num_heads / shape.num_kv_heads
+    flops = 2 * tokens * weights / shape.dtype_bytes + 2 * group * kv / shape.dtype_bytes
+    return _stream_s(weights + kv + embed_rows, flops, hw, DENSE_GEMM_EFFICIENCY)
+
+
+def _moe_s(shape: ModelShape, hw: Hardware, experts_read: float, pairs: float, share: float = 1.0) -> float:
+    """All MoE layers: `experts_read` experts per layer streamed (at `share` of each), `pairs` token-expert pairs."""
+    nbytes = shape.moe_layers * experts_read * shape.expert_bytes * share
+    flops = shape.moe_layers * 2 * pairs * _expert_params(shape) * share
+    return _stream_s(nbytes, flops, hw, MOE_GEMM_EFFICIENCY)
+
+
+def _kernel_floor_s(shape: ModelShape, hw: Hardware) -> float:
+    kernels = shape.num_layers * ATTENTION_KERNELS + shape.moe_layers * MOE_KERNELS + STEP_KERNELS
+    return kernels * hw.kernel_gap_us * 1e-6
+
+
+def _host_s(shape: ModelShape, hw: Hardware, cuda_graphs: bool, extra_layer_us: float = 0.0) -> float:
+    if cuda_graphs:
+        return hw.graph_step_host_us * 1e-6
+    return (shape.num_layers * (hw.eager_layer_host_us + extra_layer_us) + hw.eager_step_host_us) * 1e-6
+
+
+def _allreduce_s(hw: Hardware, nbytes: float, n: int) -> float:
+    return hw.link_latency_us * 1e-6 + 2 * (n - 1) / n * nbytes / (hw.link_gb_s * 1e9)
+
+
+def _workspace_bytes(shape: ModelShape, workload: Workload) -> float:
+    """Activations of the prefill (the peak) and logits, on one GPU."""
+    batch = workload.batch
+    tokens = batch * workload.prompt_len
+    per_token = (
+        10 * shape.hidden_size * shape.dtype_bytes
+        + 2 * shape.top_k * shape.expert_inner * shape.dtype_bytes
+        + (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * shape.dtype_bytes
+    )
+    return tokens * per_token + 2 * batch * shape.vocab_size * 4
+
+
+def runtime_bytes(shape: ModelShape, workload: Workload) -> float:
+    """Memory beside the weights on one GPU holding the whole batch: KV cache at full length and workspace."""
+    return shape.kv_bytes(workload.batch, workload.max_context) + _workspace_bytes(shape, workload)
+
+
+def _prefill_s(shape: ModelShape, hw: Hardware, workload: Workload, batch: int, share: float = 1.0) -> float:
+    """Time to first token: every weight read once, compute for batch x prompt tokens, eager host."""
+    tokens = batch * workload.prompt_len
+    dense_params = (shape.attention_bytes + shape.other_bytes) / shape.dtype_bytes
+    attention_flops = 2 * batch * workload.prompt_len**2 * shape.num_heads * shape.head_dim * shape.num_layers
+    dense = _stream_s(
+        (shape.attention_bytes + shape.other_bytes + shape.lm_head_bytes) * share,
+        (2 * tokens * dense_params + attention_flops) * share + 2 * batch * shape.lm_head_bytes / shape.dtype_bytes,
+        hw,
+        DENSE_GEMM_EFFICIENCY,
+    )
+    moe = _moe_s(shape, hw, touched_experts(shape, tokens), tokens * shape.top_k, share)
+    return dense + moe + _host_s(shape, hw, cuda_graphs=False)
+
+
+# ---- plans -----------------------------------------------------------------------------------
+
+
+def _result(plan, workload, step_s, ttft_s, memory_bytes, hw, parts, reason="") -> Prediction:
+    """A Prediction; infeasible when `reason` is given or the memory (plus the reserve) exceeds the GPU's."""
+    memory_gib = memory_bytes / GIB + RESERVE_GIB
+    if not reason and memory_gib > hw.gpu_memory_gib:
+        reason = f"needs {memory_gib:.1f} GiB per GPU, has {hw.gpu_memory_gib:.1f}"
+    return Prediction(
+        plan=plan,
+        workload=workload,
+        decode_tokens_per_s=workload.batch / step_s,
+        step_ms=1e3 * step_s,
+        ttft_ms=1e3 * ttft_s,
+        memory_gib=memory_gib,
+        feasible=not reason,
+        reason=reason,
+        parts_ms={k: 1e3 * v for k, v in parts.items()},
+    )
+
+
+def _predict_single(shape, hw, plan, workload) -> Prediction:
+    batch, context = workload.batch, workload.mean_context
+    gpu = _dense_s(shape, hw, batch, context) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
+    parts = {"gpu": gpu, "host": _host_s(shape, hw, plan.cuda_graphs)}
+    if plan.cuda_graphs:
+        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    memory = shape.total_bytes + shape.kv_bytes(batch, workload.max_context) + _workspace_bytes(shape, workload)
+    return _result(plan, workload, sum(parts.values()), _prefill_s(shape, hw, workload, batch), memory, hw, parts)
+
+
+def _predict_pipeline(shape, hw, plan, workload) -> Prediction:
+    n, batch = plan.gpus, workload.batch
+    if plan.cuda_graphs:
+        return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason="pipeline decode runs eagerly (device hooks)")
+    if n > shape.num_layers:
+        return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=f"{n} stages for {shape.num_layers} layers")
+    # The stages run one after another: the single-GPU work, plus a hop of the hidden states per boundary.
+    gpu = _dense_s(shape, hw, batch, workload.mean_context) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
+    hops = (n - 1) * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, 2)
+    parts = {"gpu": gpu, "transfer": hops, "host": _host_s(shape, hw, False, PIPELINE_HOOK_HOST_US)}
+    # accelerate balances the layers by memory; the embedding and head sit on the end stages.
+    per_stage = (shape.total_bytes + shape.kv_bytes(batch, workload.max_context)) / n
+    memory = per_stage + max(shape.embedding_bytes, shape.lm_head_bytes) / 2 + _workspace_bytes(shape, workload)
+    return _result(plan, workload, sum(parts.values()), _prefill_s(shape, hw, workload, batch), memory, hw, parts)
+
+
+def _predict_expert_parallel(shape, hw, plan, workload) -> Prediction:
+    n, batch = plan.gpus, workload.batch
+    if n > shape.num_experts:
+        return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=f"{n} ranks for {shape.num_experts} experts")
+    local_experts = math.ceil(shape.num_experts / n)
+    p_touched = 1.0 - (1.0 - shape.top_k / shape.num_experts) ** batch
+    busiest_read = min(local_experts, _busiest_share(local_experts * p_touched, n))
+    busiest_pairs = _busiest_share(batch * shape.top_k / n, n)
+    gpu = _dense_s(shape, hw, batch, workload.mean_context) + _moe_s(shape, hw, busiest_read, busiest_pairs)
+    comm = shape.moe_layers * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, n)
+    parts = {"gpu": gpu, "allreduce": comm, "host": _host_s(shape, hw, plan.cuda_graphs, COLLECTIVE_HOST_US)}
+    if plan.cuda_graphs:
+        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    memory = (
+        shape.non_expert_bytes
+        + shape.moe_layers * local_experts * shape.expert_bytes
+        + shape.kv_bytes(batch, workload.max_context)
+        + _workspace_bytes(shape, workload)
+    )
+    ttft = _prefill_s(shape, hw, workload, batch, share=1.0 / n)
+    return _result(plan, workload, sum(parts.values()), ttft, memory, hw, parts)
+
+
+def tensor_parallel_refusal(shape: ModelShape, n: int) -> str:
+    """Why tensor parallel over n ranks can't shard this model's attention, or '' when it can."""
+    if not shape.qkvo_attention:
+        return "tensor parallel shards q/k/v/o attention; this model's attention has another layout (use ep)"
+    if shape.num_heads % n:
+        return f"{shape.num_heads} attention heads don't split over {n} ranks"
+    if shape.num_kv_heads % n and n % shape.num_kv_heads:
+        return f"{shape.num_kv_heads} KV heads don't split over (or replicate evenly on) {n} ranks"
+    return ""
+
+
+def _predict_tensor_parallel(shape, hw, plan, workload) -> Prediction:
+    n, batch = plan.gpus, workload.batch
+    refusal = tensor_parallel_refusal(shape, n) or (
+        f"expert inner size {shape.expert_inner} is smaller than {n} ranks" if shape.expert_inner < n else ""
+    )
+    if refusal:
+        return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=refusal)
+    kv_share = 1.0 / n if shape.num_kv_heads >= n else 1.0 / shape.num_kv_heads
+    gpu = _dense_s(shape, hw, batch, workload.mean_context, attention_share=1.0 / n, kv_share=kv_share)
+    gpu += _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k, share=1.0 / n)
+    # One all-reduce after attention's output projection, one after the experts.
+    comm = (shape.num_layers + shape.moe_layers) * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, n)
+    parts = {"gpu": gpu, "allreduce": comm, "host": _host_s(shape, hw, plan.cuda_graphs, 2 * COLLECTIVE_HOST_US)}
+    if plan.cuda_graphs:
+        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    memory = (
+        shape.non_expert_bytes
+        - shape.attention_bytes * (1 - 1.0 / n)
+        + shape.experts_total_bytes / n
+        + shape.kv_bytes(batch, workload.max_context) * kv_share
+        + _workspace_bytes(shape, workload)
+    )
+    ttft = _prefill_s(shape, hw, workload, batch, share=1.0 / n)
+    return _result(plan, workload, sum(parts.values()), ttft, memory, hw, parts)
+
+
+def _predict_data_parallel(shape, hw, plan, workload) -> Prediction:
+    # A batch smaller than the replica count leaves replicas idle: the step is still one replica's.
+    per_replica = math.ceil(workload.batch / min(plan.gpus, workload.batch))
+    one = _predict_single(shape, hw, Plan("single", 1, plan.cuda_graphs), Workload(per_replica, workload.prompt_len, workload.new_tokens))
+    parts = {k: v / 1e3 for k, v in one.parts_ms.items()}
+    memory = (one.memory_gib - RESERVE_GIB) * GIB
+    return _result(plan, workload, one.step_ms / 1e3, one.ttft_ms / 1e3, memory, hw, parts)
+
+
+def offload_slots_per_layer(shape: ModelShape, hw: Hardware, workload: Workload) -> float:
+    """Experts per MoE layer the GPU budget holds beside the non-expert weights, KV cache and workspace."""
+    fixed = shape.non_expert_bytes + shape.kv_bytes(workload.batch, workload.max_context) + _workspace_bytes(shape, workload)
+    free = (hw.gpu_memory_gib - RESERVE_GIB) * GIB - fixed
+    return min(float(shape.num_experts), max(0.0, free / (shape.expert_bytes * shape.moe_layers)))
+
+
+def _predict_offload(shape, hw, plan, workload) -> Prediction:
+    batch = workload.batch
+    fixed = shape.non_expert_bytes + shape.kv_bytes(batch, workload.max_context) + _workspace_bytes(shape, workload)
+    if fixed / GIB + RESERVE_GIB > hw.gpu_memory_gib:
+        reason = f"non-expert weights, KV cache and workspace need {fixed / GIB + RESERVE_GIB:.1f} GiB, the GPU has {hw.gpu_memory_gib:.1f}"
+        return _result(plan, workload, 1.0, 1.0, fixed, hw, {}, reason=reason)
+    slots = offload_slots_per_layer(shape, hw, workload)
+    host_needed = shape.moe_layers * (shape.num_experts - slots) * shape.expert_bytes
+    if host_needed > 0.9 * hw.host_memory_gib * GIB:
+        reason = f"the offloaded experts need {host_needed / GIB:.0f} GiB of host memory, the host has {hw.host_memory_gib:.0f}"
+        return _result(plan, workload, 1.0, 1.0, fixed, hw, {}, reason=reason)
+    hit = workload.hit_rate if workload.hit_rate is not None else slots / shape.num_experts
+    touched = touched_experts(shape, batch)
+    misses = touched * (1.0 - hit)
+    # A miss is fetched over PCIe and run on the GPU, or run on the CPU where the weights live; the
+    # two proceed side by side, so the split that finishes both together is the best one.
+    fetch = shape.expert_bytes / (hw.pcie_gb_s * 1e9)
+    tokens_per_expert = batch * shape.top_k / touched
+    cpu = max(shape.expert_bytes / (hw.cpu_gb_s * 1e9), 2 * tokens_per_expert * _expert_params(shape) / (hw.cpu_tflops * 1e12))
+    gpu_layer = _moe_s(shape, hw, touched, batch * shape.top_k) / shape.moe_layers
+    on_cpu = min(misses, max(0.0, (gpu_layer + misses * fetch) / (fetch + cpu))) if misses else 0.0
+    layer = max(gpu_layer + (misses - on_cpu) * fetch, on_cpu * cpu)
+    parts = {
+        "gpu": _dense_s(shape, hw, batch, workload.mean_context),
+        "experts": shape.moe_layers * layer,
+        "host": _host_s(shape, hw, False, OFFLOAD_HOST_US * shape.moe_layers / shape.num_layers),
+    }
+    memory = fixed + slots * shape.moe_layers * shape.expert_bytes
+    ttft = _prefill_s(shape, hw, workload, batch) + shape.moe_layers * misses * fetch
+    return _result(plan, workload, sum(parts.values()), ttft, memory, hw, parts)
+
+
+_PREDICTORS = {
+    "single": _predict_single,
+    "pp": _predict_pipeline,
+    "ep": _predict_expert_parallel,
+    "tp": _predict_tensor_parallel,
+    "dp": _predict_data_parallel,
+    "offload": _predict_offload,
+}
+
+
+def predict(shape: ModelShape, hardware: Hardware, plan: Plan, workload: Workload) -> Prediction:
+    """Predicted decode tokens/s, time to first token and memory per GPU of one plan."""
+    if plan.gpus > hardware.gpu_count:
+        raise ValueError(f"plan {plan.label} needs {plan.gpus} GPUs; the hardware has {hardware.gpu_count}")
+    return _PREDICTORS[plan.kind](shape, hardware, plan, workload)

@@ -1,0 +1,190 @@
+"""Predicted against measured decode tokens/s on this GPU: the placement predictor's check.
+
+    python scripts/check_predictor.py --out predictor_check            # everything (see --dry-run)
+    python scripts/check_predictor.py --out predictor_check --dry-run  # the runs and their expected time
+    python scripts/check_predictor.py --out predictor_check --shapes olmoe-1b-7b --plans single,single-eager --batch 1,32
+
+1. Calibration: measured from scratch into OUT/cache (timed; the target is under 60 s), then asked
+   again, which must come back from the cache file unchanged.
+2. For each shape (random bf16 weights), plan and batch: the predictor's decode tokens/s and time to
+   first token from that calibration, then a measured generate() of the same workload (prompt
+   --prompt-len, --new-tokens forced, greedy; a full-length warm-up, median of --repeats).
+   Plans: single (CUDA-graph decode), single-eager, offload-16 and offload-32 (`gpu_memory` 16 / 32 GiB).
+Writes OUT/predictor_check.json and OUT/predictor_check.md (the table for docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from hf_moe_accel.placement.predictor import Plan, Prediction, Workload, predict  # noqa: E402
+from hf_moe_accel.placement.shapes import load_shape  # noqa: E402
+
+PLANS = {
+    "single": (Plan("single", 1, True), None),
+    "single-eager": (Plan("single", 1, False), None),
+    "offload-16": (Plan("offload", 1, False), 16.0),
+    "offload-32": (Plan("offload", 1, False), 32.0),
+}
+# Rough seconds to build a random-weight model of each shape on the GPU, and to move it to the CPU and
+# set up the offload (pageable copies at ~10 GB/s, the experts copied again into pinned memory).
+BUILD_S = {"qwen3-30b-a3b": 30.0, "olmoe-1b-7b": 8.0}
+OFFLOAD_SETUP_S = {"qwen3-30b-a3b": 60.0, "olmoe-1b-7b": 15.0}
+
+
+def _list(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the JSON, the markdown table and the calibration cache")
+    parser.add_argument("--shapes", type=_list, default=["qwen3-30b-a3b", "olmoe-1b-7b"])
+    parser.add_argument("--plans", type=_list, default=list(PLANS), help=f"among {', '.join(PLANS)}")
+    parser.add_argument("--batch", type=lambda t: [int(v) for v in _list(t)], default=[1, 32, 128])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-calibration", action="store_true", help="reuse OUT/cache (fails if there is none)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs with their predicted time, measure nothing")
+    args = parser.parse_args()
+    unknown = sorted(set(args.plans) - set(PLANS))
+    if unknown:
+        parser.error(f"unknown plan(s) {', '.join(unknown)}; plans: {', '.join(PLANS)}")
+    return args
+
+
+def check_calibration(skip: bool) -> dict:
+    from hf_moe_accel.placement.calibrate import cache_path, calibrate, load_calibration
+
+    if skip:
+        hardware = load_calibration()
+        if hardware is None:
+            raise SystemExit(f"--skip-calibration: no calibration at {cache_path()}")
+        return {"hardware": hardware, "seconds": None, "cached_seconds": None, "reused": True}
+    start = time.perf_counter()
+    measured = calibrate(refresh=True)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = calibrate()
+    cached_seconds = time.perf_counter() - start
+    print(f"calibration: {seconds:.1f} s (target < 60 s); again from {cache_path()}: {cached_seconds:.3f} s, same: {cached == measured}")
+    print(f"  {measured.describe()}")
+    return {"hardware": measured, "seconds": seconds, "cached_seconds": cached_seconds, "reused": cached == measured}
+
+
+def predicted_run_s(prediction: Prediction, workload: Workload, repeats: int) -> float:
+    """generate() calls of one measurement: a full warm-up, then per repeat a one-token and a full run."""
+    full = prediction.ttft_ms / 1e3 + workload.new_tokens * prediction.step_ms / 1e3
+    return full * (1 + repeats) + repeats * prediction.ttft_ms / 1e3
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_MOE_ACCEL_CACHE"] = str(out / "cache")
+    if args.dry_run:
+        from hf_moe_accel.placement.calibrate import hardware_of_this_machine
+        from hf_moe_accel.placement.hardware import hardware_preset
+
+        hardware = hardware_of_this_machine() if torch.cuda.is_available() else hardware_preset("h100")
+        calibration = {"hardware": hardware}
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("check_predictor measures on a CUDA GPU; --dry-run lists the runs without one")
+        calibration = check_calibration(args.skip_calibration)
+    hardware = calibration["hardware"]
+
+    runs = []
+    for shape_name in args.shapes:
+        shape = load_shape(shape_name)
+        for plan_name in args.plans:
+            plan, gpu_memory = PLANS[plan_name]
+            stated = hardware.with_gpu_memory(gpu_memory) if gpu_memory else hardware
+            for batch in args.batch:
+                workload = Workload(batch, args.prompt_len, args.new_tokens)
+                runs.append((shape_name, plan_name, plan, gpu_memory, workload, predict(shape, stated, plan, workload)))
+    offloading = any(PLANS[p][0].kind == "offload" for p in args.plans)
+    expected = sum(BUILD_S.get(s, 30.0) + (OFFLOAD_SETUP_S.get(s, 60.0) if offloading else 0.0) for s in args.shapes)
+    expected += sum(predicted_run_s(p, w, args.repeats) for *_, w, p in runs if p.feasible)
+    print(f"{len(runs)} runs, expected about {expected / 60:.1f} min of measuring (plus calibration, < 1 min)")
+    for shape_name, plan_name, _, _, workload, prediction in runs:
+        note = f"~{predicted_run_s(prediction, workload, args.repeats):.0f} s" if prediction.feasible else f"skipped: {prediction.reason}"
+        print(f"  {shape_name} {plan_name} batch {workload.batch}: predicted {prediction.decode_tokens_per_s:,.1f} tok/s, {note}")
+    if args.dry_run:
+        return 0
+
+    from hf_moe_accel.placement.measure import PlanMeasurer
+
+    rows = []
+    for shape_name in args.shapes:
+        measurer = PlanMeasurer(shape_name)
+        for name, plan_name, plan, gpu_memory, workload, prediction in runs:
+            if name != shape_name:
+                continue
+            row = {"shape": name, "plan": plan_name, "batch": workload.batch, "predicted": prediction.as_dict()}
+            if prediction.feasible:
+                measured = measurer.measure(plan, workload, args.repeats, gpu_memory_gib=gpu_memory)
+                row["measured"] = measured
+                row["ratio"] = measured["decode_tokens_per_s"] / prediction.decode_tokens_per_s
+                print(f"{name} {plan_name} batch {workload.batch}: predicted {prediction.decode_tokens_per_s:,.1f}, "
+                      f"measured {measured['decode_tokens_per_s']:,.1f} tok/s ({row['ratio']:.2f}x)", flush=True)
+            else:
+                row["skipped"] = prediction.reason
+            rows.append(row)
+        del measurer
+        torch.cuda.empty_cache()
+
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "calibration": {**{k: v for k, v in calibration.items() if k != "hardware"}, "hardware": hardware.to_json()},
+        "rows": rows,
+        "command": " ".join(sys.argv),
+    }
+    (out / "predictor_check.json").write_text(json.dumps(report, indent=2))
+    (out / "predictor_check.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    calibration = report["calibration"]
+    lines = [
+        f"Device: {report['device']}, torch {report['torch']}. Command: `{report['command']}`",
+        "",
+        (
+            f"Calibration: {calibration['seconds'] or 0:.1f} s; read back from its cache in {calibration['cached_seconds'] or 0:.3f} s "
+            f"(same figures: {calibration['reused']})."
+        ),
+        "",
+        "| shape | plan | batch | predicted tok/s | measured tok/s | measured / predicted | within 25% | predicted TTFT ms | measured TTFT ms | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        p = row["predicted"]
+        if "measured" not in row:
+            lines.append(f"| {row['shape']} | {row['plan']} | {row['batch']} | - | - | - | skipped: {row['skipped']} | - | - | - |")
+            continue
+        m = row["measured"]
+        peak = f"{m['peak_memory_gib']:.1f}" if m.get("peak_memory_gib") is not None else "-"
+        within = "yes" if abs(row["ratio"] - 1) <= 0.25 else "no"
+        lines.append(
+            f"| {row['shape']} | {row['plan']} | {row['batch']} | {p['decode_tokens_per_s']:,.1f} | {m['decode_tokens_per_s']:,.1f} | "
+            f"{row['ratio']:.2f} | {within} | {p['ttft_ms']:,.0f} | {1e3 * m['ttft_s']:,.0f} | {peak} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

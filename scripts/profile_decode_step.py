@@ -1,0 +1,94 @@
+"""Where a graph-decode step's time goes: the graph replay itself vs Transformers' loop around it.
+
+    python scripts/profile_decode_step.py --preset olmoe-1b-7b --batch 1,32 --out OUT
+
+Prints, per batch: ms per decode step inside generate(), ms per bare graph replay, the
+difference (host work of the generate loop: input preparation, mask, logits processors,
+stopping checks), capture time and graph memory. JSON to OUT/profile_decode_step.json.
+`--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
+functions of one generate() call, by cumulative time (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+from hf_moe_accel import accelerate
+from hf_moe_accel.bench.presets import build_preset
+from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.patches.swap import STATE_ATTR
+
+
+def _generate_seconds(model, ids, new_tokens: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="olmoe-1b-7b")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--kernels", action="store_true", help="print the kernels of one replay")
+    parser.add_argument("--host", action="store_true", help="print the host profile of one generate() call")
+    args = parser.parse_args()
+    model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16))
+    runner = getattr(model, STATE_ATTR).runner
+    rows = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+        _generate_seconds(model, ids, args.new_tokens)  # capture + warm-up
+        one = min(_generate_seconds(model, ids, 1) for _ in range(3))
+        full = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
+        step_ms = 1e3 * (full - one) / (args.new_tokens - 1)
+        # The bare replay, timed with CUDA events; each replay advances the cache's write
+        # positions, so they are put back between replays (outside the timed region).
+        replay = next(s for key, s in runner._steps.items() if key[2][0][1][0] == batch).replay
+        cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
+        positions = [layer.cumulative_length.clone() for layer in cache.layers]
+        times = []
+        for _ in range(20):
+            for layer, saved in zip(cache.layers, positions):
+                layer.cumulative_length.copy_(saved - 1)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        replay_ms = sorted(times)[len(times) // 2]
+        if args.kernels:
+            for layer, saved in zip(cache.layers, positions):
+                layer.cumulative_length.copy_(saved - 1)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                replay()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        if args.host:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            _generate_seconds(model, ids, 32)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+        row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, "replay_ms": replay_ms,
+               "loop_overhead_ms": step_ms - replay_ms, "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
+        rows.append(row)
+        print(json.dumps(row))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_decode_step.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""generate() through graph decode keeps the whole generate() contract.
+
+Each check compares the graph path with the eager fused path of the same weights (`cuda_graphs=False`,
+same static cache layout, so the same kernels run). On CPU (CI) the graph backend is a stand-in
+that has a CUDA graph's semantics (inputs read from the captured buffers at replay, outputs
+overwritten in place) and the fixtures run in float32; on a GPU (`-m gpu`) real CUDA graphs
+capture the bfloat16 fixtures.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers.generation.streamers import BaseStreamer
+
+from hf_moe_accel import accelerate, is_accelerated, unpatch
+from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.graphs.cache_pool import StaticCachePool, length_bucket
+from hf_moe_accel.graphs.generate import GraphBackend, disable_graph_decode, enable_graph_decode
+
+
+def stand_in_capture(forward, pool):
+    """A CPU stand-in for CUDA-graph capture: replay re-runs the forward on the captured buffers."""
+    output = forward()
+
+    def replay() -> None:
+        for dst, src in zip(tree_leaves(output), tree_leaves(forward())):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+
+    return replay, output
+
+
+SETUPS = [
+    pytest.param(("cpu", torch.float32), id="cpu-stand-in"),
+    pytest.param(("cuda", torch.bfloat16), id="cuda-graphs", marks=pytest.mark.gpu),
+]
+
+
+class Pair:
+    """The same weights twice: `graphs` decodes through graph replays, `eager` eagerly."""
+
+    def __init__(self, path, device: str, dtype: torch.dtype):
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.graphs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.eager = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        if device == "cpu":
+            accelerate(self.graphs, cuda_graphs=False)
+            enable_graph_decode(self.graphs, GraphBackend("cpu", stand_in_capture))
+        else:
+            accelerate(self.graphs)
+        accelerate(self.eager, cuda_graphs=False)
+        self.device = device
+
+    def inputs(self, prompts: list[str]) -> dict:
+        return self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+
+    def both(self, inputs: dict, seed: int | None = None, **kwargs):
+        """(graph path output, eager output); the eager side uses a static cache like the graphs."""
+        outputs = []
+        for model, extra in ((self.graphs, {}), (self.eager, {"cache_implementation": "static", "disable_compile": True})):
+            if seed is not None:
+                torch.manual_seed(seed)
+            outputs.append(model.generate(**inputs, **kwargs, **extra))
+        return outputs
+
+
+@pytest.fixture(params=SETUPS)
+def pair(request, fixture_path) -> Pair:
+    device, dtype = request.param
+    return Pair(fixture_path, device, dtype)
+
+
+PROMPTS = ["def main(", "import os\nimport sys\n\nclass Config:\n    "]
+
+
+def test_greedy_single_and_batched_left_padded(pair):
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ours, eager = pair.both(pair.inputs(prompts), max_new_tokens=24, do_sample=False)
+        assert torch.equal(ours, eager)
+    stats = graph_stats(pair.graphs)
+    assert stats["captures"] == 2 and stats["replays"] > 0  # one graph per batch size
+
+
+def test_sampling_with_logits_processors(pair):
+    kwargs = dict(max_new_tokens=20, do_sample=True, temperature=0.8, top_p=0.9, top_k=30, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    ours, eager = pair.both(pair.inputs(PROMPTS), seed=1234, **kwargs)
+    assert torch.equal(ours, eager)
+
+
+def test_num_return_sequences(pair):
+    ours, eager = pair.both(pair.inputs(PROMPTS[:1]), seed=7, max_new_tokens=12, do_sample=True, num_return_sequences=3)
+    assert ours.shape[0] == 3 and torch.equal(ours, eager)
+
+
+def test_eos_and_stopping_criteria(pair):
+    inputs = pair.inputs(PROMPTS[:1])
+    full, _ = pair.both(inputs, max_new_tokens=16, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = int(full[0, prompt_len + 4])
+    first_eos = prompt_len + int((full[0, prompt_len:] == eos).nonzero()[0])
+    ours, eager = pair.both(inputs, max_new_tokens=16, do_sample=False, eos_token_id=eos)
+    assert torch.equal(ours, eager) and ours.shape[1] == first_eos + 1
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt_len + 6, device=input_ids.device)
+
+    ours, eager = pair.both(inputs, max_new_tokens=16, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert torch.equal(ours, eager) and ours.shape[1] == prompt_len + 6
+
+
+class Collector(BaseStreamer):
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.detach().cpu().reshape(-1))
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_sees_every_token(pair):
+    inputs = pair.inputs(PROMPTS[:1])
+    streamer = Collector()
+    ours = pair.graphs.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks), ours[0].cpu())
+
+
+def test_return_dict_with_scores(pair):
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    ours, eager = pair.both(pair.inputs(PROMPTS), **kwargs)
+    assert torch.equal(ours.sequences, eager.sequences)
+    for mine, theirs in zip(ours.scores + ours.logits, eager.scores + eager.logits):
+        torch.testing.assert_close(mine, theirs)
+    # The returned cache is the caller's: the next call must not reset it under them.
+    kept = ours.past_key_values
+    length = int(kept.get_seq_length())
+    pair.graphs.generate(**pair.inputs(PROMPTS), max_new_tokens=4, do_sample=False)
+    assert int(kept.get_seq_length()) == length
+
+
+def test_pipeline(pair):
+    text_gen = dict(max_new_tokens=12, do_sample=False)
+    ours = pipeline("text-generation", model=pair.graphs, tokenizer=pair.tokenizer)(PROMPTS[0], **text_gen)
+    eager = pipeline("text-generation", model=pair.eager, tokenizer=pair.tokenizer)(
+        PROMPTS[0], cache_implementation="static", disable_compile=True, **text_gen
+    )
+    assert ours[0]["generated_text"] == eager[0]["generated_text"]
+
+
+def test_many_calls_with_changing_shapes_stay_bounded(pair):
+    # (batch, new tokens, long prompt): three batch sizes, and a prompt long enough (> 256 tokens)
+    # to need the next cache bucket.
+    sizes = [(1, 6, False), (2, 10, False), (3, 6, False), (1, 6, True), (2, 6, False), (1, 6, False)]
+    long_prompt = PROMPTS[1] * 23
+    memory = []
+    for batch, new_tokens, long in sizes * 2:
+        prompts = ([long_prompt] if long else PROMPTS * 2)[:batch]
+        ours, eager = pair.both(pair.inputs(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        assert torch.equal(ours, eager)
+        if pair.device == "cuda":
+            memory.append(torch.cuda.memory_allocated())
+    stats = graph_stats(pair.graphs)
+    assert stats["pooled_caches"] <= 3
+    assert stats["captures"] < 2 * len(sizes)  # the second round reuses captured graphs
+    if memory:
+        first_round, second_round = memory[: len(sizes)], memory[len(sizes) :]
+        assert max(second_round) <= max(first_round) * 1.05
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(num_beams=2), "beam search"),
+        (dict(cache_implementation="dynamic"), "cache_implementation='dynamic'"),
+        (dict(use_cache=False), "use_cache=False"),
+    ],
+)
+def test_what_graphs_cannot_serve_runs_eagerly_with_a_reason(pair, caplog, kwargs, reason):
+    inputs = pair.inputs(PROMPTS[:1])
+    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+        ours = pair.graphs.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+        pair.graphs.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+    eager = pair.eager.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+    assert torch.equal(ours, eager)
+    lines = [r.getMessage() for r in caplog.records if "decodes eagerly" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0]  # one line, not one per call
+    assert graph_stats(pair.graphs)["captures"] == 0
+
+
+def test_a_cache_passed_in_runs_eagerly(pair, caplog):
+    from transformers import DynamicCache
+
+    inputs = pair.inputs(PROMPTS[:1])
+    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+        ours = pair.graphs.generate(**inputs, past_key_values=DynamicCache(config=pair.graphs.config), max_new_tokens=8, do_sample=False)
+    eager = pair.eager.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, eager)
+    assert any("past_key_values" in r.getMessage() for r in caplog.records)
+
+
+def test_capture_failure_falls_back_to_eager(fixture_path, caplog):
+    def failing_capture(forward, pool):
+        raise RuntimeError("capture refused")
+
+    pair = Pair(fixture_path, "cpu", torch.float32)
+    disable_graph_decode(pair.graphs)
+    enable_graph_decode(pair.graphs, GraphBackend("cpu", failing_capture))
+    inputs = pair.inputs(PROMPTS)
+    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+        ours, eager = pair.both(inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ours, eager)
+    assert any("capture refused" in r.getMessage() for r in caplog.records)
+    assert graph_stats(pair.graphs)["replays"] == 0
+
+
+def test_unpatch_restores_class_and_stock_generate(fixture_path):
+    pair = Pair(fixture_path, "cpu", torch.float32)
+    original_class = type(pair.eager)
+    assert type(pair.graphs).__name__ == original_class.__name__  # save_pretrained writes this name
+    unpatch(pair.graphs)
+    assert type(pair.graphs) is original_class and not is_accelerated(pair.graphs)
+    assert graph_stats(pair.graphs) is None
+    inputs = pair.inputs(PROMPTS[:1])
+    assert torch.equal(pair.graphs.generate(**inputs, max_new_tokens=8, do_sample=False), pair.eager.generate(**inputs, max_new_tokens=8, do_sample=False))
+
+
+def test_cuda_graphs_false_leaves_generate_alone(fixture_path):
+    model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32)
+    original_class = type(model)
+    accelerate(model, cuda_graphs=False)
+    assert type(model) is original_class and graph_stats(model) is None
+
+
+def test_cpu_model_with_cuda_backend_decodes_eagerly(fixture_path, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(fixture_path)
+    model = accelerate(AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32))
+    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+        model.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert any("the model is on cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_length_buckets_and_pool_eviction(fixture_path):
+    assert [length_bucket(n) for n in (1, 256, 257, 1000, 4097)] == [256, 256, 512, 1024, 8192]
+    model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32)
+    evicted = []
+    pool = StaticCachePool(model.config, max_entries=2, on_evict=evicted.append)
+    a = pool.get(1, 100)
+    assert pool.get(1, 200) is a  # same bucket: reused
+    b = pool.get(2, 100)
+    c = pool.get(1, 600)
+    assert evicted == [a] and pool.owns(b) and pool.owns(c) and len(pool) == 2
+    pool.release(b)
+    assert evicted == [a, b] and not pool.owns(b)
+    with pytest.raises(ValueError):
+        StaticCachePool(model.config, max_entries=0)

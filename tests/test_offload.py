@@ -1,0 +1,344 @@
+"""CPU expert offload with an expert cache, with the CPU standing in for the GPU side (slots are
+CPU tensors; the cache, eviction, miss routing, prefetch and CPU experts run the same code as on
+a GPU): outputs equal to stock, budgets respected, loading and unpatching, statistics."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import accelerate as hf_accelerate
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_moe_accel
+from hf_moe_accel import (
+    OffloadOptions,
+    accelerate,
+    is_accelerated,
+    offload_stats,
+    reset_offload_stats,
+    unpatch,
+)
+from hf_moe_accel.placement import host_weights
+from hf_moe_accel.placement.host_weights import WeightPlacement
+from hf_moe_accel.placement.miss_cost import MissCostModel
+from hf_moe_accel.placement.offload import (
+    GRAPHS_BLOCKED_ATTR,
+    offload_plan,
+    plan_offload,
+    set_miss_policy,
+)
+
+from .conftest import FIXTURES
+from .helpers import load_fixture, module_classes, state_snapshot
+from .test_fixtures import _greedy
+
+# Fetch a missed expert when it has 3 or more tokens (or the CPU lane is the busier one).
+MIXED_COSTS = MissCostModel(fetch_s=1e-4, cpu_base_s=0.0, cpu_per_token_s=3.4e-5)
+
+
+def options(**overrides) -> OffloadOptions:
+    return OffloadOptions(**{"device": "cpu", "reserve": "16MiB", "cost_model": MIXED_COSTS, **overrides})
+
+
+def random_sequences(model, batch: int = 3, length: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.get_text_config().vocab_size, (batch, length), generator=g)
+
+
+def expert_modules(model):
+    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "has_gate")]
+
+
+NEW_TOKENS = 24
+
+
+@functools.cache
+def stock_outputs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock greedy tokens and logits of a fixture (stock experts are slow on CPU: computed once)."""
+    model, tokenizer = load_fixture(path)
+    with torch.no_grad():
+        logits = model(random_sequences(model)).logits
+    return _greedy(model, tokenizer, NEW_TOKENS), logits
+
+
+@pytest.mark.parametrize("eviction, miss_policy, prefetch", [("lfu", "auto", True), ("lru", "fetch", False), ("routing", "cpu", True)])
+def test_fixture_outputs_equal_stock(fixture_path, eviction, miss_policy, prefetch):
+    stock_tokens, stock_logits = stock_outputs(fixture_path)
+    model, tokenizer = load_fixture(fixture_path)
+    slots = model.config.num_local_experts // 4
+    accelerate(model, gpu_memory="1GiB", offload=options(eviction=eviction, miss_policy=miss_policy, prefetch=prefetch, slots_per_layer=slots))
+    assert torch.equal(_greedy(model, tokenizer, NEW_TOKENS), stock_tokens)
+    with torch.no_grad():
+        logits = model(random_sequences(model)).logits
+    assert (logits - stock_logits).abs().max() < 1e-4
+    total = offload_stats(model).total
+    assert total.lookups == total.hits + total.fetched + total.cpu_experts > 0
+    assert 0 < total.hits < total.lookups
+    if miss_policy == "auto":
+        assert total.fetched > 0 and total.cpu_experts > 0
+    else:
+        assert (total.fetched > 0) == (miss_policy == "fetch") and (total.cpu_experts > 0) == (miss_policy == "cpu")
+    assert (total.prefetched > 0) == prefetch
+
+
+def _tiny_model(model_type: str, seed: int = 0):
+    extra = {
+        "qwen3_moe": dict(moe_intermediate_size=16, intermediate_size=48, num_experts=8, norm_topk_prob=True, mlp_only_layers=[],
+                          decoder_sparse_step=1),
+        "gpt_oss": dict(intermediate_size=16, num_local_experts=8, sliding_window=8),  # biases, transposed, interleaved
+        "mixtral": dict(intermediate_size=24, num_local_experts=8),
+    }[model_type]
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=8, num_experts_per_tok=2, vocab_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                  **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random biases and routers too (some initialise to zero)
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("miss_policy, slots", [("auto", 2), ("fetch", 1), ("fetch", 8), ("cpu", 0)])
+def test_every_path_equals_stock(model_type, miss_policy, slots):
+    """One slot with many-token fetches runs in waves; zero slots is all-CPU; 8 caches everything."""
+    model = _tiny_model(model_type)
+    prompts = [random_sequences(model, batch, length, seed=length) for batch, length in ((1, 1), (2, 7), (4, 50))]
+    with torch.no_grad():
+        stock = [model(p).logits for p in prompts]
+    accelerate(model, gpu_memory="1GiB", offload=options(miss_policy=miss_policy, slots_per_layer=slots, prefetch_experts=1))
+    with torch.no_grad():
+        ours = [model(p).logits for p in prompts]
+    for s, o in zip(stock, ours):
+        assert torch.allclose(o, s, rtol=1e-4, atol=1e-4), (o - s).abs().max()
+    experts = expert_modules(model)[0]
+    hidden = torch.randn(0, 32)
+    empty = experts(hidden, torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2))
+    assert empty.shape == (0, 32)
+
+
+def test_expert_threshold_drops_pairs_through_the_cache(fixture_path):
+    """Pairs dropped by an expert threshold reach the experts as -1 ("no expert")."""
+    reference, _ = load_fixture(fixture_path)
+    model, _ = load_fixture(fixture_path)
+    sequences = random_sequences(model)
+    accelerate(reference, expert_threshold=0.3)
+    accelerate(model, expert_threshold=0.3, gpu_memory="1GiB", offload=options(slots_per_layer=3))
+    with torch.no_grad():
+        assert torch.allclose(model(sequences).logits, reference(sequences).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_budget_respected_by_slots_and_weights(fixture_path):
+    model, _ = load_fixture(fixture_path)
+    setup = plan_offload(model, 10**8, options())
+    expert_bytes = setup.plan.expert_bytes[0]
+    budget = setup.plan.minimum + 11 * expert_bytes + expert_bytes // 2  # room for 11.5 experts
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    accelerate(model, gpu_memory=budget, offload=options())
+    plan = offload_plan(model)
+    assert sum(plan.slots) == 11 and max(plan.slots) - min(plan.slots) <= 1
+    experts = expert_modules(model)
+    expert_ids = {id(t) for m in experts for t in (m.gate_up_proj, m.down_proj)}
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in expert_ids)
+    engine = model._hf_moe_accel_offload
+    slots = sum(layer.cache.resident_bytes for layer in engine.layers)
+    assert weights == plan.non_expert and slots == plan.slot_bytes
+    assert weights + slots + plan.reserve <= budget
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == before  # host-resident weights not copied
+
+
+def test_bad_budgets_and_options_rejected_before_anything_changes(fixture_path):
+    model, _ = load_fixture(fixture_path)
+    classes, state = module_classes(model), state_snapshot(model)
+    minimum = plan_offload(model, 10**9, options()).plan.minimum
+    with pytest.raises(ValueError, match=f"at least {minimum / 2**20:.1f} MiB"):
+        accelerate(model, gpu_memory=minimum - 1, offload=options())
+    for budget in ("24 gigs", "12G", "-1GiB", 0):
+        with pytest.raises(ValueError):
+            accelerate(model, gpu_memory=budget)
+    with pytest.raises(TypeError):
+        accelerate(model, gpu_memory=2.5)
+    with pytest.raises(TypeError, match="need gpu_memory"):
+        accelerate(model, offload=options())
+    with pytest.raises(ValueError, match="unknown eviction"):
+        accelerate(model, gpu_memory="1GiB", offload=options(eviction="fifo"))
+    with pytest.raises(ValueError, match="miss_policy"):
+        accelerate(model, gpu_memory="1GiB", offload=options(miss_policy="never"))
+    with pytest.raises(ValueError, match="at least one expert slot"):
+        accelerate(model, gpu_memory=minimum, offload=options(miss_policy="fetch"))
+    with pytest.raises(ValueError, match="slots_per_layer"):
+        accelerate(model, gpu_memory=minimum, offload=options(slots_per_layer=1))
+    assert not is_accelerated(model)
+    assert module_classes(model) == classes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_unpatch_restores_everything(fixture_path):
+    model, _ = load_fixture(fixture_path, dtype=torch.bfloat16)
+    classes, state = module_classes(model), state_snapshot(model)
+    devices = {n: t.device for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=2))
+    with torch.no_grad():
+        model(random_sequences(model, 2, 9))
+    assert getattr(model, GRAPHS_BLOCKED_ATTR)
+    assert all("forward" in m.__dict__ for m in expert_modules(model))
+    unpatch(model)
+    assert module_classes(model) == classes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert {n: t.device for n, t in [*model.named_parameters(), *model.named_buffers()]} == devices
+    assert not any("forward" in m.__dict__ for m in expert_modules(model))
+    assert not hasattr(model, GRAPHS_BLOCKED_ATTR) and not hasattr(model, "hf_device_map")
+    assert not model._forward_pre_hooks
+    with pytest.raises(ValueError, match="no expert offload"):
+        offload_stats(model)
+
+
+def test_offloading_device_map_is_loaded_run_and_restored(tmp_path):
+    """A model that accelerate dispatched with layers offloaded to disk and CPU: its hooks come
+    off (offloaded weights materialised once, on the host), outputs match, unpatch puts them back."""
+    path = FIXTURES / "tiny-qwen3-moe"
+    if not path.is_dir():
+        pytest.skip(f"fixture not found at {path}")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+                  "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device_map, offload_folder=tmp_path).eval()
+    sequences = random_sequences(model, 2, 12)
+    with torch.no_grad():
+        stock = model(sequences).logits
+    hooked = {name for name, m in model.named_modules() if hasattr(m, "_hf_hook")}
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=4))
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(sequences).logits, stock, rtol=1e-4, atol=1e-4)
+    unpatch(model)
+    assert {name for name, m in model.named_modules() if hasattr(m, "_hf_hook")} == hooked
+    assert model.hf_device_map == device_map
+    assert model.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"
+    with torch.no_grad():
+        assert torch.allclose(model(sequences).logits, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_pinned_one_at_a_time_and_hook_maps_share_them(fixture_path, monkeypatch):
+    """With pinning (a GPU side), each expert tensor is copied to pinned memory and swapped in before
+    the next is copied, and an offloading hook's weights map is pointed at the copy, so the host
+    never holds a second copy of the experts."""
+    model, _ = load_fixture(fixture_path)
+    state = state_snapshot(model)
+    hf_accelerate.cpu_offload(model, execution_device="cpu")  # every weight held by hooks' weights maps
+    setup = plan_offload(model, "1GiB", options())
+    modules = [m for _, m in setup.experts]
+    copies = []
+
+    class ArenaWithoutCuda(host_weights.PinnedArena):
+        def __init__(self, chunk_bytes):
+            super().__init__(chunk_bytes, allocate=lambda size: torch.empty(size, dtype=torch.uint8))
+
+        def copy(self, tensor):
+            for (module, name), earlier in copies:  # every earlier tensor already points at its copy
+                assert getattr(module, name).data_ptr() == earlier.data_ptr()
+            copy = super().copy(tensor)
+            owner = next((m, n) for m in modules for n in setup.expert_tensor_names[m] if getattr(m, n).data_ptr() == tensor.data_ptr())
+            copies.append((owner, copy))
+            return copy
+
+    monkeypatch.setattr(host_weights, "PinnedArena", ArenaWithoutCuda)
+    placement = WeightPlacement(model, setup.expert_tensor_names, torch.device("cpu"), pin=True)
+    assert len(copies) == 2 * len(modules)
+    maps = [w.dataset for e in placement.hooks.entries for w in placement.hooks._weights_maps(e.hook)]
+    held = {t.data_ptr() for store in [getattr(m, "state_dict", m) for m in maps] for t in store.values()}
+    for (module, name), copy in copies:
+        assert getattr(module, name).data_ptr() == copy.data_ptr()
+        assert copy.data_ptr() in held  # the weights map holds the copy, not the old tensor
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    placement.restore()
+
+
+def test_pinned_arena_packs_first_fit():
+    arena = host_weights.PinnedArena(3000, allocate=lambda size: torch.empty(size, dtype=torch.uint8))
+    assert arena.chunk_bytes == 4096
+    tensors = [torch.randn(n) for n in (500, 300, 100, 2000)]  # 2000, 1200, 400 and 8000 bytes
+    copies = [arena.copy(t) for t in tensors]
+    assert [c[0].numel() for c in arena.chunks] == [4096, 8192]  # the 8000-byte tensor gets its own chunk
+    assert arena.chunks[0][1] == 2048 + 1536 + 512 and arena.chunks[1][1] == 8192
+    assert all(torch.equal(c, t) for c, t in zip(copies, tensors))
+    starts = [arena.chunks[0][0].data_ptr()] * 3 + [arena.chunks[1][0].data_ptr()]
+    assert all((c.data_ptr() - start) % arena.ALIGN == 0 for c, start in zip(copies, starts))
+
+
+def test_stats_per_layer_and_phase(fixture_path):
+    model, tokenizer = load_fixture(fixture_path)
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=4))
+    new_tokens = 10
+    _greedy(model, tokenizer, new_tokens)
+    stats = hf_moe_accel.offload_stats(model)
+    decode, prefill = offload_stats(model, "decode"), offload_stats(model, "prefill")
+    assert list(stats.layers) == [f"model.layers.{i}.mlp.experts" for i in range(model.config.num_hidden_layers)]
+    for name, layer in decode.layers.items():
+        assert layer.forwards == new_tokens - 1 and prefill.layers[name].forwards == 1
+        assert stats.layers[name].lookups == layer.lookups + prefill.layers[name].lookups
+    total = stats.total
+    assert total.pcie_bytes == total.h2d_bytes + total.d2h_bytes > 0
+    assert total.cpu_expert_s > 0 and 0 <= total.hit_rate <= 1
+    assert "hit rate" in stats.summary() and stats.as_dict()["total"]["lookups"] == total.lookups
+    reset_offload_stats(model)
+    assert offload_stats(model).total.lookups == 0
+    with pytest.raises(ValueError, match="phase"):
+        offload_stats(model, "warmup")
+
+
+def test_miss_policy_switches_in_place(fixture_path):
+    model, _ = load_fixture(fixture_path)
+    sequences = random_sequences(model, 1, 6)
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=2, prefetch=False))
+    for policy in ("cpu", "fetch"):
+        set_miss_policy(model, policy)
+        reset_offload_stats(model)
+        with torch.no_grad():
+            model(sequences)
+        total = offload_stats(model).total
+        assert (total.fetched == 0) == (policy == "cpu") and (total.cpu_experts == 0) == (policy == "fetch")
+    with pytest.raises(ValueError):
+        set_miss_policy(model, "sometimes")
+
+
+def test_offload_bench_rows(fixture_path):
+    """The bench the `hf-moe-accel bench --gpu-memory` command runs, at a tiny size (CPU stand-in)."""
+    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.offload import markdown_table, run_offload_bench
+
+    model, _ = load_fixture(fixture_path)
+    rows = run_offload_bench(model, fixture_path.name, "1GiB", [Workload(2, 8, 4)], repeats=1,
+                             options=options(slots_per_layer=2))
+    assert [r["system"] for r in rows] == ["stock (cpu)", "ours", "ours fetch-every-miss"]
+    ours, fetch = rows[1], rows[2]
+    assert ours["decode_tokens_per_s"] > 0 and 0 <= ours["hit_rate"] <= 1 and ours["pcie_bytes_per_token"] > 0
+    assert fetch["cpu_experts_per_token"] == 0 and fetch["fetched_per_token"] > 0
+    assert ours["speedup_vs_fetch"] == ours["decode_tokens_per_s"] / fetch["decode_tokens_per_s"]
+    assert "ours fetch-every-miss" in markdown_table(rows)
+    assert not is_accelerated(model) and all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_failure_halfway_leaves_the_model_as_it_was(fixture_path, monkeypatch):
+    from hf_moe_accel.placement import offload
+
+    model, _ = load_fixture(fixture_path)
+    classes, state = module_classes(model), state_snapshot(model)
+    made, real_cache = [], offload.ExpertCache
+
+    def cache_then_fail(*args, **kwargs):
+        if len(made) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        made.append(real_cache(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(offload, "ExpertCache", cache_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        accelerate(model, gpu_memory="1GiB", offload=options())
+    assert not is_accelerated(model) and module_classes(model) == classes
+    assert not any("forward" in m.__dict__ for m in expert_modules(model)) and not model._forward_pre_hooks
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

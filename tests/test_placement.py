@@ -1,0 +1,388 @@
+"""The placement predictor (stated hardware, arithmetic, feasibility, ranking), the `plan` command,
+and the placement options of accelerate(): clear errors, the CPU placement, the pipeline's device map."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from hf_moe_accel import accelerate, is_accelerated, unpatch
+from hf_moe_accel.cli import main
+from hf_moe_accel.placement.distributed import split_range, tensor_parallel_heads
+from hf_moe_accel.placement.hardware import Hardware, hardware_from_json, hardware_preset
+from hf_moe_accel.placement.place import placement_of
+from hf_moe_accel.placement.plans import best_plan, candidate_plans, rank_plans
+from hf_moe_accel.placement.predictor import (
+    ATTENTION_KERNELS,
+    MOE_KERNELS,
+    STEP_KERNELS,
+    STREAM_EFFICIENCY,
+    Plan,
+    Workload,
+    predict,
+)
+from hf_moe_accel.placement.shapes import ModelShape, load_shape
+
+GIB = 2**30
+
+# Round numbers, so the expected figures can be worked out by hand.
+SHAPE = ModelShape(
+    name="round", num_layers=2, moe_layers=2, hidden_size=1000, num_heads=8, num_kv_heads=2, head_dim=125, vocab_size=1000,
+    num_experts=10, top_k=2, expert_inner=100, dtype_bytes=2, expert_bytes=1e6, attention_bytes=4e6, other_bytes=1e6,
+    embedding_bytes=2e6, lm_head_bytes=2e6, tied_embeddings=False, kv_bytes_per_token=2000.0, window_kv_bytes_per_token=0.0,
+    sliding_window=0, qkvo_attention=True,
+)
+HARDWARE = Hardware(
+    name="round", gpu_name="round", gpu_count=4, gpu_memory_gib=10.0, hbm_tb_s=1.0, gemm_tflops=100.0, pcie_gb_s=10.0,
+    link_gb_s=100.0, link_latency_us=10.0, cpu_gb_s=10.0, cpu_tflops=0.1, host_memory_gib=64.0, eager_layer_host_us=1000.0,
+    eager_step_host_us=500.0, graph_step_host_us=100.0, kernel_gap_us=2.0,
+)
+ONE = Workload(batch=1, prompt_len=10, new_tokens=10)
+
+
+# ---- stated hardware -------------------------------------------------------------------------
+
+
+def test_presets_name_gpu_count_and_memory():
+    h200x8 = hardware_preset("H200x8")
+    assert (h200x8.gpu_count, h200x8.gpu_memory_gib, h200x8.hbm_tb_s) == (8, 139.8, 4.3)
+    assert hardware_preset("rtx4090").gpu_memory_gib < 24
+    with pytest.raises(ValueError, match="unknown hardware preset 'tpu'.*h100"):
+        hardware_preset("tpu")
+
+
+def test_hardware_json_fills_from_a_base_and_rejects_bad_fields(tmp_path):
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps({"base": "h100", "gpu_count": 2, "link_gb_s": 50}))
+    hardware = hardware_from_json(path)
+    assert (hardware.gpu_count, hardware.link_gb_s, hardware.hbm_tb_s) == (2, 50, 3.0)
+    path.write_text(json.dumps({"base": "h100", "hbm": 3}))
+    with pytest.raises(ValueError, match="unknown hardware field.*hbm"):
+        hardware_from_json(path)
+    path.write_text(json.dumps({"gpu_count": 2}))
+    with pytest.raises(ValueError, match="missing field"):
+        hardware_from_json(path)
+    path.write_text(json.dumps({"base": "h100", "gpu_memory_gib": "lots"}))
+    with pytest.raises(ValueError, match="must be a number"):
+        hardware_from_json(path)
+
+
+# ---- the cost model's arithmetic -------------------------------------------------------------
+
+
+def _bytes_s(nbytes: float) -> float:
+    return nbytes / (1e12 * STREAM_EFFICIENCY)
+
+
+def test_single_gpu_step_by_hand():
+    # Batch 1: 2 of 10 experts touched per layer; mean context 15 tokens.
+    dense = 4e6 + 1e6 + 2e6 + 2000 * 15 + 1000 * 2  # attention + other + head + KV read + one embedding row
+    experts = 2 * 2 * 1e6  # two layers, two experts each
+    floor = (2 * ATTENTION_KERNELS + 2 * MOE_KERNELS + STEP_KERNELS) * 2e-6
+    graphs = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
+    assert graphs.step_ms / 1e3 == pytest.approx(_bytes_s(dense) + _bytes_s(experts) + floor + 100e-6)
+    assert graphs.decode_tokens_per_s == pytest.approx(1e3 / graphs.step_ms)
+    eager = predict(SHAPE, HARDWARE, Plan("single", 1, False), ONE)
+    # Eager: host time of 2 layers and the step, serialised with the GPU work, and no kernel floor.
+    assert eager.step_ms / 1e3 == pytest.approx(_bytes_s(dense) + _bytes_s(experts) + 2 * 1000e-6 + 500e-6)
+
+
+def test_collective_counts_and_shares():
+    slow_link = dataclasses.replace(HARDWARE, link_latency_us=HARDWARE.link_latency_us + 100.0)
+    for kind, collectives in (("ep", SHAPE.moe_layers), ("tp", SHAPE.num_layers + SHAPE.moe_layers)):
+        fast, slow = (predict(SHAPE, hw, Plan(kind, 2, True), ONE) for hw in (HARDWARE, slow_link))
+        assert slow.step_ms - fast.step_ms == pytest.approx(collectives * 0.1)  # 100 us more per collective
+    single = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
+    tp = predict(SHAPE, HARDWARE, Plan("tp", 2, True), ONE)
+    # Tensor parallel holds half the attention, half of every expert and half the KV heads.
+    saved = (SHAPE.attention_bytes + SHAPE.experts_total_bytes) / 2 + SHAPE.kv_bytes(1, ONE.max_context) / 2
+    assert (single.memory_gib - tp.memory_gib) * GIB == pytest.approx(saved)
+    ep = predict(SHAPE, HARDWARE, Plan("ep", 4, True), ONE)
+    # Expert parallel over 4 ranks: the busiest holds ceil(10 / 4) = 3 experts per layer.
+    assert (single.memory_gib - ep.memory_gib) * GIB == pytest.approx(2 * (10 - 3) * 1e6)
+
+
+def test_expert_parallel_busiest_rank_reads_more_than_its_mean_share():
+    ep = predict(SHAPE, HARDWARE, Plan("ep", 2, True), ONE)
+    # 5 local experts, each touched with p = 0.2 at batch 1: mean 1, busiest of 2 ranks 1 + 0.5642.
+    busiest_bytes = 2 * (1 + 0.5642) * 1e6
+    assert ep.parts_ms["gpu"] / 1e3 == pytest.approx(_bytes_s(4e6 + 1e6 + 2e6 + 2000 * 15 + 2000) + _bytes_s(busiest_bytes))
+
+
+def test_data_parallel_is_one_replica_on_its_share():
+    batch8 = Workload(batch=8, prompt_len=10, new_tokens=10)
+    dp = predict(SHAPE, HARDWARE, Plan("dp", 4, True), batch8)
+    one = predict(SHAPE, HARDWARE, Plan("single", 1, True), Workload(batch=2, prompt_len=10, new_tokens=10))
+    assert dp.step_ms == pytest.approx(one.step_ms)
+    assert dp.decode_tokens_per_s == pytest.approx(8 / (one.step_ms / 1e3))
+
+
+def test_offload_fills_the_budget_with_expert_slots():
+    from hf_moe_accel.placement.predictor import RESERVE_GIB, offload_slots_per_layer, runtime_bytes
+
+    # A budget holding the non-expert weights, KV cache, workspace and half of each layer's experts.
+    fixed = SHAPE.non_expert_bytes + runtime_bytes(SHAPE, ONE)
+    budget = dataclasses.replace(HARDWARE, gpu_memory_gib=RESERVE_GIB + (fixed + 2 * 5 * 1e6) / GIB)
+    assert offload_slots_per_layer(SHAPE, budget, ONE) == pytest.approx(5)
+    offload = predict(SHAPE, budget, Plan("offload", 1, False), ONE)
+    assert offload.feasible and offload.memory_gib == pytest.approx(budget.gpu_memory_gib)
+    # Hit rate 1/2: one of the 2 touched experts misses per layer. Fetch 1 MB at 10 GB/s = 100 us, CPU 1 MB
+    # at 10 GB/s = 100 us; both lanes run together, so the miss is split to end them at once, after the
+    # GPU's 2 MB of expert reads.
+    gpu = _bytes_s(2e6)
+    on_cpu = (gpu + 100e-6) / 200e-6
+    layer = max(gpu + (1 - on_cpu) * 100e-6, on_cpu * 100e-6)
+    assert offload.parts_ms["experts"] / 1e3 == pytest.approx(2 * layer)
+    everything = predict(SHAPE, HARDWARE, Plan("offload", 1, False), ONE)  # all experts fit: no misses
+    assert everything.parts_ms["experts"] / 1e3 == pytest.approx(_bytes_s(4e6))
+    no_room = predict(SHAPE, dataclasses.replace(HARDWARE, gpu_memory_gib=RESERVE_GIB + fixed / GIB * 0.9), Plan("offload", 1, False), ONE)
+    assert not no_room.feasible and "non-expert weights" in no_room.reason
+
+
+def test_tensor_parallel_refuses_heads_that_do_not_split():
+    assert not predict(SHAPE, HARDWARE, Plan("tp", 3, True), ONE).feasible  # 8 heads over 3
+    assert "KV heads" in predict(dataclasses.replace(SHAPE, num_kv_heads=3, num_heads=12), HARDWARE, Plan("tp", 4, True), ONE).reason
+    assert tensor_parallel_heads(64, 4, 8, 5) == ((40, 48), (2, 3))  # 8 ranks share 4 KV heads: two ranks per head
+    assert tensor_parallel_heads(8, 4, 2, 1) == ((4, 8), (2, 4))
+    with pytest.raises(ValueError, match="6 attention heads"):
+        tensor_parallel_heads(6, 2, 4, 0)
+
+
+def test_split_range_covers_everything_unevenly():
+    parts = [split_range(10, 4, i) for i in range(4)]
+    assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+def test_more_gpus_than_the_hardware_has_is_an_error():
+    with pytest.raises(ValueError, match="needs 8 GPUs; the hardware has 4"):
+        predict(SHAPE, HARDWARE, Plan("ep", 8, True), ONE)
+    with pytest.raises(ValueError, match="can't run on 2 GPUs"):
+        Plan("single", 2)
+
+
+# ---- real shapes: feasibility and ranking ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_235b() -> ModelShape:
+    return load_shape("qwen3-235b-a22b")
+
+
+def test_qwen3_235b_shape_from_its_config(qwen3_235b):
+    assert (qwen3_235b.num_layers, qwen3_235b.moe_layers, qwen3_235b.num_experts, qwen3_235b.top_k) == (94, 94, 128, 8)
+    assert qwen3_235b.expert_bytes == 3 * 4096 * 1536 * 2
+    assert qwen3_235b.kv_bytes_per_token == 94 * 2 * 4 * 128 * 2
+    assert qwen3_235b.total_bytes / 2 == pytest.approx(235.09e9, rel=1e-3)  # parameters
+
+
+def test_qwen3_235b_on_eight_h200_ranks_feasible_plans_within_memory(qwen3_235b):
+    hardware = hardware_preset("h200x8")
+    for batch in (1, 32):
+        ranked = rank_plans(qwen3_235b, hardware, Workload(batch=batch))
+        feasible = [p for p in ranked if p.feasible]
+        assert feasible and ranked[: len(feasible)] == feasible, "feasible plans come first"
+        speeds = [p.decode_tokens_per_s for p in feasible]
+        assert speeds == sorted(speeds, reverse=True)
+        assert all(p.memory_gib <= hardware.gpu_memory_gib for p in feasible)
+        assert best_plan(ranked).plan.gpus > 1  # 438 GiB of weights need several GPUs
+        single = next(p for p in ranked if p.plan.kind == "single")
+        assert not single.feasible and "needs" in single.reason
+        assert any(p.plan.kind == "offload" for p in ranked), "offload is listed when one GPU can't hold the model"
+
+
+def test_offload_not_listed_when_the_model_fits():
+    ranked = rank_plans(load_shape("olmoe-1b-7b"), hardware_preset("h100"), Workload())
+    assert {p.plan.kind for p in ranked} == {"single"}
+    assert ranked[0].plan.cuda_graphs, "graph decode is predicted faster than eager"
+
+
+def test_no_plan_fits_names_every_reason(qwen3_235b):
+    tiny_host = dataclasses.replace(hardware_preset("rtx4090"), host_memory_gib=32.0)
+    ranked = rank_plans(qwen3_235b, tiny_host, Workload())
+    with pytest.raises(ValueError, match="no plan fits.*single.*needs.*offload.*host memory"):
+        best_plan(ranked)
+
+
+def test_candidates_by_kind():
+    kinds = {p.kind for p in candidate_plans(hardware_preset("h200x8"), ("ep", "tp"))}
+    assert kinds == {"ep", "tp"}
+    assert {p.gpus for p in candidate_plans(hardware_preset("h200x8"))} == {1, 2, 4, 8}
+
+
+# ---- the plan command ------------------------------------------------------------------------
+
+
+def test_plan_command_prints_and_writes_a_ranked_answer(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "qwen3-235b-a22b", "--hardware", "h200x8", "--batch", "1,32", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | " in printed and "torchrun --nproc-per-node 8" in printed
+    report = json.loads(out.read_text())
+    assert [w["batch"] for w in report["workloads"]] == [1, 32]
+    top = report["workloads"][0]["predictions"][0]
+    assert top["feasible"] and top["memory_gib_per_gpu"] <= 139.8 and top["decode_tokens_per_s"] > 0
+
+
+def test_plan_command_options_and_errors(capsys):
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--gpu-memory", "16GiB", "--plans", "single,offload"]) == 0
+    printed = capsys.readouterr().out
+    assert "16 GiB" in printed and "| 1 | offload (eager)" in printed
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100x8", "--gpus", "2", "--plans", "ep"]) == 0
+    assert "ep x2" in capsys.readouterr().out
+    assert main(["plan", "--model", "no-such-model", "--hardware", "h100"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--hardware", "tpu"]) == 2
+    assert "unknown hardware preset" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["plan", "--model", "qwen3-30b-a3b"]) == 2
+        assert "--hardware" in capsys.readouterr().err
+
+
+# ---- accelerate(devices=..., parallel=...) ---------------------------------------------------
+
+
+def _tiny_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        vocab_size=128, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(devices=[99]), ValueError, "doesn't exist here"),
+        (dict(devices=[0, 0]) if torch.cuda.is_available() else dict(devices=["cuda:7"]), ValueError, "twice|doesn't exist"),
+        (dict(devices="everything"), ValueError, "expected a non-empty list"),
+        (dict(parallel="ep"), ValueError, "torchrun --nproc-per-node N"),
+        (dict(parallel="zigzag"), ValueError, "expected one of"),
+        (dict(devices="cpu", parallel="pp"), ValueError, "needs GPUs"),
+        (dict(devices="cpu", gpu_memory="4GiB"), TypeError, "doesn't combine"),
+    ],
+)
+def test_bad_placement_options_raise_before_anything_changes(options, error, message):
+    model = _tiny_model()
+    with pytest.raises(error, match=message):
+        accelerate(model, **options)
+    assert not is_accelerated(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_auto_devices_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="found no CUDA GPU"):
+        accelerate(_tiny_model(), devices="auto")
+
+
+def test_cpu_placement_runs_and_unpatch_restores():
+    model = _tiny_model()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = model(ids).logits
+    accelerate(model, devices="cpu", cuda_graphs=False)
+    assert placement_of(model).plan.kind == "single"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock, rtol=1e-5, atol=1e-5)
+    unpatch(model)
+    assert placement_of(model) is None and not is_accelerated(model)
+
+
+def test_pipeline_device_map_balances_layers_over_gpus():
+    from transformers import AutoModelForCausalLM
+
+    from hf_moe_accel.bench.presets import PRESETS
+    from hf_moe_accel.placement.pipeline import pipeline_device_map
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(PRESETS["olmoe-1b-7b"](), dtype=torch.bfloat16)
+    device_map = pipeline_device_map(model, {0: 10 * GIB, 1: 10 * GIB})
+    layers = [device_map[f"model.layers.{i}"] for i in range(16)]
+    assert set(layers) == {0, 1} and layers == sorted(layers), "consecutive layers on consecutive GPUs"
+    with pytest.raises(ValueError, match="don't fit in the pipeline's GPUs"):
+        pipeline_device_map(model, {0: 4 * GIB, 1: 4 * GIB})
+
+
+# ---- calibration cache -----------------------------------------------------------------------
+
+
+def test_calibration_cache_round_trip(tmp_path, monkeypatch):
+    from hf_moe_accel.placement import calibrate
+
+    monkeypatch.setenv("HF_MOE_ACCEL_CACHE", str(tmp_path))
+    path = calibrate.cache_path()
+    assert path.parent == tmp_path and path.name.startswith("calibration-")
+    assert calibrate.load_calibration(path) is None
+    path.write_text(json.dumps({"hardware": HARDWARE.to_json(), "seconds": 1.0}))
+    assert calibrate.load_calibration(path) == HARDWARE
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            calibrate.hardware_of_this_machine()
+
+
+# ---- on a GPU --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_calibration_is_quick_and_reused(tmp_path, monkeypatch):
+    import time
+
+    from hf_moe_accel.placement.calibrate import calibrate
+
+    monkeypatch.setenv("HF_MOE_ACCEL_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    measured = calibrate(progress=False)
+    took = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = calibrate(progress=False)
+    assert took < 60, f"calibration took {took:.0f} s"
+    assert time.perf_counter() - start < 1 and cached == measured
+    assert 0.5 < measured.hbm_tb_s < 10 and measured.gemm_tflops > 10 and measured.pcie_gb_s > 1
+    assert math.isfinite(measured.eager_layer_host_us) and measured.eager_layer_host_us > 0
+
+
+@pytest.mark.gpu
+def test_devices_place_the_model_on_a_gpu():
+    model = _tiny_model()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = model(ids).logits
+    accelerate(model, devices=[0], cuda_graphs=False)
+    assert model.device == torch.device("cuda", 0) and placement_of(model).plan.kind == "single"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.cuda()).logits.cpu(), stock, rtol=1e-4, atol=1e-4)
+    unpatch(model)
+    assert model.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_pipeline_over_two_gpus_matches_one():
+    model = _tiny_model()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = model(ids).logits
+    accelerate(model, devices=[0, 1], parallel="pp")
+    assert set(model.hf_device_map.values()) == {0, 1}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.cuda(0)).logits.cpu(), stock, rtol=1e-4, atol=1e-4)
+    unpatch(model)
+    assert model.device.type == "cpu" and not hasattr(model, "hf_device_map")
+
+
+def test_measuring_a_plan_times_generate_and_puts_the_model_back():
+    from hf_moe_accel.placement.measure import PlanMeasurer
+
+    measurer = PlanMeasurer("tiny-qwen3-moe", torch.float32, device=torch.device("cpu"))
+    workload = Workload(batch=2, prompt_len=8, new_tokens=4)
+    for plan in (Plan("single", 1, False), Plan("offload", 1, False)):
+        result = measurer.measure(plan, workload, repeats=1, gpu_memory_gib=0.15)  # part of the experts in slots
+        assert result["decode_tokens_per_s"] > 0 and result["ttft_s"] > 0
+        assert not is_accelerated(measurer.model)
