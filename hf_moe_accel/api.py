@@ -54,6 +54,11 @@ def accelerate(
             "auto" (default when `devices` is given) asks the predictor.
     """
     if is_accelerated(model):
+        asked = {name: value for name, value in (("top_k", top_k), ("expert_threshold", expert_threshold),
+                 ("gpu_memory", gpu_memory), ("offload", offload), ("devices", devices), ("parallel", parallel))
+                 if value is not None}
+        if asked:  # never a silent no-op: the model keeps the options of the first call
+            raise ValueError(f"{type(model).__name__} is already accelerated; call unpatch(model) first to apply {', '.join(asked)}")
         logger.info("%s is already accelerated; nothing to do", type(model).__name__)
         return model
     check_expert_selection(top_k, expert_threshold)  # bad values raise before anything changes

@@ -107,3 +107,10 @@ def test_unserved_dtype_falls_back_to_reference_with_one_warning(fixture_path, c
     warnings = [r for r in caplog.records if "reference path" in r.getMessage()]
     assert len(warnings) == 1 and "float64" in warnings[0].getMessage()
     torch.testing.assert_close(ours, stock, rtol=1e-9, atol=1e-9)
+
+
+def test_accelerate_again_with_new_options_raises(fixture_path):
+    model, _ = load_fixture(fixture_path)
+    accelerate(model, cuda_graphs=False)
+    with pytest.raises(ValueError, match="unpatch"):
+        accelerate(model, top_k=1)
