@@ -88,6 +88,16 @@ class StaticCachePool:
     def __len__(self) -> int:
         return len(self._caches)
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the pooled caches' key and value tensors (allocated at their first prefill)."""
+        return sum(
+            t.numel() * t.element_size()
+            for cache in self._caches.values()
+            for layer in cache.layers
+            if layer.is_initialized
+            for t in (layer.keys, layer.values)
+        )
+
     def _evict(self, cache: StaticCache) -> None:
         if self.on_evict is not None:
             self.on_evict(cache)

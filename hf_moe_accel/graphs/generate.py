@@ -60,10 +60,9 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS) -
         logger.info("hf_moe_accel: %s has no generate() to serve with graphs", type(model).__name__)
         return
     config = model.config.get_text_config(decoder=True)
-    runner_holder: list[DecodeGraphs] = []
-    pool = StaticCachePool(config, on_evict=lambda cache: runner_holder[0].forget(cache))
+    pool = StaticCachePool(config)
     runner = DecodeGraphs(model, pool, backend.capture)
-    runner_holder.append(runner)
+    pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)
 
@@ -83,14 +82,7 @@ def graph_stats(model: nn.Module) -> dict | None:
     state = _state(model)
     if state is None:
         return None
-    kv_bytes = sum(
-        t.numel() * t.element_size()
-        for cache in state.pool._caches.values()
-        for layer in cache.layers
-        if layer.is_initialized
-        for t in (layer.keys, layer.values)
-    )
-    return {**asdict(state.runner.stats), "pooled_caches": len(state.pool), "pooled_kv_cache_bytes": kv_bytes}
+    return {**asdict(state.runner.stats), "pooled_caches": len(state.pool), "pooled_kv_cache_bytes": state.pool.kv_cache_bytes()}
 
 
 def _state(model: nn.Module) -> GraphDecodeState | None:
