@@ -10,7 +10,9 @@ from .graphs import disable_graph_decode, enable_graph_decode
 from .kernels import SERVED_DTYPES
 from .patches.registry import PatchReport, patch_model, unpatch_model
 from .placement.offload import OffloadOptions, apply_offload, plan_offload, remove_offload
-from .placement.place import Devices, Parallel, apply_placement, plan_placement, remove_placement
+from .placement.place import Devices, Parallel, PlacementDecision, apply_placement, plan_placement, remove_placement
+from .placement.distributed import single_device
+from .placement.predictor import Plan
 from .quality.selection import TopK, apply_expert_selection, check_expert_selection
 
 logger = logging.getLogger("hf_moe_accel")
@@ -46,6 +48,7 @@ def accelerate(
         gpu_memory: a GPU budget ("24GiB", "512MB", or bytes) for a model larger than the GPU: non-expert
             weights, KV cache and workspace on the GPU, a cache of expert slots in the rest, all experts in
             pinned host memory; misses run on the CPU or are fetched (load the model with device_map="cpu").
+            A budget that holds every expert (slots left to us) places the whole model on the GPU instead.
         offload: OffloadOptions for gpu_memory (eviction policy, miss policy, prefetch, reserve sizes).
         devices: GPUs to place the model on ([0, 1], "auto" for all, "cpu"); the predictor picks the
             fastest plan that fits. Under torchrun, this rank's GPU (default cuda:LOCAL_RANK).
@@ -68,6 +71,11 @@ def accelerate(
         raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
     offload_setup = plan_offload(model, gpu_memory, offload) if gpu_memory is not None else None
     placement = plan_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
+    if offload_setup is not None and offload_setup.caches_every_expert and _on_one_device(model):
+        logger.info("hf_moe_accel: the whole model fits in gpu_memory (%s): placed on %s, no expert offload",
+                    offload_setup.plan.describe(), offload_setup.device)
+        placement = PlacementDecision(Plan("single", 1, cuda_graphs), (offload_setup.device,), None)
+        offload_setup = None
     # Steps, in order: patch the MoE blocks; expert-selection options; then (placement) where the
     # weights live; graph decode last, since graphs capture the final placement.
     report = patch_model(model)
@@ -125,3 +133,12 @@ def _warn_if_dtype_unserved(model: nn.Module) -> None:
             ", ".join(str(d) for d in SERVED_DTYPES),
             ", ".join(unserved),
         )
+
+
+
+def _on_one_device(model: nn.Module) -> bool:
+    try:
+        single_device(model)
+    except ValueError:  # spread by a device map, or meta tensors: the offload path handles those
+        return False
+    return True

@@ -25,9 +25,14 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     # The built-in default: a real-size preset on a GPU, a tiny one a 2-core CPU runs in seconds.
     preset = args.preset or (None if args.model else ("olmoe-1b-7b" if cuda else "tiny-qwen3-moe"))
-    batches = args.batch or ([1, 8, 32, 128] if cuda else [1, 4])
+    # Offload decodes at PCIe/host speed: fewer, shorter runs by default.
+    if cuda:
+        default_batches, default_new_tokens = ([1, 8, 32], 32) if args.gpu_memory else ([1, 8, 32, 128], 128)
+    else:
+        default_batches, default_new_tokens = [1, 4], 32
+    batches = args.batch or default_batches
     prompt_len = args.prompt_len or (128 if cuda else 32)
-    new_tokens = args.new_tokens or (128 if cuda else 32)
+    new_tokens = args.new_tokens or default_new_tokens
     baselines = tuple(args.stock.split(","))
     if preset is not None and preset not in PRESETS:
         print(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
@@ -35,6 +40,8 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown := sorted(set(baselines) - set(STOCK_BASELINES)):
         print(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}", file=sys.stderr)
         return 2
+    if args.gpu_memory:
+        return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
     options = {"cuda_graphs": not args.no_cuda_graphs}
     if args.top_k is not None:
         options["top_k"] = args.top_k
@@ -55,6 +62,48 @@ def _bench(args: argparse.Namespace) -> int:
     results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
                      accelerate_options=options)
     print(markdown_table(results))
+    _write_outputs(args, results, plot)
+    return 0
+
+
+def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dtype, batches: list[int],
+                   prompt_len: int, new_tokens: int) -> int:
+    """`bench --gpu-memory X`: a model larger than the budget, loaded on the host as users load it;
+    stock with an offloading device map for the same budget, ours, ours fetch-every-miss."""
+    from .bench.ab import Workload
+    from .bench.offload import build_preset_on_host, markdown_table, plot, run_offload_bench
+
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map="cpu").eval()
+        name = args.model
+    else:
+        print(f"building {preset} with random weights in host memory ...")
+        model = build_preset_on_host(preset, dtype, pin_experts=False)  # pageable, as from_pretrained leaves it
+        name = preset
+    print(f"{name} ({dtype}) with a GPU budget of {args.gpu_memory}, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"batches {batches}; stock with an offloading device map runs {args.stock_new_tokens} tokens at batch "
+          f"{min(batches)} only (it copies the offloaded layers at every step)")
+    workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
+    try:
+        rows = run_offload_bench(model, name, args.gpu_memory, workloads, repeats=args.repeats,
+                                 stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)])
+    except ValueError as error:  # a budget too small, or one that holds the whole model
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    for row in rows:
+        if "decode_stats" in row:
+            total = row["decode_stats"]["total"]
+            print(f"{row['system']}, batch {row['batch']}: decode hit rate {100 * total['hit_rate']:.1f}%, "
+                  f"PCIe {total['pcie_bytes'] / 2**20:.1f} MiB, CPU experts {total['cpu_experts']} "
+                  f"({total['cpu_expert_s']:.3f} s), fetched {total['fetched']} (per layer: --json)")
+    _write_outputs(args, rows, plot)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, results: list[dict], plot) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -62,7 +111,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def _version(package: str) -> str:
@@ -137,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--preset", help="random-weight model shape (default: olmoe-1b-7b on a GPU, tiny-qwen3-moe on CPU)")
     source.add_argument("--model", help="path of a local Hugging Face checkpoint")
-    bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,4 on CPU)")
+    bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,8,32 with --gpu-memory, 1,4 on CPU)")
     bench.add_argument("--prompt-len", type=int, help="prompt tokens (default 128 on a GPU, 32 on CPU)")
-    bench.add_argument("--new-tokens", type=int, help="new tokens, forced (default 128 on a GPU, 32 on CPU)")
+    bench.add_argument("--new-tokens", type=int, help="new tokens, forced (default 128 on a GPU, 32 with --gpu-memory or on CPU)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per run; the median is reported")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
     bench.add_argument("--device", choices=["auto", "cpu"], default="auto")
@@ -150,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cuda-graphs", action="store_true", help="ours without CUDA-graph decode (accelerate(cuda_graphs=False))")
     bench.add_argument("--top-k", type=int, help="ours with this many experts per token (accelerate(top_k=...))")
     bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
+    bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "
+                       "offload against stock with an offloading device map and our own fetch-every-miss policy")
+    bench.add_argument("--stock-new-tokens", type=int, default=3,
+                       help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
     bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")
     bench.add_argument("--plot", help="write a bar chart of decode tokens/s to this PNG file (needs matplotlib)")
     bench.set_defaults(run=_bench)

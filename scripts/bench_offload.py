@@ -4,13 +4,14 @@ offload_sweep.png to --out (the JSON after each part, so a cut-off run keeps wha
 
     python scripts/bench_offload.py --out results/offload
 
-Default run (H100 80GB, 128 GiB host; estimated 4-5 minutes): the fixtures' real routing swept
-over cache sizes (~35 s); the qwen3-30b-a3b shape (random weights, 61 GB in bf16, built in
-pageable host memory as from_pretrained(device_map="cpu") leaves it, ~15 s); stock with an
-offloading device map at 16GiB, batch 1 only, 3 tokens (seconds per token, ~40 s); ours at
-gpu_memory 16GiB (pinning the experts ~20 s), batch 1, 8 and 32, 24 new tokens, with the cost
-model and fetch-every-miss (~110 s); then the shape swept over 8/16/32/64 slots per layer at
-batch 1 (~25 s). `--skip fixtures,sweep` keeps the main comparison only.
+Measured on the H100 (2026-11-23), in a run cut off at 400 s: the fixtures' sweep 38 s; pinning
+the experts 41 s; ours and fetch-every-miss (24 new tokens each) 20 s at batch 1 and 55 s at
+batch 8; the rest went to building the qwen3-30b-a3b shape (random weights, 61 GB in bf16, in
+pageable host memory as from_pretrained(device_map="cpu") leaves it), stock with an offloading
+device map at 16GiB (batch 1, 3 tokens) and the unfinished batch 32. Each row is saved
+to offload.json and printed as it is measured. Budget about 10 minutes for everything, or split
+it: `--skip sweep --batch 1,8` first, then `--skip fixtures,main` (the sweep over 8/16/32/64
+slots per layer at batch 1) and `--skip fixtures,sweep --batch 32 --stock-batches ''`.
 Targets (issue 4): qwen3 16GiB batch 1 >= 6 tok/s and >= 1.5x fetch-every-miss.
 """
 
@@ -188,8 +189,15 @@ def main() -> None:
     if "main" not in skip:
         start = time.perf_counter()
         workloads = [Workload(b, args.prompt_len, args.new_tokens) for b in args.batch]
+        results["rows"] = []
+
+        def keep(row: dict) -> None:  # saved as measured: a run cut off keeps its rows
+            results["rows"].append(row)
+            save()
+            print(f"{row['system']} batch {row['batch']}: {row['decode_tokens_per_s'] or 0:.2f} decode tok/s", flush=True)
+
         rows = run_offload_bench(model, args.preset, args.gpu_memory, workloads, repeats=args.repeats,
-                                 stock_batches=args.stock_batches)
+                                 stock_batches=args.stock_batches, on_row=keep)
         results["rows"] = rows
         results["timings_s"]["main"] = time.perf_counter() - start
         ours_1 = next((r for r in rows if r["system"] == "ours" and r["batch"] == 1), None)

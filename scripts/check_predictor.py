@@ -9,8 +9,11 @@
 2. For each shape (random bf16 weights), plan and batch: the predictor's decode tokens/s and time to
    first token from that calibration, then a measured generate() of the same workload (prompt
    --prompt-len, --new-tokens forced, greedy; a full-length warm-up, median of --repeats).
-   Plans: single (CUDA-graph decode), single-eager, offload-16 and offload-32 (`gpu_memory` 16 / 32 GiB).
-Writes OUT/predictor_check.json and OUT/predictor_check.md (the table for docs/BENCHMARKS.md).
+   Plans: single (CUDA-graph decode), single-eager, offload-16 and offload-32 (`gpu_memory` 16 / 32 GiB,
+   accelerate()'s defaults otherwise: a budget that holds every expert runs as the single-GPU plan).
+Each row is printed and OUT/predictor_check.json rewritten as soon as it is measured, so a run cut
+off keeps its rows; --time-limit skips the runs that would not finish in time. At the end,
+OUT/predictor_check.md (the table for docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,19 +29,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from hf_moe_accel.placement.predictor import Plan, Prediction, Workload, predict  # noqa: E402
-from hf_moe_accel.placement.shapes import load_shape  # noqa: E402
+from hf_moe_accel.placement.hardware import Hardware  # noqa: E402
+from hf_moe_accel.placement.predictor import (  # noqa: E402
+    RESERVE_GIB,
+    Plan,
+    Prediction,
+    Workload,
+    predict,
+)
+from hf_moe_accel.placement.shapes import ModelShape, load_shape  # noqa: E402
 
+# cuda_graphs=True for offload as accelerate()'s default: it matters only when the budget holds every expert.
 PLANS = {
     "single": (Plan("single", 1, True), None),
     "single-eager": (Plan("single", 1, False), None),
-    "offload-16": (Plan("offload", 1, False), 16.0),
-    "offload-32": (Plan("offload", 1, False), 32.0),
+    "offload-16": (Plan("offload", 1, True), 16.0),
+    "offload-32": (Plan("offload", 1, True), 32.0),
 }
-# Rough seconds to build a random-weight model of each shape on the GPU, and to move it to the CPU and
-# set up the offload (pageable copies at ~10 GB/s, the experts copied again into pinned memory).
-BUILD_S = {"qwen3-30b-a3b": 30.0, "olmoe-1b-7b": 8.0}
-OFFLOAD_SETUP_S = {"qwen3-30b-a3b": 60.0, "olmoe-1b-7b": 15.0}
+# Seconds of set-up, from the H100 runs of 2026-11-23: building a random-weight model on the GPU
+# (~2 GB/s of initialisation), moving weights between the GPU and the host (pageable, ~6 GB/s), and
+# per offload run its pinning of the experts (61 GB of qwen3 experts took 41 s: ~1.5 GB/s).
+BUILD_GB_S = 2.0
+MOVE_GB_S = 6.0
+PIN_GB_S = 1.5
 
 
 def _list(text: str) -> list[str]:
@@ -55,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-calibration", action="store_true", help="reuse OUT/cache (fails if there is none)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds: skip a run whose expected time would end past this (from the start)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs with their predicted time, measure nothing")
     args = parser.parse_args()
     unknown = sorted(set(args.plans) - set(PLANS))
@@ -82,13 +97,27 @@ def check_calibration(skip: bool) -> dict:
     return {"hardware": measured, "seconds": seconds, "cached_seconds": cached_seconds, "reused": cached == measured}
 
 
-def predicted_run_s(prediction: Prediction, workload: Workload, repeats: int) -> float:
-    """generate() calls of one measurement: a full warm-up, then per repeat a one-token and a full run."""
+def predicted_run_s(prediction: Prediction, workload: Workload, repeats: int, shape: ModelShape) -> float:
+    """One measurement: generate() calls (a full warm-up, then per repeat a one-token and a full run)
+    after the set-up: an offload run starts from the model on the host and pins its experts, or, when
+    the budget holds every expert, places the whole model back on the GPU."""
     full = prediction.ttft_ms / 1e3 + workload.new_tokens * prediction.step_ms / 1e3
-    return full * (1 + repeats) + repeats * prediction.ttft_ms / 1e3
+    calls = full * (1 + repeats) + repeats * prediction.ttft_ms / 1e3
+    if prediction.plan.kind != "offload":
+        return calls
+    to_host = shape.total_bytes / 1e9 / MOVE_GB_S
+    if "offload_round_trips" in prediction.parts_ms:
+        return to_host + shape.experts_total_bytes / 1e9 / PIN_GB_S + calls
+    return 2 * to_host + calls
+
+
+def _run_hardware(hardware: Hardware, gpu_memory: float | None) -> Hardware:
+    """An offload run's budget is `gpu_memory`: the predictor's GPU holds it plus its own reserve."""
+    return hardware.with_gpu_memory(gpu_memory + RESERVE_GIB) if gpu_memory else hardware
 
 
 def main() -> int:
+    started = time.perf_counter()
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,54 +134,62 @@ def main() -> int:
         calibration = check_calibration(args.skip_calibration)
     hardware = calibration["hardware"]
 
-    runs = []
+    runs, shapes = [], {}
     for shape_name in args.shapes:
-        shape = load_shape(shape_name)
+        shape = shapes[shape_name] = load_shape(shape_name)
         for plan_name in args.plans:
             plan, gpu_memory = PLANS[plan_name]
-            stated = hardware.with_gpu_memory(gpu_memory) if gpu_memory else hardware
             for batch in args.batch:
                 workload = Workload(batch, args.prompt_len, args.new_tokens)
-                runs.append((shape_name, plan_name, plan, gpu_memory, workload, predict(shape, stated, plan, workload)))
+                prediction = predict(shape, _run_hardware(hardware, gpu_memory), plan, workload)
+                expected_s = predicted_run_s(prediction, workload, args.repeats, shape) if prediction.feasible else 0.0
+                runs.append((shape_name, plan_name, plan, gpu_memory, workload, prediction, expected_s))
+    # Per shape: build it on the GPU, and move it back there after the offload runs (on the host).
     offloading = any(PLANS[p][0].kind == "offload" for p in args.plans)
-    expected = sum(BUILD_S.get(s, 30.0) + (OFFLOAD_SETUP_S.get(s, 60.0) if offloading else 0.0) for s in args.shapes)
-    expected += sum(predicted_run_s(p, w, args.repeats) for *_, w, p in runs if p.feasible)
+    expected = sum(s.total_bytes / 1e9 * (1 / BUILD_GB_S + (1 / MOVE_GB_S if offloading else 0.0)) for s in shapes.values())
+    expected += sum(run[-1] for run in runs)
     print(f"{len(runs)} runs, expected about {expected / 60:.1f} min of measuring (plus calibration, < 1 min)")
-    for shape_name, plan_name, _, _, workload, prediction in runs:
-        note = f"~{predicted_run_s(prediction, workload, args.repeats):.0f} s" if prediction.feasible else f"skipped: {prediction.reason}"
+    for shape_name, plan_name, _, _, workload, prediction, expected_s in runs:
+        note = f"~{expected_s:.0f} s" if prediction.feasible else f"skipped: {prediction.reason}"
         print(f"  {shape_name} {plan_name} batch {workload.batch}: predicted {prediction.decode_tokens_per_s:,.1f} tok/s, {note}")
     if args.dry_run:
         return 0
 
     from hf_moe_accel.placement.measure import PlanMeasurer
 
-    rows = []
-    for shape_name in args.shapes:
-        measurer = PlanMeasurer(shape_name)
-        for name, plan_name, plan, gpu_memory, workload, prediction in runs:
-            if name != shape_name:
-                continue
-            row = {"shape": name, "plan": plan_name, "batch": workload.batch, "predicted": prediction.as_dict()}
-            if prediction.feasible:
-                measured = measurer.measure(plan, workload, args.repeats, gpu_memory_gib=gpu_memory)
-                row["measured"] = measured
-                row["ratio"] = measured["decode_tokens_per_s"] / prediction.decode_tokens_per_s
-                print(f"{name} {plan_name} batch {workload.batch}: predicted {prediction.decode_tokens_per_s:,.1f}, "
-                      f"measured {measured['decode_tokens_per_s']:,.1f} tok/s ({row['ratio']:.2f}x)", flush=True)
-            else:
-                row["skipped"] = prediction.reason
-            rows.append(row)
-        del measurer
-        torch.cuda.empty_cache()
-
     report = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "calibration": {**{k: v for k, v in calibration.items() if k != "hardware"}, "hardware": hardware.to_json()},
-        "rows": rows,
+        "rows": [],
         "command": " ".join(sys.argv),
     }
-    (out / "predictor_check.json").write_text(json.dumps(report, indent=2))
+    for shape_name in args.shapes:
+        measurer = PlanMeasurer(shape_name)
+        for name, plan_name, plan, gpu_memory, workload, prediction, expected_s in runs:
+            if name != shape_name:
+                continue
+            row = {"shape": name, "plan": plan_name, "batch": workload.batch, "predicted": prediction.as_dict()}
+            elapsed = time.perf_counter() - started
+            if not prediction.feasible:
+                row["skipped"] = prediction.reason
+            elif args.time_limit is not None and elapsed + expected_s > args.time_limit:
+                row["skipped"] = f"expected {expected_s:.0f} s, {args.time_limit - elapsed:.0f} s of --time-limit left"
+                print(f"{name} {plan_name} batch {workload.batch}: {row['skipped']}", flush=True)
+            else:
+                start = time.perf_counter()
+                measured = measurer.measure(plan, workload, args.repeats, gpu_memory_gib=gpu_memory)
+                row["measured"] = measured
+                row["run_s"], row["expected_run_s"] = time.perf_counter() - start, expected_s
+                row["ratio"] = measured["decode_tokens_per_s"] / prediction.decode_tokens_per_s
+                print(f"{name} {plan_name} batch {workload.batch}: predicted {prediction.decode_tokens_per_s:,.1f}, "
+                      f"measured {measured['decode_tokens_per_s']:,.1f} tok/s ({row['ratio']:.2f}x); "
+                      f"run {row['run_s']:.0f} s (expected {expected_s:.0f})", flush=True)
+            report["rows"].append(row)
+            (out / "predictor_check.json").write_text(json.dumps(report, indent=2))
+        del measurer
+        torch.cuda.empty_cache()
+
     (out / "predictor_check.md").write_text(markdown(report))
     print(markdown(report))
     return 0

@@ -1,3 +1,4 @@
+import gc
 import os
 from pathlib import Path
 
@@ -29,3 +30,13 @@ def fixture_path(request) -> Path:
     if not path.is_dir():
         pytest.skip(f"trained fixture {request.param} not found at {path} (expects ../shared/fixtures beside the checkout)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _free_cuda_memory():
+    """Transformers' models hold reference cycles: a dropped model's GPU memory comes back only when
+    the cycle collector runs. Collect after each test so that GPU tests at real shapes don't pile up."""
+    yield
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

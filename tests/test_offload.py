@@ -5,6 +5,7 @@ a GPU): outputs equal to stock, budgets respected, loading and unpatching, stati
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import accelerate as hf_accelerate
@@ -26,6 +27,7 @@ from hf_moe_accel.placement.host_weights import WeightPlacement
 from hf_moe_accel.placement.miss_cost import MissCostModel
 from hf_moe_accel.placement.offload import (
     GRAPHS_BLOCKED_ATTR,
+    is_offloaded,
     offload_plan,
     plan_offload,
     set_miss_policy,
@@ -323,6 +325,28 @@ def test_offload_bench_rows(fixture_path):
     assert not is_accelerated(model) and all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
+    """`hf-moe-accel bench --model PATH --gpu-memory X`: the offload comparison, its table, per-layer JSON, plot."""
+    from hf_moe_accel.cli import main
+
+    out, png = tmp_path / "offload.json", tmp_path / "offload.png"
+    plan = plan_offload(load_fixture(fixture_path)[0], 10**9, OffloadOptions(device="cpu")).plan
+    half = plan.minimum + sum(b * n for b, n in zip(plan.expert_bytes, plan.num_experts)) // 2  # half the experts
+    args = ["bench", "--model", str(fixture_path), "--batch", "1,2", "--prompt-len", "8", "--new-tokens", "3",
+            "--repeats", "1", "--json", str(out), "--plot", str(png)]
+    assert main([*args, "--gpu-memory", "1GiB"]) == 2  # holds the whole model: nothing to offload
+    assert "nothing to offload" in capsys.readouterr().err
+    assert main([*args, "--gpu-memory", str(half)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["system"], r["batch"]) for r in rows] == [
+        ("stock (cpu)", 1), ("ours", 1), ("ours fetch-every-miss", 1), ("ours", 2), ("ours fetch-every-miss", 2)]
+    layers = rows[1]["decode_stats"]["layers"]
+    assert len(layers) == load_fixture(fixture_path)[0].config.num_hidden_layers
+    assert sum(layer["lookups"] for layer in layers.values()) == rows[1]["decode_stats"]["total"]["lookups"] > 0
+    printed = capsys.readouterr().out
+    assert "| ours fetch-every-miss |" in printed and "decode hit rate" in printed and png.stat().st_size > 0
+
+
 def test_failure_halfway_leaves_the_model_as_it_was(fixture_path, monkeypatch):
     from hf_moe_accel.placement import offload
 
@@ -338,7 +362,28 @@ def test_failure_halfway_leaves_the_model_as_it_was(fixture_path, monkeypatch):
 
     monkeypatch.setattr(offload, "ExpertCache", cache_then_fail)
     with pytest.raises(RuntimeError, match="simulated"):
-        accelerate(model, gpu_memory="1GiB", offload=options())
+        accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=2))
     assert not is_accelerated(model) and module_classes(model) == classes
     assert not any("forward" in m.__dict__ for m in expert_modules(model)) and not model._forward_pre_hooks
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_budget_that_holds_every_expert_places_the_model_whole(fixture_path, caplog):
+    """No expert cache when every expert fits (its host round trips would only slow decode and rule
+    out graph decode): the model goes to the device as a whole; with slots asked for, it offloads."""
+    from hf_moe_accel.placement.place import placement_of
+
+    model, _ = load_fixture(fixture_path)
+    sequences = random_sequences(model, 2, 12)
+    with torch.no_grad():
+        stock = model(sequences).logits
+    with caplog.at_level("INFO", logger="hf_moe_accel"):
+        accelerate(model, gpu_memory="1GiB", offload=OffloadOptions(device="cpu"))
+    assert not is_offloaded(model) and placement_of(model).plan.kind == "single"
+    assert "the whole model fits in gpu_memory" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model(sequences).logits, stock, rtol=1e-4, atol=1e-4)
+    unpatch(model)
+    accelerate(model, gpu_memory="1GiB", offload=OffloadOptions(device="cpu", slots_per_layer=2))
+    assert is_offloaded(model)
+    unpatch(model)

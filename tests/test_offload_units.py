@@ -3,6 +3,7 @@ the expert cache's slots and the CPU expert compute (CPU only, fast)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from hf_moe_accel.placement.eviction import (
     policy_factory,
 )
 from hf_moe_accel.placement.expert_cache import ExpertCache, bytes_per_expert
-from hf_moe_accel.placement.miss_cost import CopyLaneClock, MissCostModel, split_misses
+from hf_moe_accel.placement.miss_cost import CopyLaneClock, MissCostModel, calibrate_miss_costs, split_misses
 from hf_moe_accel.placement.transfers import DeviceLanes
 
 CPU = torch.device("cpu")
@@ -219,3 +220,75 @@ def test_copy_lane_clock_backlog_and_spare_copies():
     costs = MissCostModel(fetch_s=1.0, cpu_base_s=1.0, cpu_per_token_s=0.0)
     assert costs.split([1, 1], copy_backlog_s=0.0) == [True, False]
     assert costs.split([1, 1], copy_backlog_s=10.0) == [False, False]
+
+
+def test_removing_an_accelerate_hook_leaves_the_class_forward_in_charge():
+    """accelerate's remove_hook_from_module leaves the forward it wrapped as an instance attribute,
+    which would hide a later class swap (accelerate() after a device_map dispatch was undone)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from hf_moe_accel.placement.host_weights import remove_hook_keeping_class_forward
+
+    module = torch.nn.Linear(2, 2)
+    add_hook_to_module(module, ModelHook())
+    remove_hook_keeping_class_forward(module)
+    assert "forward" not in module.__dict__ and not hasattr(module, "_hf_hook")
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    module.__class__ = Doubled
+    x = torch.ones(1, 2)
+    assert torch.equal(module(x), 2 * torch.nn.functional.linear(x, module.weight, module.bias))
+
+
+@pytest.mark.parametrize("layout", [{}, {"bias": True, "transposed": True, "interleaved": True, "act": "gelu"}])
+def test_cpu_experts_in_float32_match_the_reference_over_chunks(layout, monkeypatch):
+    """bf16 weights upcast a chunk at a time (chunks smaller than one expert, uneven at the end):
+    the float32 way is closer to the float64 truth than the bf16 way, and experts under the
+    crossover still run in bf16."""
+    from hf_moe_accel.placement import cpu_experts
+
+    monkeypatch.setattr(cpu_experts, "_UPCAST_CHUNK_ELEMENTS", 7 * 24)  # 7 output features of 24 inputs a chunk
+    weights = _weights(**layout)
+    half = dataclasses.replace(weights, **{name: getattr(weights, name).bfloat16() for name in
+                                          ("gate_up", "down", "gate_up_bias", "down_bias") if getattr(weights, name) is not None})
+    wide = dataclasses.replace(weights, **{name: getattr(half, name).double() for name in
+                                          ("gate_up", "down", "gate_up_bias", "down_bias") if getattr(half, name) is not None})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, weights.hidden_size, generator=g).bfloat16()
+    groups = [(1, torch.arange(9), torch.rand(9, generator=g)), (4, torch.tensor([2, 5]), torch.rand(2, generator=g))]
+    truth = run_cpu_experts(x.double(), wide, groups).double()
+
+    def error(upcast_from_tokens):
+        out = run_cpu_experts(x, half, groups, upcast_from_tokens)
+        return ((out.double() - truth).norm() / truth.norm()).item()
+
+    native, upcast, mixed = error(math.inf), error(1), error(3)  # mixed: expert 1 (9 rows) upcast, expert 4 (2) not
+    assert upcast < 1e-6 < native < 2e-2
+    assert upcast < mixed < native
+
+
+def test_upcast_crossover_from_the_two_cost_lines():
+    native_only = MissCostModel(fetch_s=1.0, cpu_base_s=0.1, cpu_per_token_s=0.01)
+    assert native_only.upcast_from_tokens == math.inf and native_only.cpu_s(10) == pytest.approx(0.2)
+    slow_native = MissCostModel(1.0, 0.030, 0.001, upcast_base_s=0.002, upcast_per_token_s=0.0005)
+    assert slow_native.upcast_from_tokens == 1 and slow_native.cpu_s(4) == pytest.approx(0.004)
+    # bf16 fast at one token but growing per token (the GEMM runs a token at a time): float32 from 7 tokens
+    per_token_native = MissCostModel(1.0, 0.0002, 0.0007, upcast_base_s=0.0040, upcast_per_token_s=0.0001)
+    assert per_token_native.upcast_from_tokens == 7
+    assert per_token_native.cpu_s(6) == pytest.approx(0.0002 + 6 * 0.0007)
+    assert per_token_native.cpu_s(7) == pytest.approx(0.0040 + 7 * 0.0001)
+    never = MissCostModel(1.0, 0.001, 0.0001, upcast_base_s=0.002, upcast_per_token_s=0.0002)
+    assert never.upcast_from_tokens == math.inf
+
+
+def test_calibration_measures_the_float32_way_for_half_precision_weights():
+    weights = _weights()
+    for dtype, upcast_measured in ((torch.float32, False), (torch.bfloat16, True)):
+        half = dataclasses.replace(weights, gate_up=weights.gate_up.to(dtype), down=weights.down.to(dtype))
+        cache = ExpertCache(half, 0, CPU, LRUPolicy(half.num_experts))
+        costs = calibrate_miss_costs(cache, DeviceLanes(CPU), repeats=1, tokens=4)
+        assert costs.fetch_s == math.inf and costs.cpu_base_s + costs.cpu_per_token_s > 0
+        assert math.isfinite(costs.upcast_base_s) == upcast_measured

@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
+from collections.abc import Callable
 
 import torch
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import find_tied_parameters, retie_parameters
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,13 +30,14 @@ from transformers import AutoModelForCausalLM
 from ..api import accelerate, unpatch
 from ..kernels.spec import Activation
 from ..patches.experts import expert_weights, is_experts_module
-from ..placement.budget import parse_memory_size
+from ..placement.budget import format_bytes, parse_memory_size
 from ..placement.expert_cache import expert_tensors
-from ..placement.host_weights import PinnedArena
+from ..placement.host_weights import PinnedArena, remove_hook_keeping_class_forward
 from ..placement.offload import (
     OffloadOptions,
     offload_miss_costs,
     offload_plan,
+    plan_offload,
     offload_stats,
     reset_offload_stats,
     set_miss_policy,
@@ -131,6 +132,7 @@ def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, repe
             "prefetched_per_token": decode.prefetched / tokens,
             "cpu_expert_s_per_token": decode.cpu_expert_s / tokens,
             "prefill_hit_rate": offload_stats(model, "prefill").total.hit_rate,
+            "decode_stats": offload_stats(model, "decode").as_dict(),  # per layer and overall
         }
     return row
 
@@ -156,14 +158,15 @@ def _dispatch_stock(model: nn.Module, budget: int, device: torch.device) -> dict
 
 
 def _undispatch_stock(model: nn.Module) -> None:
-    remove_hook_from_module(model, recurse=True)  # offloaded tensors come back from the hooks' weights maps
+    for module in model.modules():  # offloaded tensors come back from the hooks' weights maps
+        remove_hook_keeping_class_forward(module)
     model.__dict__.pop("hf_device_map", None)
     model.to("cpu")
     torch.cuda.empty_cache()
 
 
 def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads: list[Workload], new_tokens: int,
-                seed: int) -> list[dict]:
+                seed: int, on_row: Callable[[dict], None] | None) -> list[dict]:
     """Stock with accelerate's offloading dispatch for the budget (on CPU: the plain model), short runs."""
     cuda = device.type == "cuda"
     device_map = _dispatch_stock(model, budget, device) if cuda else None
@@ -182,6 +185,8 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
                 row["pcie_bytes_per_token"] = _offloaded_bytes(model, device_map) / workload.batch
             rows.append({**base, "system": "stock device_map" if cuda else "stock (cpu)", **short.__dict__, **row,
                          "peak_memory_gib": _peak_gib(device)})
+            if on_row:
+                on_row(rows[-1])
     finally:
         if device_map is not None:
             _undispatch_stock(model)
@@ -189,7 +194,7 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
 
 
 def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: list[Workload], repeats: int,
-              options: OffloadOptions, seed: int) -> list[dict]:
+              options: OffloadOptions, seed: int, on_row: Callable[[dict], None] | None) -> list[dict]:
     """Ours with the cost model, then fetch-every-miss, per workload; peak GPU memory since accelerate()."""
     _reset_peak(device)
     accelerate(model, gpu_memory=budget, offload=options)
@@ -203,6 +208,8 @@ def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: l
                 row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True)
                 rows.append({**base, "system": system, **workload.__dict__, **row, "slots_per_layer": list(plan.slots),
                              "miss_costs": costs and dataclasses.asdict(costs)})
+                if on_row:
+                    on_row(rows[-1])
         peak = _peak_gib(device)
         for row in rows:
             row["peak_memory_gib"] = peak  # since accelerate(): weights, slots, every run
@@ -223,6 +230,7 @@ def run_offload_bench(
     stock_batches: list[int] | None = None,
     options: OffloadOptions | None = None,
     seed: int = 0,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One row per (system, workload): decode tokens/s, TTFT, peak GPU memory, and for ours the
     decode hit rate, PCIe bytes, fetches and CPU experts per token, speedups against stock and
@@ -232,17 +240,21 @@ def run_offload_bench(
     weights; `accelerate(gpu_memory=...)` then pins the experts. Stock copies every offloaded layer
     at every step, so it runs `stock_new_tokens` tokens once after a 2-token warm-up, at the
     `stock_batches` only (default: all). Without CUDA the CPU stands in for the GPU side (no
-    speed-up; for checking the command) and "stock" is the plain model on the CPU.
+    speed-up; for checking the command) and "stock" is the plain model on the CPU. `on_row` sees
+    each row as soon as it is measured (a long run that is cut off keeps what it measured).
     """
     budget = parse_memory_size(gpu_memory)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     options = options or OffloadOptions(device=device)
+    if (setup := plan_offload(model, budget, options)).caches_every_expert:
+        raise ValueError(f"{model_name} fits whole in {format_bytes(budget)} ({setup.plan.describe()}): nothing to "
+                         "offload; give a smaller budget, or run the bench without --gpu-memory")
     base = {"model": model_name, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "gpu_memory": budget}
     stock_batches = sorted({w.batch for w in workloads}) if stock_batches is None else stock_batches
     stock_workloads = [w for w in workloads if w.batch in stock_batches]
-    stock = _stock_rows(model, base, budget, device, stock_workloads, stock_new_tokens, seed)
-    rows = _our_rows(model, base, budget, device, workloads, repeats, options, seed)
+    stock = _stock_rows(model, base, budget, device, stock_workloads, stock_new_tokens, seed, on_row)
+    rows = _our_rows(model, base, budget, device, workloads, repeats, options, seed, on_row)
     for row in rows:
         stock_rate = next((s["decode_tokens_per_s"] for s in stock if s["batch"] == row["batch"]), None)
         fetch = next(r for r in rows if r["batch"] == row["batch"] and r["system"] == "ours fetch-every-miss")
@@ -253,7 +265,7 @@ def run_offload_bench(
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["model", "system", "batch", "decode tok/s", "vs stock", "vs fetch-every-miss", "hit rate",
-              "PCIe MiB/token", "CPU experts/token", "peak GiB"]
+              "PCIe MiB/token", "CPU experts/token", "CPU expert ms/token", "peak GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def num(value, fmt):
@@ -266,7 +278,34 @@ def markdown_table(rows: list[dict]) -> str:
             num(r.get("speedup_vs_fetch"), ".2f") + ("x" if r.get("speedup_vs_fetch") else ""),
             num(r.get("hit_rate") and 100 * r["hit_rate"], ".1f") + ("%" if r.get("hit_rate") is not None else ""),
             num(r.get("pcie_bytes_per_token") and r["pcie_bytes_per_token"] / 2**20, ".1f"),
-            num(r.get("cpu_experts_per_token"), ".1f"), num(r.get("peak_memory_gib"), ".2f"),
+            num(r.get("cpu_experts_per_token"), ".1f"),
+            num(r.get("cpu_expert_s_per_token") and 1e3 * r["cpu_expert_s_per_token"], ".2f"),
+            num(r.get("peak_memory_gib"), ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Decode tokens/s per batch for each system (log scale: stock is orders of magnitude slower)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the [dev] extra)") from error
+    batches = sorted({r["batch"] for r in rows})
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6, 2 * len(batches)), 4.5))
+    for i, system in enumerate(systems):
+        rates = {r["batch"]: r["decode_tokens_per_s"] or 0 for r in rows if r["system"] == system}
+        ax.bar([x + i * width for x in range(len(batches))], [rates.get(b, 0) for b in batches], width, label=system)
+    ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set(ylabel="decode tokens/s", yscale="log",
+           title=f"{rows[0]['model']}, GPU budget {rows[0]['gpu_memory'] / 2**30:.0f} GiB: offload decode")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

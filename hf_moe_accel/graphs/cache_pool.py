@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from transformers import PretrainedConfig, StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 MIN_BUCKET = 256
 
@@ -30,15 +30,29 @@ def length_bucket(max_cache_len: int) -> int:
     return bucket
 
 
+def graph_static_cache(config: PretrainedConfig, max_cache_len: int) -> StaticCache:
+    """Transformers' `StaticCache` for `config`, its sliding-window layers swapped for full-length ones.
+
+    A sliding-window layer keeps its write position in a Python int, which a replayed graph never
+    advances. A full-length `StaticLayer` keeps it in a device tensor; the model's sliding-window
+    mask (built from absolute positions over the whole cache) still limits attention to the window,
+    at the cost of `max_cache_len` positions of memory instead of the window's.
+    """
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) if isinstance(layer, StaticSlidingWindowLayer) else layer
+                    for layer in cache.layers]
+    return cache
+
+
 def static_cache_blocker(config: PretrainedConfig) -> str | None:
     """Why this model's static cache can't be replayed by a graph, or None when it can.
 
-    Only plain full-attention `StaticLayer`s keep their write position in a device tensor;
-    sliding-window and linear-attention layers track it in Python, which a replayed graph
-    never updates.
+    Only full-attention `StaticLayer`s keep their write position in a device tensor (sliding-window
+    layers are swapped for them, `graph_static_cache`); linear-attention layers and other kinds
+    track theirs in Python, which a replayed graph never updates.
     """
     try:
-        cache = StaticCache(config=config, max_cache_len=MIN_BUCKET)
+        cache = graph_static_cache(config, MIN_BUCKET)
     except Exception as error:  # configs Transformers can't build a static cache for
         return f"Transformers can't build a static cache for it ({type(error).__name__}: {error})"
     kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
@@ -61,7 +75,7 @@ class StaticCachePool:
         key = (batch_size, length_bucket(max_cache_len))
         cache = self._caches.pop(key, None)
         if cache is None:
-            cache = StaticCache(config=self.config, max_cache_len=key[1])
+            cache = graph_static_cache(self.config, key[1])
         else:
             cache.reset()  # zeroes keys, values and positions in place: tensors (and graphs over them) stay valid
         self._caches[key] = cache

@@ -1,9 +1,11 @@
 """Short microbenchmarks of this machine (well under a minute on a GPU), cached to a JSON file.
 
 Measured: HBM copy bandwidth, bf16 GEMM rate, pinned PCIe bandwidth, the GPU-to-GPU link when the
-process sees several GPUs, the CPU's expert-matmul rates, the GPU time floor per kernel inside a
-CUDA graph, and the host time of our own decode path (a tiny patched model, eager and under graph
-replay). The result is a `Hardware`; later runs read it back from the cache file.
+process sees several GPUs, the CPU's expert-matmul rates, and the time of our own decode path on
+tiny patched models (hidden 256, so their bytes are negligible and what remains is overhead):
+eager host time per layer and per step; under graph replay the host loop, the part of it the GPU
+waits for and the GPU floor per layer; and the offload engine's host round trip per MoE layer.
+The result is a `Hardware`; later runs read it back from the cache file.
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ def calibrate(*, refresh: bool = False, progress: bool = True) -> Hardware:
         ("PCIe bandwidth", lambda: {"pcie_gb_s": _pcie_gb_s(device)}),
         ("GPU link", _link),
         ("CPU expert rate", _cpu_rates),
-        ("kernel gap in a graph", lambda: {"kernel_gap_us": _kernel_gap_us(device)}),
         ("host time of decode", lambda: _host_overheads(device)),
     ]
     measured: dict = {}
@@ -195,22 +196,6 @@ def _cpu_rates(hidden: int = 4096, inner: int = 4096) -> dict:
     return {"cpu_gb_s": stream / 1e9, "cpu_tflops": flops / 1e12}
 
 
-def _kernel_gap_us(device: torch.device, kernels: int = 200) -> float:
-    """GPU time per tiny kernel replayed from a CUDA graph."""
-    x = torch.zeros(1024, device=device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            x.add_(1)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(kernels):
-            x.add_(1)
-    return 1e6 * _gpu_seconds(graph.replay, repeats=10) / kernels
-
-
 def _tiny_model(layers: int, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -240,14 +225,15 @@ def _decode_step_s(model, device: torch.device, steps: int = 24) -> float:
 
 
 def _host_overheads(device: torch.device) -> dict:
-    """Host time per decode step of our path: eager per layer and per step, and under graph replay.
+    """Decode-step overheads of our path, from tiny models whose GPU bytes are negligible.
 
-    Tiny layers make the GPU work negligible, so the step time is the host's. The graph figure is
-    taken only when graph decode actually ran (it replaces the preset's estimate).
+    Eager: 1- and 3-layer models give the host time per layer and per step. Graphs: a 3-layer model
+    is host-bound (its replay hides behind generate()'s loop): the loop's time. 24- and 64-layer
+    models are replay-bound: their slope is the GPU floor per layer, the intercept the host time
+    the replay waits for. Offload: the 3-layer model with every expert in a slot, against eager.
     """
-    from ..api import accelerate
+    from ..api import accelerate, unpatch
     from ..graphs import graph_stats
-    from .predictor import ATTENTION_KERNELS, MOE_KERNELS, STEP_KERNELS
 
     one, three = _tiny_model(1, device), _tiny_model(3, device)
     accelerate(one, cuda_graphs=False)
@@ -255,12 +241,38 @@ def _host_overheads(device: torch.device) -> dict:
     step_one, step_three = _decode_step_s(one, device), _decode_step_s(three, device)
     per_layer = max((step_three - step_one) / 2, 0.0)
     result = {"eager_layer_host_us": 1e6 * per_layer, "eager_step_host_us": 1e6 * max(step_one - per_layer, 0.0)}
-    graphed = _tiny_model(3, device)
-    accelerate(graphed, cuda_graphs=True)
-    step_graph = _decode_step_s(graphed, device)
-    if (graph_stats(graphed) or {}).get("replays", 0) > 0:
-        floor_us = (3 * (ATTENTION_KERNELS + MOE_KERNELS) + STEP_KERNELS) * _kernel_gap_us(device)
-        result["graph_step_host_us"] = max(1e6 * step_graph - floor_us, 0.0)
-    else:
-        logger.warning("hf_moe_accel: graph decode didn't run in calibration; the graph host time stays the preset's")
+    result.update(_offload_round_trip_us(unpatch(three).cpu(), step_three, device))
+    del one, three
+
+    graphed = {}
+    for layers in (3, 24, 64):
+        model = accelerate(_tiny_model(layers, device), cuda_graphs=True)
+        step = _decode_step_s(model, device)
+        if not (graph_stats(model) or {}).get("replays", 0):
+            logger.warning("hf_moe_accel: graph decode didn't run in calibration; the graph figures stay the preset's")
+            return result
+        graphed[layers] = step
+        del model
+    layer_s = max((graphed[64] - graphed[24]) / 40, 0.0)
+    exposed_s = max(graphed[24] - 24 * layer_s, 0.0)
+    if graphed[24] < 1.2 * graphed[3]:
+        logger.warning("hf_moe_accel: the 24-layer graph step (%.2f ms) is barely above the host loop (%.2f ms): "
+                       "the graph floor per layer may be underestimated", 1e3 * graphed[24], 1e3 * graphed[3])
+    result.update(graph_step_host_us=1e6 * graphed[3], graph_layer_us=1e6 * layer_s, graph_host_exposed_us=1e6 * exposed_s)
     return result
+
+
+def _offload_round_trip_us(model, eager_step_s: float, device: torch.device) -> dict:
+    """Per MoE layer, what the offload engine adds to an eager step when every expert is in a slot
+    (so nothing is fetched or computed on the CPU): its host round trip. `model` on the CPU."""
+    from ..api import accelerate, unpatch
+    from .offload import OffloadOptions
+
+    layers = model.config.num_hidden_layers
+    options = OffloadOptions(slots_per_layer=model.config.num_experts, kv_cache_tokens=256, prefill_tokens=64, device=device)
+    model = accelerate(model, gpu_memory="1GiB", offload=options)
+    try:
+        step = _decode_step_s(model, device)
+    finally:
+        unpatch(model)
+    return {"offload_layer_host_us": 1e6 * max(step - eager_step_s, 0.0) / layers}

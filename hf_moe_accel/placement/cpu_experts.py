@@ -4,10 +4,17 @@ Each expert runs on the tokens routed to it only, with the arithmetic of the pla
 (GEMMs in the weights' dtype, routing weight and top-k sum in float32). The work runs on one
 background thread, so the main thread meanwhile queues the GPU side's copies and kernels; torch's
 intra-op thread pool spreads each GEMM over the CPU cores.
+
+CPUs differ widely in half-precision GEMMs: where bf16 has no hardware path, torch's bf16 GEMM
+runs one token at a time, or worse, at a fraction of the memory bandwidth. An expert with at least
+`upcast_from_tokens` tokens therefore runs in float32 instead, its weights upcast a cache-sized
+chunk at a time (never a whole float32 copy); the calibration (`miss_cost`) measures both ways on
+the user's machine and sets the crossover.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,23 +58,51 @@ def plan_cpu_job(topk_ids: torch.Tensor, topk_weights: torch.Tensor, on_cpu: tor
     return CpuExpertsJob(tokens, groups)
 
 
+# Elements of one upcast weight chunk: 4 MiB in float32, which stays in a core's L2/L3 while used.
+_UPCAST_CHUNK_ELEMENTS = 1 << 20
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     out = x @ weight if transposed else F.linear(x, weight)
     return out + bias if bias is not None else out
 
 
+def _project_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """`_project` in float32 (x float32): the weight upcast in chunks of output features, into one
+    buffer (fresh multi-MiB allocations would cost page faults on every call)."""
+    in_features, out_features = weight.shape if transposed else weight.shape[::-1]
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    step = max(1, _UPCAST_CHUNK_ELEMENTS // in_features)
+    buffer = torch.empty(step * in_features, dtype=torch.float32)
+    for start in range(0, out_features, step):
+        part = weight[:, start : start + step] if transposed else weight[start : start + step]
+        chunk = buffer[: part.numel()].view(part.shape).copy_(part)
+        out[:, start : start + part.shape[-1 if transposed else 0]] = x @ chunk if transposed else F.linear(x, chunk)
+    return out + bias.float() if bias is not None else out
+
+
 @torch.no_grad()
 def run_cpu_experts(
-    x: torch.Tensor, weights: ExpertWeights, groups: list[tuple[int, torch.Tensor, torch.Tensor]]
+    x: torch.Tensor,
+    weights: ExpertWeights,
+    groups: list[tuple[int, torch.Tensor, torch.Tensor]],
+    upcast_from_tokens: float = math.inf,
 ) -> torch.Tensor:
-    """x [R, H] on the CPU -> [R, H] float32: for each group, sum of weight * expert(x[rows])."""
+    """x [R, H] on the CPU -> [R, H] float32: for each group, sum of weight * expert(x[rows]). Experts
+    with at least `upcast_from_tokens` rows compute in float32 (weights in half precision only)."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-    x = x.to(weights.gate_up.dtype)
+    native_dtype = weights.gate_up.dtype
+    if native_dtype == torch.float32:
+        upcast_from_tokens = math.inf  # nothing to upcast
+    x_native, x_float = x.to(native_dtype), x.float()
     for expert, rows, routing in groups:
         gate_up_bias = weights.gate_up_bias[expert] if weights.gate_up_bias is not None else None
         down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
-        inter = apply_activation(_project(x[rows], weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
-        y = _project(inter, weights.down[expert], down_bias, weights.transposed)
+        upcast = rows.numel() >= upcast_from_tokens
+        project = _project_upcast if upcast else _project
+        rows_x = (x_float if upcast else x_native)[rows]
+        inter = apply_activation(project(rows_x, weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
+        y = project(inter, weights.down[expert], down_bias, weights.transposed)
         out.index_add_(0, rows, y.float() * routing.unsqueeze(1))
     return out
 
@@ -78,14 +113,15 @@ class CpuExpertsWorker:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_moe_accel-cpu-experts")
 
-    def submit(self, x: torch.Tensor, weights: ExpertWeights, job: CpuExpertsJob) -> Future:
-        return self._pool.submit(_timed_run, x, weights, job.groups)
+    def submit(self, x: torch.Tensor, weights: ExpertWeights, job: CpuExpertsJob,
+               upcast_from_tokens: float = math.inf) -> Future:
+        return self._pool.submit(_timed_run, x, weights, job.groups, upcast_from_tokens)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-def _timed_run(x: torch.Tensor, weights: ExpertWeights, groups) -> tuple[torch.Tensor, float]:
+def _timed_run(x: torch.Tensor, weights: ExpertWeights, groups, upcast_from_tokens: float) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    out = run_cpu_experts(x, weights, groups)
+    out = run_cpu_experts(x, weights, groups, upcast_from_tokens)
     return out, time.perf_counter() - start

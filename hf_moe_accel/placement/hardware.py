@@ -17,6 +17,20 @@ from pathlib import Path
 GIB = 2**30
 
 
+# Defaults of the fields older calibrations lack, derived from H100 measurements of docs/BENCHMARKS.md
+# (the Hardware field defaults; presets take them too):
+# - graph_host_exposed_us 600: profile of an olmoe batch-1 graph step, 0.60 ms of generate()'s loop
+#   with the GPU idle before the 2.93 ms replay.
+# - graph_layer_us 95: that replay less its expert kernels (0.62 ms) is 2.31 ms for 16 attention
+#   blocks; less the 0.78 ms the fused RMSNorm saved since (0.98 ms of unfused norms -> 65 kernels
+#   at ~3 us) and the ~0.2 ms of their weight bytes, 1.33 ms: 83 us per layer; plus the MoE layer's
+#   own floor, 12.5 us (46.0 us graph replay at 1 token against its 33.5 us HBM limit).
+# - offload_layer_host_us 1400: tiny-qwen3-moe (4 layers) with every expert cached decoded at
+#   74.9 tok/s (13.35 ms per step) against ~7.7 ms for the same 4 layers eagerly (calibrated
+#   2.4 ms per step + 1.34 ms per layer): 5.6 ms more, 1.4 ms per MoE layer.
+_GRAPH_AND_OFFLOAD = dict(graph_host_exposed_us=600.0, graph_layer_us=95.0, offload_layer_host_us=1400.0)
+
+
 @dataclass(frozen=True)
 class Hardware:
     """One machine: `gpu_count` identical GPUs, the host CPU, and the overheads of our decode path.
@@ -32,8 +46,13 @@ class Hardware:
     host_memory_gib     host RAM (offloaded experts live there, pinned)
     eager_layer_host_us host time per decoder layer of an eager decode step (launches, Python)
     eager_step_host_us  host time per eager decode step outside the layers (generate(), sampling)
-    graph_step_host_us  host time per decode step under CUDA-graph replay
-    kernel_gap_us       GPU time floor per kernel inside a graph replay (launch latency, tails)
+    graph_step_host_us  host time of generate()'s loop per decode step under CUDA-graph replay
+    graph_host_exposed_us the part of it the GPU waits for (before the replay is launched)
+    graph_layer_us      GPU time per decoder layer of a graph replay beyond its bytes (kernel floors)
+    offload_layer_host_us extra time per MoE layer of the offload engine's host round trip (all hits)
+
+    The last three were added after the first calibrations: cache files without them read as the
+    defaults below (H100 figures, see _GRAPH_AND_OFFLOAD).
     """
 
     name: str
@@ -51,7 +70,9 @@ class Hardware:
     eager_layer_host_us: float
     eager_step_host_us: float
     graph_step_host_us: float
-    kernel_gap_us: float
+    graph_host_exposed_us: float = _GRAPH_AND_OFFLOAD["graph_host_exposed_us"]
+    graph_layer_us: float = _GRAPH_AND_OFFLOAD["graph_layer_us"]
+    offload_layer_host_us: float = _GRAPH_AND_OFFLOAD["offload_layer_host_us"]
     source: str = "preset"
 
     def with_gpus(self, count: int) -> Hardware:
@@ -78,8 +99,11 @@ class Hardware:
 
 # Host figures: eager decode measured on the lent H100 machine (docs/BENCHMARKS.md: olmoe-1b-7b, 16
 # layers, 26.5 ms per step at batch 1 -> about 1.5 ms per layer plus ~2 ms per step); the graph
-# figures are estimates until `scripts/check_predictor.py` measures them. A calibration replaces them.
-_HOST = dict(eager_layer_host_us=1500.0, eager_step_host_us=2000.0, graph_step_host_us=800.0, kernel_gap_us=3.0)
+# step's host loop as the H100 calibration of 2026-11-23 measured it (1.56 ms, a 3-layer tiny model).
+# A calibration replaces them.
+_HOST = dict(eager_layer_host_us=1500.0, eager_step_host_us=2000.0, graph_step_host_us=1500.0)
+# Fields older calibrations and hardware files may still carry; read and ignored.
+RETIRED_FIELDS = frozenset({"kernel_gap_us"})
 # A 16-core server host of the lent machines (bf16 matmul through torch's CPU kernels).
 _SERVER_CPU = dict(cpu_gb_s=20.0, cpu_tflops=0.5)
 
@@ -142,15 +166,16 @@ def hardware_from_json(path: str | Path) -> Hardware:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of hardware fields")
     fields = {f.name: f for f in dataclasses.fields(Hardware)}
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
     unknown = sorted(set(data) - set(fields) - {"base"})
     if unknown:
         raise ValueError(f"{path}: unknown hardware field(s) {', '.join(unknown)}; fields: base, {', '.join(fields)}")
     base = hardware_preset(data.pop("base")).to_json() if "base" in data else {}
     merged = {**base, **data, "source": data.get("source", f"file {path}")}
-    missing = sorted(name for name in fields if name not in merged and name != "source")
+    missing = sorted(name for name, f in fields.items() if name not in merged and f.default is dataclasses.MISSING)
     if missing:
         raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (or give \"base\": a preset to fill them)")
-    for name in fields:
+    for name in merged.keys() & fields.keys():
         if name not in ("name", "gpu_name", "source") and not isinstance(merged[name], (int, float)):
             raise ValueError(f"{path}: field {name} must be a number, got {merged[name]!r}")
     return Hardware(**merged)

@@ -84,6 +84,16 @@ class _DetachedHook:
     added_attributes: dict
 
 
+def remove_hook_keeping_class_forward(module: nn.Module) -> None:
+    """accelerate's `remove_hook_from_module` for one module, without the instance attribute it
+    leaves: it sets `module.forward` to the forward captured when the hook was added, which would
+    hide the class's forward (and so a class swap by `accelerate()`) from then on."""
+    old_forward = getattr(module, "_old_forward", None)
+    remove_hook_from_module(module)
+    if old_forward is not None and module.__dict__.get("forward") is old_forward:
+        del module.__dict__["forward"]
+
+
 class DetachedHooks:
     """accelerate hooks taken off a model's modules, with their offloaded tensors materialised on the host."""
 
@@ -96,11 +106,7 @@ class DetachedHooks:
                 continue
             entry = _DetachedHook(module, hook, getattr(module, "_old_forward", None),
                                   {a: module.__dict__[a] for a in _ADDED_ATTRIBUTES if a in module.__dict__})
-            remove_hook_from_module(module)
-            # remove_hook_from_module leaves the forward captured when the hook was added as an
-            # instance attribute: dropped, so the class's (patched) forward runs.
-            if module.__dict__.get("forward") is entry.old_forward:
-                del module.__dict__["forward"]
+            remove_hook_keeping_class_forward(module)
             self._materialise(module, hook)
             self.entries.append(entry)
         retie_parameters(model, tied)

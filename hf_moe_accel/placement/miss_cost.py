@@ -31,15 +31,31 @@ MISS_POLICIES = ("auto", "fetch", "cpu")
 
 @dataclass(frozen=True)
 class MissCostModel:
-    """Seconds to serve one missed expert: `fetch_s` to copy it into a slot, or
-    `cpu_base_s + cpu_per_token_s * tokens` to compute it on the CPU."""
+    """Seconds to serve one missed expert: `fetch_s` to copy it into a slot, or on the CPU
+    `cpu_base_s + cpu_per_token_s * tokens` in the weights' dtype, or `upcast_base_s +
+    upcast_per_token_s * tokens` in float32 (`cpu_experts`), whichever is less."""
 
     fetch_s: float
     cpu_base_s: float
     cpu_per_token_s: float
+    upcast_base_s: float = math.inf  # inf: never upcast (float32 weights, or not measured)
+    upcast_per_token_s: float = 0.0
 
     def cpu_s(self, tokens: int) -> float:
-        return self.cpu_base_s + self.cpu_per_token_s * tokens
+        native = self.cpu_base_s + self.cpu_per_token_s * tokens
+        return min(native, self.upcast_base_s + self.upcast_per_token_s * tokens)
+
+    @property
+    def upcast_from_tokens(self) -> float:
+        """The fewest tokens from which the float32 way is the faster one (inf: never)."""
+        if not math.isfinite(self.upcast_base_s):
+            return math.inf
+        if self.upcast_base_s + self.upcast_per_token_s < self.cpu_base_s + self.cpu_per_token_s:
+            return 1
+        saved_per_token = self.cpu_per_token_s - self.upcast_per_token_s
+        if saved_per_token <= 0:
+            return math.inf
+        return math.floor((self.upcast_base_s - self.cpu_base_s) / saved_per_token) + 1
 
     def fetch_is_faster(self, tokens: int) -> bool:
         return self.fetch_s <= self.cpu_s(tokens)
@@ -113,10 +129,18 @@ def _median_time(run: Callable[[], None], lanes: DeviceLanes, repeats: int) -> f
     return statistics.median(times[1:])
 
 
+def _line(one: float, many: float, tokens: int) -> tuple[float, float]:
+    """(base, per token) seconds through the times on 1 and on `tokens` tokens."""
+    per_token = max(0.0, (many - one) / (tokens - 1))
+    return max(0.0, one - per_token), per_token
+
+
 @torch.no_grad()
 def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16) -> MissCostModel:
-    """Time the copy of one expert into (still empty) slot 0 and its CPU compute on 1 and on `tokens`
-    tokens; a layer without slots can't fetch (fetch_s = inf). A few milliseconds."""
+    """Time the copy of one expert into (still empty) slot 0, and its CPU compute on 1 and on `tokens`
+    tokens in the weights' dtype and (half-precision weights) in float32; a layer without slots
+    can't fetch (fetch_s = inf). Milliseconds on a fast CPU; a few tenths of a second on one whose
+    half-precision GEMMs are slow."""
     host = cache.host
     fetch_s = math.inf
     if cache.num_slots > 0:
@@ -126,7 +150,14 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(host.gate_up.dtype)
     ones = torch.ones(tokens)
     first_row = torch.zeros(1, dtype=torch.int64)
-    one = _median_time(lambda: run_cpu_experts(x[:1], host, [(0, first_row, ones[:1])]), lanes, repeats)
-    many = _median_time(lambda: run_cpu_experts(x, host, [(0, torch.arange(tokens), ones)]), lanes, repeats)
-    per_token = max(0.0, (many - one) / (tokens - 1))
-    return MissCostModel(fetch_s=fetch_s, cpu_base_s=max(0.0, one - per_token), cpu_per_token_s=per_token)
+
+    def line(upcast_from_tokens: float) -> tuple[float, float]:
+        one = _median_time(lambda: run_cpu_experts(x[:1], host, [(0, first_row, ones[:1])], upcast_from_tokens),
+                           lanes, repeats)
+        many = _median_time(lambda: run_cpu_experts(x, host, [(0, torch.arange(tokens), ones)], upcast_from_tokens),
+                            lanes, repeats)
+        return _line(one, many, tokens)
+
+    cpu_base_s, cpu_per_token_s = line(math.inf)
+    upcast = line(1) if host.gate_up.dtype != torch.float32 else (math.inf, 0.0)
+    return MissCostModel(fetch_s, cpu_base_s, cpu_per_token_s, *upcast)

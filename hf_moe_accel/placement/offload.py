@@ -117,6 +117,12 @@ class OffloadSetup:
     experts: list[tuple[str, nn.Module]]
     expert_tensor_names: dict[nn.Module, list[str]]
 
+    @property
+    def caches_every_expert(self) -> bool:
+        """The budget holds every expert and the user left the slot count to us: an expert cache
+        would only add its per-layer host round trips (and rule out graph decode)."""
+        return self.options.slots_per_layer is None and self.plan.slots == self.plan.num_experts
+
 
 def plan_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOptions | None = None) -> OffloadSetup:
     """Validate the budget and options and split the budget; raises ValueError/TypeError, changes nothing."""
@@ -181,11 +187,10 @@ class OffloadEngine:
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
         self._warned_workload = False
 
-    def _calibrate(self) -> MissCostModel | None:
+    def _calibrate(self) -> MissCostModel:
+        # A layer with slots times the fetch too; without any, every miss runs on the CPU (fetch_s inf).
         with_slots = [layer.cache for layer in self.layers if layer.cache.num_slots > 0]
-        if not with_slots:
-            return None  # nothing can be fetched: every miss runs on the CPU
-        costs = calibrate_miss_costs(with_slots[0], self.lanes)
+        costs = calibrate_miss_costs((with_slots or [self.layers[0].cache])[0], self.lanes)
         logger.info("hf_moe_accel: miss costs %s", costs)
         return costs
 

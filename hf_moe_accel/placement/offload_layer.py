@@ -16,6 +16,7 @@ Per forward (all sizes on the host after one sync that brings the routing over):
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,7 +126,9 @@ class OffloadedLayer:
         else:  # many tokens: only the rows the CPU needs come over
             x = hidden.index_select(0, rows).cpu()
             stats.d2h_bytes += x.numel() * x.element_size()
-        return rows, self.engine.cpu_worker.submit(x, self.cache.host, job)
+        costs = self.engine.cost_model
+        upcast_from_tokens = costs.upcast_from_tokens if costs is not None else math.inf
+        return rows, self.engine.cpu_worker.submit(x, self.cache.host, job, upcast_from_tokens)
 
     def _run_on_slots(self, hidden, ids, top_k_weights, hits, hit_slots, to_fetch, out, stats) -> None:
         """The fused kernel over the slots: the hits with as many fetches as the other slots hold, then

@@ -11,11 +11,11 @@ import logging
 
 import torch
 from accelerate import dispatch_model, infer_auto_device_map
-from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import get_balanced_memory
 from torch import nn
 
 from .distributed import UndoLog, single_device
+from .host_weights import remove_hook_keeping_class_forward
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -55,7 +55,8 @@ def apply_pipeline(model: nn.Module, device_map: dict[str, int]) -> UndoLog:
     undo = UndoLog()
 
     def restore() -> None:
-        remove_hook_from_module(model, recurse=True)
+        for module in model.modules():
+            remove_hook_keeping_class_forward(module)
         model.to(home)
         if previous_map is None:
             model.__dict__.pop("hf_device_map", None)

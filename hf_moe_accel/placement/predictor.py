@@ -1,12 +1,25 @@
 """The cost model: predicted decode tokens/s and memory per GPU of each plan, from sizes and rates.
 
-A decode step streams weights and KV cache from HBM (or computes, when the batch is large), pays
-a fixed GPU time per kernel, and on top of that host time: under CUDA-graph replay only
-generate()'s per-step work, eagerly every layer's Python and launches. Our eager path syncs the
-host inside each MoE layer, so eager host and GPU times add rather than overlap (with the h100
-preset, the whole-model eager figures of docs/BENCHMARKS.md, olmoe-1b-7b at batch 1, 8, 32, are
-predicted 1%, 6% and 9% high; adding them as max() would be 30% high at batch 32).
-Multi-GPU plans add their collectives; offload adds PCIe fetches or CPU expert compute.
+A decode step streams weights and KV cache from HBM (or computes, when the batch is large), and
+pays host time on top:
+
+- CUDA-graph decode: the replay's GPU time is the streamed bytes plus a floor per decoder layer
+  (its ~30 small kernels each cost a few us even when their bytes are tiny: `graph_layer_us`).
+  generate()'s loop on the host syncs once per step; the part of it before the replay is launched
+  (`graph_host_exposed_us`) adds to the replay, the rest runs while the GPU replays, so the step is
+  max(host loop, exposed host + replay).
+- Eager decode: every layer's Python and launches (`eager_layer_host_us`) plus the GPU work.
+- Offload: eager, plus each MoE layer's host round trip (routing to the host, slot lookup, results
+  back: `offload_layer_host_us`), during which the GPU waits, and the misses' PCIe fetches or CPU
+  compute. A budget that holds every expert runs as the single-GPU plan (accelerate() places the
+  whole model then).
+Multi-GPU plans add their collectives.
+
+KV traffic follows the cache Transformers uses: eager decode's DynamicCache concatenates each new
+token (reading and writing the whole cache) before attention reads it: 3x the cache. Graph decode's
+static cache is read at its full length bucket (graphs/cache_pool.py), and with its mask
+Transformers' SDPA path expands grouped KV heads to every query head (repeat_kv: written once and
+read once at g x the size, g = query heads per KV head).
 
 Expert traffic assumes uniform routing (random-weight benchmark models): a layer touches
 E * (1 - (1 - k/E)^B) distinct experts at batch B. Trained models route with skew; pass a
@@ -15,10 +28,20 @@ measured cache hit rate in `Workload.hit_rate` for offload.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+from transformers import PretrainedConfig
+from transformers.integrations import sdpa_attention
+
+from ..graphs.cache_pool import length_bucket
+
+# Whether Transformers' SDPA path folds grouped query heads for one-token decode (no repeat_kv copies).
+SDPA_PACKS_GQA = hasattr(sdpa_attention, "pack_gqa")
+from .budget import MemoryPlan, plan_memory, reserve_bytes
 from .hardware import GIB, Hardware
 from .shapes import ModelShape
 
@@ -35,18 +58,9 @@ STREAM_EFFICIENCY = 0.92
 # cuBLAS matmul; dense projections nearer cuBLAS's rate.
 MOE_GEMM_EFFICIENCY = 0.6
 DENSE_GEMM_EFFICIENCY = 0.85
-# Kernels per decode step, each paying `kernel_gap_us` of GPU time in a graph: the MoE layer is
-# router linear, routing, sort, gate/up, down (its ~15 us above the HBM limit at 1 token fits 5 gaps);
-# an attention block with its norms, rotary, cache update and residuals about 16; the step's
-# embedding, final norm, head and token choice about 10.
-MOE_KERNELS = 5
-ATTENTION_KERNELS = 16
-STEP_KERNELS = 10
 # Host time of one collective call (eager) and of accelerate's device-alignment hooks per layer.
 COLLECTIVE_HOST_US = 30.0
 PIPELINE_HOOK_HOST_US = 80.0
-# Host time per MoE layer of the offload path (cache lookup, splitting hits from misses).
-OFFLOAD_HOST_US = 100.0
 # CUDA context, cuBLAS workspace and allocator slack on each GPU.
 RESERVE_GIB = 1.0
 # Expected maximum of n standard normals (load of the busiest expert-parallel rank).
@@ -171,15 +185,33 @@ def _expert_params(shape: ModelShape) -> float:
     return shape.expert_bytes / shape.dtype_bytes
 
 
-def _dense_s(shape: ModelShape, hw: Hardware, tokens: int, context: int, *, attention_share: float = 1.0, kv_share: float = 1.0) -> float:
-    """Attention, norms, routers, shared/dense MLPs, embedding rows and head for `tokens` decode tokens."""
+def kv_traffic_bytes(shape: ModelShape, workload: Workload, batch: int, cuda_graphs: bool) -> tuple[float, float]:
+    """(KV cache bytes attention reads, bytes moved in all) of one decode step, by the cache decode uses.
+
+    Eager (DynamicCache): torch.cat rewrites the cache with each new token, then attention reads it.
+    Graphs (static cache): the whole length bucket is read under the mask; with grouped KV heads,
+    Transformers versions without `pack_gqa` (before 5.2x) expand them with repeat_kv, whose copies
+    to every query head SDPA then reads; later ones fold the query heads of a group instead.
+    """
+    if not cuda_graphs:
+        read = shape.kv_bytes(batch, workload.mean_context)
+        return read, 3 * read
+    read = shape.kv_bytes(batch, length_bucket(workload.max_context))
+    group = shape.num_heads / shape.num_kv_heads
+    return read, read * (1 + 2 * group) if group > 1 and not SDPA_PACKS_GQA else read
+
+
+def _dense_s(shape: ModelShape, hw: Hardware, tokens: int, kv: tuple[float, float], *, attention_share: float = 1.0,
+             kv_share: float = 1.0) -> float:
+    """Attention, norms, routers, shared/dense MLPs, embedding rows and head for `tokens` decode tokens;
+    `kv` from `kv_traffic_bytes` (read, moved)."""
     weights = shape.attention_bytes * attention_share + shape.other_bytes + shape.lm_head_bytes
-    kv = shape.kv_bytes(tokens, context) * kv_share
+    kv_read, kv_moved = kv[0] * kv_share, kv[1] * kv_share
     embed_rows = tokens * shape.hidden_size * shape.dtype_bytes
     # Scores and weighted sum: 2 FLOPs per (query head x key element); queries share each KV head.
     group = shape.num_heads / shape.num_kv_heads
-    flops = 2 * tokens * weights / shape.dtype_bytes + 2 * group * kv / shape.dtype_bytes
-    return _stream_s(weights + kv + embed_rows, flops, hw, DENSE_GEMM_EFFICIENCY)
+    flops = 2 * tokens * weights / shape.dtype_bytes + 2 * group * kv_read / shape.dtype_bytes
+    return _stream_s(weights + kv_moved + embed_rows, flops, hw, DENSE_GEMM_EFFICIENCY)
 
 
 def _moe_s(shape: ModelShape, hw: Hardware, experts_read: float, pairs: float, share: float = 1.0) -> float:
@@ -189,15 +221,24 @@ def _moe_s(shape: ModelShape, hw: Hardware, experts_read: float, pairs: float, s
     return _stream_s(nbytes, flops, hw, MOE_GEMM_EFFICIENCY)
 
 
-def _kernel_floor_s(shape: ModelShape, hw: Hardware) -> float:
-    kernels = shape.num_layers * ATTENTION_KERNELS + shape.moe_layers * MOE_KERNELS + STEP_KERNELS
-    return kernels * hw.kernel_gap_us * 1e-6
-
-
-def _host_s(shape: ModelShape, hw: Hardware, cuda_graphs: bool, extra_layer_us: float = 0.0) -> float:
-    if cuda_graphs:
-        return hw.graph_step_host_us * 1e-6
+def _eager_host_s(shape: ModelShape, hw: Hardware, extra_layer_us: float = 0.0) -> float:
     return (shape.num_layers * (hw.eager_layer_host_us + extra_layer_us) + hw.eager_step_host_us) * 1e-6
+
+
+def _step_parts(shape: ModelShape, hw: Hardware, cuda_graphs: bool, gpu_parts: dict[str, float],
+                extra_layer_us: float = 0.0) -> dict[str, float]:
+    """The step's parts (seconds, summing to the step) given its GPU work `gpu_parts`.
+
+    Graphs: the replay adds a floor per layer; the host loop's exposed part precedes the replay and
+    the rest overlaps it, so "host" is what the loop adds beyond the replay. `extra_layer_us`: host
+    time per layer of the plan's own calls (eager only; a graph replays them).
+    """
+    if not cuda_graphs:
+        return {**gpu_parts, "host": _eager_host_s(shape, hw, extra_layer_us)}
+    parts = {**gpu_parts, "kernel_floor": shape.num_layers * hw.graph_layer_us * 1e-6}
+    replay = sum(parts.values())
+    parts["host"] = max(hw.graph_host_exposed_us * 1e-6, hw.graph_step_host_us * 1e-6 - replay)
+    return parts
 
 
 def _allreduce_s(hw: Hardware, nbytes: float, n: int) -> float:
@@ -233,7 +274,7 @@ def _prefill_s(shape: ModelShape, hw: Hardware, workload: Workload, batch: int, 
         DENSE_GEMM_EFFICIENCY,
     )
     moe = _moe_s(shape, hw, touched_experts(shape, tokens), tokens * shape.top_k, share)
-    return dense + moe + _host_s(shape, hw, cuda_graphs=False)
+    return dense + moe + _eager_host_s(shape, hw)
 
 
 # ---- plans -----------------------------------------------------------------------------------
@@ -258,11 +299,10 @@ def _result(plan, workload, step_s, ttft_s, memory_bytes, hw, parts, reason="") 
 
 
 def _predict_single(shape, hw, plan, workload) -> Prediction:
-    batch, context = workload.batch, workload.mean_context
-    gpu = _dense_s(shape, hw, batch, context) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
-    parts = {"gpu": gpu, "host": _host_s(shape, hw, plan.cuda_graphs)}
-    if plan.cuda_graphs:
-        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    batch = workload.batch
+    kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
+    gpu = _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
+    parts = _step_parts(shape, hw, plan.cuda_graphs, {"gpu": gpu})
     memory = shape.total_bytes + shape.kv_bytes(batch, workload.max_context) + _workspace_bytes(shape, workload)
     return _result(plan, workload, sum(parts.values()), _prefill_s(shape, hw, workload, batch), memory, hw, parts)
 
@@ -274,9 +314,10 @@ def _predict_pipeline(shape, hw, plan, workload) -> Prediction:
     if n > shape.num_layers:
         return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=f"{n} stages for {shape.num_layers} layers")
     # The stages run one after another: the single-GPU work, plus a hop of the hidden states per boundary.
-    gpu = _dense_s(shape, hw, batch, workload.mean_context) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
+    kv = kv_traffic_bytes(shape, workload, batch, cuda_graphs=False)
+    gpu = _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k)
     hops = (n - 1) * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, 2)
-    parts = {"gpu": gpu, "transfer": hops, "host": _host_s(shape, hw, False, PIPELINE_HOOK_HOST_US)}
+    parts = _step_parts(shape, hw, False, {"gpu": gpu, "transfer": hops}, PIPELINE_HOOK_HOST_US)
     # accelerate balances the layers by memory; the embedding and head sit on the end stages.
     per_stage = (shape.total_bytes + shape.kv_bytes(batch, workload.max_context)) / n
     memory = per_stage + max(shape.embedding_bytes, shape.lm_head_bytes) / 2 + _workspace_bytes(shape, workload)
@@ -291,11 +332,10 @@ def _predict_expert_parallel(shape, hw, plan, workload) -> Prediction:
     p_touched = 1.0 - (1.0 - shape.top_k / shape.num_experts) ** batch
     busiest_read = min(local_experts, _busiest_share(local_experts * p_touched, n))
     busiest_pairs = _busiest_share(batch * shape.top_k / n, n)
-    gpu = _dense_s(shape, hw, batch, workload.mean_context) + _moe_s(shape, hw, busiest_read, busiest_pairs)
+    kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
+    gpu = _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, busiest_read, busiest_pairs)
     comm = shape.moe_layers * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, n)
-    parts = {"gpu": gpu, "allreduce": comm, "host": _host_s(shape, hw, plan.cuda_graphs, COLLECTIVE_HOST_US)}
-    if plan.cuda_graphs:
-        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    parts = _step_parts(shape, hw, plan.cuda_graphs, {"gpu": gpu, "allreduce": comm}, COLLECTIVE_HOST_US)
     memory = (
         shape.non_expert_bytes
         + shape.moe_layers * local_experts * shape.expert_bytes
@@ -325,13 +365,12 @@ def _predict_tensor_parallel(shape, hw, plan, workload) -> Prediction:
     if refusal:
         return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=refusal)
     kv_share = 1.0 / n if shape.num_kv_heads >= n else 1.0 / shape.num_kv_heads
-    gpu = _dense_s(shape, hw, batch, workload.mean_context, attention_share=1.0 / n, kv_share=kv_share)
+    kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
+    gpu = _dense_s(shape, hw, batch, kv, attention_share=1.0 / n, kv_share=kv_share)
     gpu += _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k, share=1.0 / n)
     # One all-reduce after attention's output projection, one after the experts.
     comm = (shape.num_layers + shape.moe_layers) * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, n)
-    parts = {"gpu": gpu, "allreduce": comm, "host": _host_s(shape, hw, plan.cuda_graphs, 2 * COLLECTIVE_HOST_US)}
-    if plan.cuda_graphs:
-        parts["kernel_floor"] = _kernel_floor_s(shape, hw)
+    parts = _step_parts(shape, hw, plan.cuda_graphs, {"gpu": gpu, "allreduce": comm}, 2 * COLLECTIVE_HOST_US)
     memory = (
         shape.non_expert_bytes
         - shape.attention_bytes * (1 - 1.0 / n)
@@ -352,24 +391,49 @@ def _predict_data_parallel(shape, hw, plan, workload) -> Prediction:
     return _result(plan, workload, one.step_ms / 1e3, one.ttft_ms / 1e3, memory, hw, parts)
 
 
+def offload_memory_plan(shape: ModelShape, hw: Hardware, workload: Workload) -> MemoryPlan:
+    """The offload engine's own split of the budget (placement/budget.py) for this workload: the GPU's
+    memory less RESERVE_GIB, a reserve sized for batch x (prompt + new tokens) of KV cache and a
+    batch x prompt prefill, expert slots in the rest. ValueError when the budget is too small.
+
+    The reserve is estimated from the shape's head sizes as the engine does from the config (MLA's
+    separate key/value head sizes are not in the shape: its KV figure is approximate there)."""
+    config = PretrainedConfig(
+        hidden_size=shape.hidden_size, num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, num_hidden_layers=shape.num_layers, num_experts_per_tok=shape.top_k,
+        vocab_size=shape.vocab_size,
+    )
+    dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}.get(shape.dtype_bytes, torch.bfloat16)
+    reserve = reserve_bytes(config, dtype, kv_cache_tokens=workload.batch * workload.max_context,
+                            prefill_tokens=workload.batch * workload.prompt_len, expert_inner=shape.expert_inner)
+    budget = int((hw.gpu_memory_gib - RESERVE_GIB) * GIB)
+    layers = shape.moe_layers
+    return plan_memory(budget, int(shape.non_expert_bytes), reserve, [int(shape.expert_bytes)] * layers, [shape.num_experts] * layers)
+
+
 def offload_slots_per_layer(shape: ModelShape, hw: Hardware, workload: Workload) -> float:
-    """Experts per MoE layer the GPU budget holds beside the non-expert weights, KV cache and workspace."""
-    fixed = shape.non_expert_bytes + shape.kv_bytes(workload.batch, workload.max_context) + _workspace_bytes(shape, workload)
-    free = (hw.gpu_memory_gib - RESERVE_GIB) * GIB - fixed
-    return min(float(shape.num_experts), max(0.0, free / (shape.expert_bytes * shape.moe_layers)))
+    """Expert slots per MoE layer (mean over layers) the offload engine gives this budget; 0 when it can't run."""
+    try:
+        plan = offload_memory_plan(shape, hw, workload)
+    except ValueError:
+        return 0.0
+    return sum(plan.slots) / len(plan.slots)
 
 
 def _predict_offload(shape, hw, plan, workload) -> Prediction:
     batch = workload.batch
-    fixed = shape.non_expert_bytes + shape.kv_bytes(batch, workload.max_context) + _workspace_bytes(shape, workload)
-    if fixed / GIB + RESERVE_GIB > hw.gpu_memory_gib:
-        reason = f"non-expert weights, KV cache and workspace need {fixed / GIB + RESERVE_GIB:.1f} GiB, the GPU has {hw.gpu_memory_gib:.1f}"
-        return _result(plan, workload, 1.0, 1.0, fixed, hw, {}, reason=reason)
-    slots = offload_slots_per_layer(shape, hw, workload)
+    try:
+        memory_plan = offload_memory_plan(shape, hw, workload)
+    except ValueError as error:
+        return _result(plan, workload, 1.0, 1.0, shape.non_expert_bytes, hw, {}, reason=str(error))
+    slots = sum(memory_plan.slots) / len(memory_plan.slots)
+    if slots >= shape.num_experts:  # accelerate() then places the whole model on the GPU, graph decode on
+        single = _predict_single(shape, hw, Plan("single", 1, True), workload)
+        return dataclasses.replace(single, plan=plan)
     host_needed = shape.moe_layers * (shape.num_experts - slots) * shape.expert_bytes
     if host_needed > 0.9 * hw.host_memory_gib * GIB:
         reason = f"the offloaded experts need {host_needed / GIB:.0f} GiB of host memory, the host has {hw.host_memory_gib:.0f}"
-        return _result(plan, workload, 1.0, 1.0, fixed, hw, {}, reason=reason)
+        return _result(plan, workload, 1.0, 1.0, memory_plan.total, hw, {}, reason=reason)
     hit = workload.hit_rate if workload.hit_rate is not None else slots / shape.num_experts
     touched = touched_experts(shape, batch)
     misses = touched * (1.0 - hit)
@@ -382,13 +446,15 @@ def _predict_offload(shape, hw, plan, workload) -> Prediction:
     on_cpu = min(misses, max(0.0, (gpu_layer + misses * fetch) / (fetch + cpu))) if misses else 0.0
     layer = max(gpu_layer + (misses - on_cpu) * fetch, on_cpu * cpu)
     parts = {
-        "gpu": _dense_s(shape, hw, batch, workload.mean_context),
+        "gpu": _dense_s(shape, hw, batch, kv_traffic_bytes(shape, workload, batch, cuda_graphs=False)),
         "experts": shape.moe_layers * layer,
-        "host": _host_s(shape, hw, False, OFFLOAD_HOST_US * shape.moe_layers / shape.num_layers),
+        # Each MoE layer syncs with the host (routing over, slot lookup, results back): its host work
+        # runs while the GPU waits, so it adds to the step instead of overlapping.
+        "offload_round_trips": shape.moe_layers * hw.offload_layer_host_us * 1e-6,
+        "host": _eager_host_s(shape, hw),
     }
-    memory = fixed + slots * shape.moe_layers * shape.expert_bytes
     ttft = _prefill_s(shape, hw, workload, batch) + shape.moe_layers * misses * fetch
-    return _result(plan, workload, sum(parts.values()), ttft, memory, hw, parts)
+    return _result(plan, workload, sum(parts.values()), ttft, memory_plan.total, hw, parts)
 
 
 _PREDICTORS = {
