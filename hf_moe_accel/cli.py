@@ -173,8 +173,19 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
         "MoE blocks patched": str(len(report.experts)),
         "routers fused": f"{len(report.routers)} of {len(report.experts)}",
         "RMSNorms fused": "checked when the weights are loaded (each norm is verified against the kernel's formula)",
+        "grouped-query decode": _decode_gqa_summary(report.decode_gqa_folded),
         "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
     }
+
+
+def _decode_gqa_summary(folded: bool) -> str:
+    from .patches.attention import TRANSFORMERS_FOLDS_GQA
+
+    if folded:
+        return "one-token queries folded onto their KV heads by hf_moe_accel (no repeat_kv copies)"
+    if TRANSFORMERS_FOLDS_GQA:
+        return "Transformers folds one-token queries onto their KV heads itself (pack_gqa)"
+    return "as Transformers runs it (no grouped KV heads, or not the sdpa implementation)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,37 +82,21 @@ def _bytes_s(nbytes: float) -> float:
     return nbytes / (1e12 * STREAM_EFFICIENCY)
 
 
-@pytest.fixture(autouse=True)
-def _repeat_kv_transformers(monkeypatch):
-    """The hand-worked figures assume a Transformers whose SDPA path expands grouped KV heads with
-    repeat_kv (5.17, the GPU machines'); newer ones fold the query heads (see the test below)."""
-    from hf_moe_accel.placement import predictor
-
-    monkeypatch.setattr(predictor, "SDPA_PACKS_GQA", False)
-
-
-def test_kv_traffic_follows_the_cache_decode_uses(monkeypatch):
+def test_kv_traffic_follows_the_cache_decode_uses():
     # Eager, DynamicCache: mean context 15 tokens x 2000 B read, and torch.cat rewrote it first.
     assert kv_traffic_bytes(SHAPE, ONE, 1, cuda_graphs=False) == (30000, 90000)
-    # Graphs, static cache: the 256-token bucket read; 8 query heads on 2 KV heads: repeat_kv writes
-    # and SDPA reads 4x copies, so 1 + 2 x 4 times the cache moves.
-    assert kv_traffic_bytes(SHAPE, ONE, 1, cuda_graphs=True) == (512000, 9 * 512000)
-    mha = dataclasses.replace(SHAPE, num_kv_heads=8)
-    assert kv_traffic_bytes(mha, ONE, 1, cuda_graphs=True) == (512000, 512000)
-    assert kv_traffic_bytes(SHAPE, Workload(batch=1, prompt_len=200, new_tokens=100), 3, cuda_graphs=True)[0] == 3 * 512 * 2000
-    from hf_moe_accel.placement import predictor
-
-    monkeypatch.setattr(predictor, "SDPA_PACKS_GQA", True)  # query heads folded: no copies
+    # Graphs, static cache: the 256-token bucket read once (grouped heads folded, no repeat_kv copies).
     assert kv_traffic_bytes(SHAPE, ONE, 1, cuda_graphs=True) == (512000, 512000)
+    assert kv_traffic_bytes(SHAPE, Workload(batch=1, prompt_len=200, new_tokens=100), 3, cuda_graphs=True)[0] == 3 * 512 * 2000
 
 
 def test_single_gpu_step_by_hand():
     # Batch 1: 2 of 10 experts touched per layer.
     experts = 2 * 2 * 1e6  # two layers, two experts each
     weights = 4e6 + 1e6 + 2e6 + 1000 * 2  # attention + other + head + one embedding row
-    graph_gpu = _bytes_s(weights + 9 * 512000) + _bytes_s(experts)  # KV as in the test above
+    graph_gpu = _bytes_s(weights + 512000) + _bytes_s(experts)  # KV as in the test above
     graphs = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
-    # The replay (bytes + 2 layers x 20 us) is 57 us, under the 100 us host loop: the loop bounds the step.
+    # The replay (bytes + 2 layers x 20 us) is under the 100 us host loop: the loop bounds the step.
     assert graph_gpu + 40e-6 < 60e-6
     assert graphs.step_ms / 1e3 == pytest.approx(100e-6)
     assert graphs.parts_ms["kernel_floor"] == pytest.approx(2 * 20e-3)
@@ -145,7 +129,7 @@ def test_expert_parallel_busiest_rank_reads_more_than_its_mean_share():
     ep = predict(SHAPE, HARDWARE, Plan("ep", 2, True), ONE)
     # 5 local experts, each touched with p = 0.2 at batch 1: mean 1, busiest of 2 ranks 1 + 0.5642.
     busiest_bytes = 2 * (1 + 0.5642) * 1e6
-    dense = 4e6 + 1e6 + 2e6 + 9 * 512000 + 2000  # graph decode's KV traffic, as in the single-GPU test
+    dense = 4e6 + 1e6 + 2e6 + 512000 + 2000  # graph decode's KV traffic, as in the single-GPU test
     assert ep.parts_ms["gpu"] / 1e3 == pytest.approx(_bytes_s(dense) + _bytes_s(busiest_bytes))
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from .adapter import FamilyAdapter
 from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn, is_experts_module
 from .families import ADAPTERS
+from .attention import apply_decode_gqa, remove_decode_gqa
 from .norms import patch_norms
 from .router import patch_router
 from .swap import is_swapped, restore, swap_forward
@@ -32,6 +33,7 @@ class PatchReport:
     routers: list[str] = field(default_factory=list)
     families: set[str] = field(default_factory=set)
     norms: list[str] = field(default_factory=list)  # RMSNorm modules running the fused kernel
+    decode_gqa_folded: bool = False  # one-token grouped-query attention without repeat_kv copies
 
 
 def supported_families() -> list[str]:
@@ -105,6 +107,7 @@ def patch_model(model: nn.Module) -> PatchReport:
             if router is not None and patch_router(router, adapter):
                 report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
         report.norms = patch_norms(model)
+        report.decode_gqa_folded = apply_decode_gqa(model)
     except BaseException:
         unpatch_model(model)  # all or nothing: never leave a half-patched model
         raise
@@ -112,7 +115,8 @@ def patch_model(model: nn.Module) -> PatchReport:
 
 
 def unpatch_model(model: nn.Module) -> None:
-    """Put every swapped module of `model` back to its original class."""
+    """Put every swapped module of `model` back to its original class, and its attention implementation."""
+    remove_decode_gqa(model)
     for module in model.modules():
         if is_swapped(module):
             restore(module)

@@ -17,9 +17,8 @@ Multi-GPU plans add their collectives.
 
 KV traffic follows the cache Transformers uses: eager decode's DynamicCache concatenates each new
 token (reading and writing the whole cache) before attention reads it: 3x the cache. Graph decode's
-static cache is read at its full length bucket (graphs/cache_pool.py), and with its mask
-Transformers' SDPA path expands grouped KV heads to every query head (repeat_kv: written once and
-read once at g x the size, g = query heads per KV head).
+static cache is read at its full length bucket (graphs/cache_pool.py), once (grouped query heads
+folded onto their KV head, not copied out by repeat_kv).
 
 Expert traffic assumes uniform routing (random-weight benchmark models): a layer touches
 E * (1 - (1 - k/E)^B) distinct experts at batch B. Trained models route with skew; pass a
@@ -35,12 +34,8 @@ from typing import Literal
 
 import torch
 from transformers import PretrainedConfig
-from transformers.integrations import sdpa_attention
 
 from ..graphs.cache_pool import length_bucket
-
-# Whether Transformers' SDPA path folds grouped query heads for one-token decode (no repeat_kv copies).
-SDPA_PACKS_GQA = hasattr(sdpa_attention, "pack_gqa")
 from .budget import MemoryPlan, plan_memory, reserve_bytes
 from .hardware import GIB, Hardware
 from .shapes import ModelShape
@@ -189,16 +184,15 @@ def kv_traffic_bytes(shape: ModelShape, workload: Workload, batch: int, cuda_gra
     """(KV cache bytes attention reads, bytes moved in all) of one decode step, by the cache decode uses.
 
     Eager (DynamicCache): torch.cat rewrites the cache with each new token, then attention reads it.
-    Graphs (static cache): the whole length bucket is read under the mask; with grouped KV heads,
-    Transformers versions without `pack_gqa` (before 5.2x) expand them with repeat_kv, whose copies
-    to every query head SDPA then reads; later ones fold the query heads of a group instead.
+    Graphs (static cache): the whole length bucket is read under the mask, once: grouped query heads
+    are folded onto their KV head (Transformers' `pack_gqa`, or `patches/attention.py` where it
+    lacks it), not expanded by repeat_kv.
     """
     if not cuda_graphs:
         read = shape.kv_bytes(batch, workload.mean_context)
         return read, 3 * read
     read = shape.kv_bytes(batch, length_bucket(workload.max_context))
-    group = shape.num_heads / shape.num_kv_heads
-    return read, read * (1 + 2 * group) if group > 1 and not SDPA_PACKS_GQA else read
+    return read, read
 
 
 def _dense_s(shape: ModelShape, hw: Hardware, tokens: int, kv: tuple[float, float], *, attention_share: float = 1.0,
