@@ -427,3 +427,16 @@ def test_measuring_a_plan_times_generate_and_puts_the_model_back():
         result = measurer.measure(plan, workload, repeats=1, gpu_memory_gib=0.15)  # part of the experts in slots
         assert result["decode_tokens_per_s"] > 0 and result["ttft_s"] > 0
         assert not is_accelerated(measurer.model)
+
+
+def test_decode_overhead_calibration_runs_on_the_cpu_stand_in(caplog):
+    """The calibration's decode-path step (tiny models: eager per layer and step, the offload round
+    trip with every expert in a slot) runs end to end on the CPU; its graph figures need CUDA and
+    keep the preset's, with a warning."""
+    from hf_moe_accel.placement.calibrate import _host_overheads
+
+    with caplog.at_level("WARNING", logger="hf_moe_accel"):
+        measured = _host_overheads(torch.device("cpu"))
+    assert set(measured) == {"eager_layer_host_us", "eager_step_host_us", "offload_layer_host_us"}
+    assert all(value >= 0 for value in measured.values()) and measured["eager_layer_host_us"] > 0
+    assert "graph figures stay the preset's" in caplog.text

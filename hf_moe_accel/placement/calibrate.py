@@ -213,11 +213,15 @@ def _decode_step_s(model, device: torch.device, steps: int = 24) -> float:
     """Seconds per decode step of a greedy generate() at batch 1 (one-token run subtracted)."""
     ids = torch.randint(1, 1000, (1, 16), device=device)
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def run(new: int) -> float:
-        torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize(device)
+        sync()
         return time.perf_counter() - start
 
     run(steps)  # compiles the kernels, captures the graphs
