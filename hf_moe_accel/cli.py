@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from importlib import metadata
@@ -12,6 +11,7 @@ import torch
 
 from .cli_args import DTYPES as _DTYPES
 from .cli_args import int_list as _int_list
+from .cli_args import write_outputs
 from .placement import cli as placement_cli
 from .quality import cli as quality_cli
 
@@ -62,7 +62,7 @@ def _bench(args: argparse.Namespace) -> int:
     results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
                      accelerate_options=options)
     print(markdown_table(results))
-    _write_outputs(args, results, plot)
+    write_outputs(args, results, plot)
     return 0
 
 
@@ -99,18 +99,8 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
             print(f"{row['system']}, batch {row['batch']}: decode hit rate {100 * total['hit_rate']:.1f}%, "
                   f"PCIe {total['pcie_bytes'] / 2**20:.1f} MiB, CPU experts {total['cpu_experts']} "
                   f"({total['cpu_expert_s']:.3f} s), fetched {total['fetched']} (per layer: --json)")
-    _write_outputs(args, rows, plot)
+    write_outputs(args, rows, plot)
     return 0
-
-
-def _write_outputs(args: argparse.Namespace, results: list[dict], plot) -> None:
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(results, args.plot)
-        print(f"wrote {args.plot}")
 
 
 def _version(package: str) -> str:

@@ -1,8 +1,10 @@
-"""Argument types shared by the subcommands of `hf-moe-accel`."""
+"""Argument types and output files shared by the subcommands of `hf-moe-accel`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 
 import torch
 
@@ -18,3 +20,14 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def write_outputs(args: argparse.Namespace, results, plot: Callable[[object, str], None]) -> None:
+    """The `--json FILE` and `--plot FILE.png` a subcommand was asked for, each said when written."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")

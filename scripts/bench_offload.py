@@ -44,6 +44,7 @@ from hf_moe_accel.bench.offload import (
 from hf_moe_accel.bench.timing import timed_generate
 from hf_moe_accel.placement.miss_cost import MissCostModel
 from hf_moe_accel.placement.offload import offload_plan
+from hf_moe_accel.plotting import pyplot
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -136,11 +137,7 @@ def preset_sweep(model, name: str, slots: list[int], gpu_memory: str, args, devi
 
 
 def plot(sweeps: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (hits, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for model in dict.fromkeys(p["model"] for p in sweeps):
         points = sorted((p for p in sweeps if p["model"] == model), key=lambda p: p["cached_fraction"])

@@ -19,13 +19,13 @@ import cProfile
 import io
 import json
 import pstats
-import time
 from pathlib import Path
 
 import torch
 
 from hf_moe_accel import OffloadOptions, accelerate, offload_stats, reset_offload_stats, unpatch
 from hf_moe_accel.bench.offload import build_preset_on_host
+from hf_moe_accel.bench.timing import forced_greedy, timed_generate
 from hf_moe_accel.placement.offload import offload_plan
 
 
@@ -34,18 +34,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_ms(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
-    """ms per decode step: a generate() of `new_tokens` less one of a single token, over the rest."""
-    def seconds(tokens: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=0)
-        _sync(device)
-        return time.perf_counter() - start
-
-    seconds(new_tokens)  # warm-up
-    return 1e3 * (min(seconds(new_tokens) for _ in range(2)) - min(seconds(1) for _ in range(2))) / (new_tokens - 1)
+def _step_ms(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """ms per decode step (from the first logits on) of a greedy generate(), best of two after a warm-up."""
+    timed_generate(model, ids, new_tokens)
+    return 1e3 * min(timed_generate(model, ids, new_tokens)[1] for _ in range(2)) / (new_tokens - 1)
 
 
 def main() -> None:
@@ -69,7 +61,7 @@ def main() -> None:
 
     if cuda:  # the baseline: the same layers on the GPU, eager (what offload runs when every expert hits)
         accelerate(model.to(device), cuda_graphs=False)
-        report["resident_eager_step_ms"] = _step_ms(model, ids, args.steps, device)
+        report["resident_eager_step_ms"] = _step_ms(model, ids, args.steps)
         unpatch(model).to("cpu")
         torch.cuda.empty_cache()
 
@@ -77,15 +69,13 @@ def main() -> None:
     accelerate(model, gpu_memory="70GiB" if cuda else "8GiB",
                offload=OffloadOptions(slots_per_layer=slots, device=device, kv_cache_tokens=2048, prefill_tokens=1024))
     report["cached_fraction"] = sum(offload_plan(model).slots) / (experts * len(offload_plan(model).slots))
-    report["offload_step_ms"] = _step_ms(model, ids, args.steps, device)
+    report["offload_step_ms"] = _step_ms(model, ids, args.steps)
     if "resident_eager_step_ms" in report:
         report["extra_ms_per_moe_layer"] = (report["offload_step_ms"] - report["resident_eager_step_ms"]) / args.layers
     reset_offload_stats(model)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.steps, min_new_tokens=args.steps,
-                  do_sample=False, pad_token_id=0)
     host = cProfile.Profile()
     host.enable()
-    model.generate(ids, **kwargs)
+    forced_greedy(model, ids, args.steps)
     _sync(device)
     host.disable()
     report["decode_stats"] = offload_stats(model, "decode").as_dict()["total"]
@@ -95,7 +85,7 @@ def main() -> None:
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        model.generate(ids, **kwargs)
+        forced_greedy(model, ids, args.steps)
         _sync(device)
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / "offload_trace.json"))

@@ -226,15 +226,19 @@ NO_EXPERT_CASES = [
 ]
 
 
+def _with_pairs_dropped(case: Case, path: str, pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, reference) on the case's routing with the `pattern` of pairs marked -1."""
+    weights = make_weights(case)
+    x, ids, topk_weights = make_routing(case)
+    ids, topk_weights = drop_pairs(ids, topk_weights, pattern)
+    return fused_experts_triton(x, weights, ids, topk_weights, path=path), experts_reference(x, weights, ids, topk_weights)
+
+
 @pytest.mark.parametrize("pattern", ["none", "some", "all"])
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("case", NO_EXPERT_CASES, ids=str)
 def test_no_expert_pairs_match_reference(case: Case, path: str, pattern: str) -> None:
-    weights = make_weights(case)
-    x, ids, topk_weights = make_routing(case)
-    ids, topk_weights = drop_pairs(ids, topk_weights, pattern)
-    out = fused_experts_triton(x, weights, ids, topk_weights, path=path)
-    ref = experts_reference(x, weights, ids, topk_weights)
+    out, ref = _with_pairs_dropped(case, path, pattern)
     assert not out.isnan().any()
     if pattern == "all":
         assert not out.any()
@@ -322,11 +326,7 @@ def test_bf16_on_gpu(path: str, tokens: int, layout: str) -> None:
 @pytest.mark.parametrize("pattern", ["some", "all"])
 def test_no_expert_pairs_bf16_on_gpu(path: str, pattern: str) -> None:
     case = Case(tokens=33, top_k=4, experts=32, hidden=512, inter=384, dtype=torch.bfloat16)
-    weights = make_weights(case)
-    x, ids, topk_weights = make_routing(case)
-    ids, topk_weights = drop_pairs(ids, topk_weights, pattern)
-    out = fused_experts_triton(x, weights, ids, topk_weights, path=path)
-    ref = experts_reference(x, weights, ids, topk_weights)
+    out, ref = _with_pairs_dropped(case, path, pattern)
     assert not out.isnan().any()
     assert (not out.any()) if pattern == "all" else rel_error(out, ref) < TOLERANCE[torch.bfloat16]
 

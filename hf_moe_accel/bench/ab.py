@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..api import accelerate, unpatch
 from ..graphs import graph_stats
+from ..plotting import pyplot
 from .hbm import decode_step_bytes
 from .timing import GenerateTiming, copy_bandwidth_bytes_per_s, time_generate
 
@@ -38,17 +39,6 @@ def _prompt(model, workload: Workload, device: torch.device, seed: int) -> torch
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(1, vocab, (workload.batch, workload.prompt_len), generator=generator)
     return ids.to(device)
-
-
-def greedy_agreement(model, input_ids: torch.Tensor, new_tokens: int, **accelerate_options) -> float:
-    """Fraction of greedy tokens ours shares with stock (same positions), on one prompt batch."""
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    mask = torch.ones_like(input_ids)
-    stock = model.generate(input_ids, attention_mask=mask, **kwargs)
-    accelerate(model, **accelerate_options)
-    ours = model.generate(input_ids, attention_mask=mask, **kwargs)
-    unpatch(model)
-    return (stock[:, input_ids.shape[1] :] == ours[:, input_ids.shape[1] :]).float().mean().item()
 
 
 def _time_stock(model, input_ids, workload: Workload, baseline: str, repeats: int) -> dict:
@@ -174,13 +164,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def plot(results: list[dict], path: str) -> None:
     """Decode tokens/s per batch: each stock baseline, ours, and the HBM limit where known."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the [dev] extra)") from error
+    plt = pyplot()
     baselines = list(results[0]["stock"]["baselines"])
     series = {f"stock {b}": [_best(r["stock"]["baselines"][b].values()) for r in results] for b in baselines}
     series["hf-moe-accel"] = [r["ours"] for r in results]

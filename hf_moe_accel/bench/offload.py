@@ -37,11 +37,12 @@ from ..placement.offload import (
     OffloadOptions,
     offload_miss_costs,
     offload_plan,
-    plan_offload,
     offload_stats,
+    plan_offload,
     reset_offload_stats,
     set_miss_policy,
 )
+from ..plotting import pyplot
 from .ab import Workload
 from .presets import PRESETS
 from .timing import timed_generate
@@ -288,13 +289,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """Decode tokens/s per batch for each system (log scale: stock is orders of magnitude slower)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the [dev] extra)") from error
+    plt = pyplot()
     batches = sorted({r["batch"] for r in rows})
     systems = list(dict.fromkeys(r["system"] for r in rows))
     width = 0.8 / len(systems)

@@ -47,22 +47,27 @@ class _FirstLogitsClock(LogitsProcessor):
         return scores
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float]:
-    """(seconds to the first logits, seconds from there to the last token) of one generate() call."""
-    device = input_ids.device
-    clock = _FirstLogitsClock(device)
-    _sync(device)
-    start = time.perf_counter()
-    model.generate(
+def forced_greedy(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> torch.Tensor:
+    """generate() of exactly `new_tokens` greedy tokens after unpadded prompts `input_ids` [B, P]
+    (the benchmarks' and evals' workload): [B, P + new_tokens]."""
+    return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
-        logits_processor=LogitsProcessorList([clock]),
         **generate_kwargs,
     )
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float]:
+    """(seconds to the first logits, seconds from there to the last token) of one generate() call."""
+    device = input_ids.device
+    clock = _FirstLogitsClock(device)
+    _sync(device)
+    start = time.perf_counter()
+    forced_greedy(model, input_ids, new_tokens, logits_processor=LogitsProcessorList([clock]), **generate_kwargs)
     _sync(device)
     end = time.perf_counter()
     return clock.first_logits_at - start, end - clock.first_logits_at

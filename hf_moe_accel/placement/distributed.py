@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,21 @@ def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(size, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
+
+
+@contextmanager
+def _moving_to(model: nn.Module, device: torch.device) -> Iterator[UndoLog]:
+    """An undo log for the changes made in the block, whose last step moves `model` back to its
+    device; the model goes to `device` after the block, and an error undoes all done so far."""
+    home = single_device(model)
+    undo = UndoLog()
+    undo.push(lambda: model.to(home))
+    try:
+        yield undo
+        model.to(device)
+    except BaseException:
+        undo.undo()
+        raise
 
 
 def single_device(model: nn.Module) -> torch.device:
@@ -153,20 +169,13 @@ def shard_expert_parallel(model: nn.Module, device: torch.device, group: dist.Pr
     num_experts = {(m.gate_up_proj if m.has_gate else m.up_proj).shape[0] for m in experts_modules}
     if min(num_experts) < world:
         raise ValueError(f"expert parallel over {world} ranks needs at least {world} experts per layer; this model has {min(num_experts)}")
-    home = single_device(model)
-    undo = UndoLog()
-    undo.push(lambda: model.to(home))
-    try:
+    with _moving_to(model, device) as undo:
         for experts in experts_modules:
             total = (experts.gate_up_proj if experts.has_gate else experts.up_proj).shape[0]
             start, end = split_range(total, world, rank)
             _experts_slice(experts, start, end, device, undo)
             _add_hook(experts.register_forward_pre_hook(_local_ids_hook(start, end), with_kwargs=True), undo)
             _add_hook(experts.register_forward_hook(_all_reduce_output(group)), undo)
-        model.to(device)
-    except BaseException:
-        undo.undo()
-        raise
     return undo
 
 
@@ -309,10 +318,7 @@ def shard_tensor_parallel(model: nn.Module, device: torch.device, group: dist.Pr
         raise ValueError(f"tensor parallel shards q/k/v/o attention; {what} has another layout: use parallel='ep'")
     tensor_parallel_heads(config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads, world, rank)
     experts_modules = [m for m in model.modules() if is_experts_module(m)]
-    home = single_device(model)
-    undo = UndoLog()
-    undo.push(lambda: model.to(home))
-    try:
+    with _moving_to(model, device) as undo:
         for attention in attentions:
             _shard_attention(attention, config, rank, world, device, group, undo)
         for experts in experts_modules:
@@ -323,15 +329,11 @@ def shard_tensor_parallel(model: nn.Module, device: torch.device, group: dist.Pr
             _inner_slice(experts, start, end, size, rank, device, undo)
             _add_hook(experts.register_forward_pre_hook(_refuse_training, with_kwargs=True), undo)
             _add_hook(experts.register_forward_hook(_all_reduce_output(group)), undo)
-        model.to(device)
-    except BaseException:
-        undo.undo()
-        raise
     return undo
 
 
 def replicate(model: nn.Module, device: torch.device) -> UndoLog:
-    """Data parallel: this rank holds the whole model on `device`."""
+    """Data parallel: this rank holds the whole model on `device` (in one process: the single-GPU plan)."""
     home = single_device(model)
     undo = UndoLog()
     undo.push(lambda: model.to(home))

@@ -217,10 +217,7 @@ def apply_placement(model: nn.Module, decision: PlacementDecision) -> None:
     """Put the (patched) model where `decision` says; `remove_placement` undoes it."""
     plan, devices = decision.plan, decision.devices
     if plan.kind == "single":
-        home = single_device(model)
-        undo = UndoLog()
-        undo.push(lambda: model.to(home))
-        model.to(devices[0])
+        undo = replicate(model, devices[0])
     elif plan.kind == "pp":
         from .pipeline import apply_pipeline, pipeline_device_map
 

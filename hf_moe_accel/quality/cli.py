@@ -4,12 +4,12 @@ checkpoint for each static top-k and expert threshold, beside the full model."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from ..cli_args import DTYPES as _DTYPES
+from ..cli_args import write_outputs
 
 
 def _numbers(kind: type, text: str) -> list:
@@ -81,11 +81,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = {"model": args.model, "text": args.text, **result}
     print(markdown_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(args, result, plot)
     return 0

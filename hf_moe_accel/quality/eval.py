@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import accelerate, unpatch
-from ..bench.timing import time_generate
+from ..bench.timing import forced_greedy, time_generate
 from ..patches.experts import is_experts_module
 from .selection import check_expert_selection
 
@@ -107,19 +107,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch: int, progress: bo
 
 
 @torch.no_grad()
-def greedy_continuation(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """prompts [B, P] -> prompts followed by `new_tokens` greedy tokens [B, P + new_tokens]."""
-    return model.generate(
-        prompts,
-        attention_mask=torch.ones_like(prompts),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-    )
-
-
-@torch.no_grad()
 def greedy_agreement(model: nn.Module, sequences: torch.Tensor, prompt_len: int) -> float:
     """Share of the tokens after `prompt_len` in `sequences` that are `model`'s greedy next token."""
     logits = model(sequences[:, :-1]).logits[:, prompt_len - 1 :]
@@ -178,7 +165,7 @@ def evaluate(model: nn.Module, token_ids: torch.Tensor, settings: Sequence[Setti
         with applied(model, setting):
             pass
     data = prepare_data(token_ids, config, device)
-    reference = greedy_continuation(model, data.prompts, config.new_tokens)  # stock greedy tokens
+    reference = forced_greedy(model, data.prompts, config.new_tokens)  # stock greedy tokens
     speed_prompts = data.prompts.repeat(-(-config.speed_batch // config.prompts), 1)[: config.speed_batch]
     rows = []
     for setting in tqdm(settings, desc="settings", unit="setting", disable=not progress):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot
+
 
 def markdown_table(result: dict) -> str:
     rows = result["settings"]
@@ -29,13 +31,7 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: str | Path, title: str = "") -> None:
     """Perplexity and greedy agreement against decode tokens/s (or experts per token without speed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("--plot needs matplotlib: pip install 'hf-moe-accel[plot]'") from error
+    plt = pyplot()
     rows = result["settings"]
     has_speed = all("decode_tokens_per_s" in r for r in rows)
     x_key, x_label = ("decode_tokens_per_s", "decode tokens/s") if has_speed else ("experts_per_token", "experts per token")
