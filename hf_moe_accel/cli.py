@@ -72,7 +72,16 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     stock with an offloading device map for the same budget, ours, ours fetch-every-miss."""
     from .bench.ab import Workload
     from .bench.offload import build_preset_on_host, markdown_table, plot, run_offload_bench
+    from .placement.budget import parse_memory_size
 
+    try:  # before a model of tens of GB is built or loaded
+        parse_memory_size(args.gpu_memory)
+    except (TypeError, ValueError) as error:
+        print(f"error: --gpu-memory: {error}", file=sys.stderr)
+        return 2
+    if args.stock_new_tokens < 2:
+        print("error: --stock-new-tokens must be at least 2 (a first token, then decode)", file=sys.stderr)
+        return 2
     if args.model:
         from transformers import AutoModelForCausalLM
 

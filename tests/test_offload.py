@@ -336,6 +336,10 @@ def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
             "--repeats", "1", "--json", str(out), "--plot", str(png)]
     assert main([*args, "--gpu-memory", "1GiB"]) == 2  # holds the whole model: nothing to offload
     assert "nothing to offload" in capsys.readouterr().err
+    assert main([*args, "--gpu-memory", "12G"]) == 2  # refused before the model is loaded
+    assert "can't read memory size '12G'" in capsys.readouterr().err
+    assert main([*args, "--gpu-memory", str(half), "--stock-new-tokens", "1"]) == 2
+    assert "--stock-new-tokens must be at least 2" in capsys.readouterr().err
     assert main([*args, "--gpu-memory", str(half)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["system"], r["batch"]) for r in rows] == [

@@ -258,14 +258,15 @@ def test_cpu_experts_in_float32_match_the_reference_over_chunks(layout, monkeypa
                                           ("gate_up", "down", "gate_up_bias", "down_bias") if getattr(half, name) is not None})
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, weights.hidden_size, generator=g).bfloat16()
-    groups = [(1, torch.arange(9), torch.rand(9, generator=g)), (4, torch.tensor([2, 5]), torch.rand(2, generator=g))]
+    groups = [(1, torch.arange(9), torch.rand(9, generator=g)), (4, torch.tensor([2, 5]), torch.rand(2, generator=g)),
+              (0, torch.tensor([7]), torch.rand(1, generator=g))]  # one token
     truth = run_cpu_experts(x.double(), wide, groups).double()
 
     def error(upcast_from_tokens):
         out = run_cpu_experts(x, half, groups, upcast_from_tokens)
         return ((out.double() - truth).norm() / truth.norm()).item()
 
-    native, upcast, mixed = error(math.inf), error(1), error(3)  # mixed: expert 1 (9 rows) upcast, expert 4 (2) not
+    native, upcast, mixed = error(math.inf), error(1), error(3)  # mixed: expert 1 (9 rows) upcast, 4 and 0 not
     assert upcast < 1e-6 < native < 2e-2
     assert upcast < mixed < native
 
