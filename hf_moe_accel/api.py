@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from .graphs import disable_graph_decode, enable_graph_decode
+from .graphs import check_compile_decode, disable_graph_decode, enable_graph_decode
 from .kernels import SERVED_DTYPES
 from .patches.registry import PatchReport, patch_model, unpatch_model
 from .placement.offload import OffloadOptions, apply_offload, plan_offload, remove_offload
@@ -24,6 +24,7 @@ def accelerate(
     model: nn.Module,
     *,
     cuda_graphs: bool = True,
+    compile_decode: bool = False,
     top_k: TopK | None = None,
     expert_threshold: float | None = None,
     gpu_memory: str | int | None = None,
@@ -41,6 +42,9 @@ def accelerate(
         cuda_graphs: on a CUDA model, `generate()` decodes through captured CUDA graphs over a
             static KV cache (prefill stays eager); what a graph can't serve runs eagerly, with
             one log line saying why. False keeps every step eager.
+        compile_decode: each captured decode step is the model under torch.compile (inductor fuses the
+            attention blocks' small kernels; the MoE kernels stay opaque ops); the first decode step of each
+            shape (batch size, cache length bucket) pays the compile time. Needs cuda_graphs=True.
         top_k: experts activated per token, an int or one per MoE layer (default: the model's own);
             fewer experts is less work and some quality cost (`hf-moe-accel eval` measures it).
         expert_threshold: per token, drop the experts whose normalised routing weight is under this
@@ -58,13 +62,14 @@ def accelerate(
     """
     if is_accelerated(model):
         asked = {name: value for name, value in (("top_k", top_k), ("expert_threshold", expert_threshold),
-                 ("gpu_memory", gpu_memory), ("offload", offload), ("devices", devices), ("parallel", parallel))
-                 if value is not None}
+                 ("gpu_memory", gpu_memory), ("offload", offload), ("devices", devices), ("parallel", parallel),
+                 ("compile_decode", compile_decode or None)) if value is not None}
         if asked:  # never a silent no-op: the model keeps the options of the first call
             raise ValueError(f"{type(model).__name__} is already accelerated; call unpatch(model) first to apply {', '.join(asked)}")
         logger.info("%s is already accelerated; nothing to do", type(model).__name__)
         return model
     check_expert_selection(top_k, expert_threshold)  # bad values raise before anything changes
+    check_compile_decode(compile_decode, cuda_graphs)
     if offload is not None and gpu_memory is None:
         raise TypeError("accelerate(): offload options need gpu_memory=...")
     if gpu_memory is not None and (devices is not None or parallel is not None):
@@ -91,14 +96,14 @@ def accelerate(
     setattr(model, _REPORT_ATTR, report)
     _warn_if_dtype_unserved(model)
     if cuda_graphs:
-        enable_graph_decode(model)
+        enable_graph_decode(model, compile_decode=compile_decode)
     logger.info(
         "hf_moe_accel: patched %d MoE blocks (%d routers fused) of %s (%s)%s",
         len(report.experts),
         len(report.routers),
         type(model).__name__,
         ", ".join(sorted(report.families)),
-        "; generate() decodes through CUDA graphs on CUDA" if cuda_graphs else "",
+        f"; generate() decodes through{' compiled' if compile_decode else ''} CUDA graphs on CUDA" if cuda_graphs else "",
     )
     return model
 

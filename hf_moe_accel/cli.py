@@ -40,9 +40,15 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown := sorted(set(baselines) - set(STOCK_BASELINES)):
         print(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}", file=sys.stderr)
         return 2
+    if args.compile_decode and (args.no_cuda_graphs or args.gpu_memory):
+        print("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
+              "--no-cuda-graphs or --gpu-memory (offloaded decode runs eagerly)", file=sys.stderr)
+        return 2
     if args.gpu_memory:
         return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
     options = {"cuda_graphs": not args.no_cuda_graphs}
+    if args.compile_decode:
+        options["compile_decode"] = True
     if args.top_k is not None:
         options["top_k"] = args.top_k
     if args.threshold is not None:
@@ -107,7 +113,8 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
             total = row["decode_stats"]["total"]
             print(f"{row['system']}, batch {row['batch']}: decode hit rate {100 * total['hit_rate']:.1f}%, "
                   f"PCIe {total['pcie_bytes'] / 2**20:.1f} MiB, CPU experts {total['cpu_experts']} "
-                  f"({total['cpu_expert_s']:.3f} s), fetched {total['fetched']} (per layer: --json)")
+                  f"({total['cpu_expert_s']:.3f} s, calibrated {total['cpu_calibrated_s']:.3f} s), fetched {total['fetched']} "
+                  "(per layer: --json)")
     write_outputs(args, rows, plot)
     return 0
 
@@ -206,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stock-passes", type=int, choices=[1, 2], default=2,
                        help="time stock before ours only (1) or before and after (2, the protocol's default)")
     bench.add_argument("--no-cuda-graphs", action="store_true", help="ours without CUDA-graph decode (accelerate(cuda_graphs=False))")
+    bench.add_argument("--compile-decode", action="store_true",
+                       help="ours with the decode step compiled by torch.compile inside its CUDA graphs (accelerate(compile_decode=True))")
     bench.add_argument("--top-k", type=int, help="ours with this many experts per token (accelerate(top_k=...))")
     bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
     bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "

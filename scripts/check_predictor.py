@@ -8,7 +8,8 @@
    again, which must come back from the cache file unchanged.
 2. For each shape (random bf16 weights), plan and batch: the predictor's decode tokens/s and time to
    first token from that calibration, then a measured generate() of the same workload (prompt
-   --prompt-len, --new-tokens forced, greedy; a full-length warm-up, median of --repeats).
+   --prompt-len, --new-tokens forced, greedy; offload plans sampled, seeded, since random weights'
+   greedy text repeats one token and the same experts; a full-length warm-up, median of --repeats).
    Plans: single (CUDA-graph decode), single-eager, offload-16 and offload-32 (`gpu_memory` 16 / 32 GiB,
    accelerate()'s defaults otherwise: a budget that holds every expert runs as the single-GPU plan).
 Each row is printed and OUT/predictor_check.json rewritten as soon as it is measured, so a run cut
@@ -70,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-calibration", action="store_true", help="reuse OUT/cache (fails if there is none)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: skip a run whose expected time would end past this (from the start)")
+    parser.add_argument("--uniform-routing", action="store_true",
+                        help="measure with the routing the predictor assumes (uniform draws; hf_moe_accel.bench.routing), "
+                             "not the random-weight model's own, which repeats the same experts in decode")
     parser.add_argument("--dry-run", action="store_true", help="list the runs with their predicted time, measure nothing")
     args = parser.parse_args()
     unknown = sorted(set(args.plans) - set(PLANS))
@@ -165,7 +169,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
     }
     for shape_name in args.shapes:
-        measurer = PlanMeasurer(shape_name)
+        measurer = PlanMeasurer(shape_name, uniform_routing=args.uniform_routing)
         for name, plan_name, plan, gpu_memory, workload, prediction, expected_s in runs:
             if name != shape_name:
                 continue

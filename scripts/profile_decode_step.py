@@ -1,6 +1,6 @@
 """Where a graph-decode step's time goes: the graph replay itself vs Transformers' loop around it.
 
-    python scripts/profile_decode_step.py --preset olmoe-1b-7b --batch 1,32 --out OUT
+    python scripts/profile_decode_step.py --preset olmoe-1b-7b --batch 1,32 --out OUT [--compile-decode]
 
 Prints, per batch: ms per decode step inside generate(), ms per bare graph replay, the
 difference (host work of the generate loop: input preparation, mask, logits processors,
@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--kernels", action="store_true", help="print the kernels of one replay")
     parser.add_argument("--host", action="store_true", help="print the host profile of one generate() call")
+    parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     args = parser.parse_args()
-    model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16))
+    model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
     runner = getattr(model, STATE_ATTR).runner
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -55,7 +56,7 @@ def main() -> None:
         step_ms = 1e3 * (full - one) / (args.new_tokens - 1)
         # The bare replay, timed with CUDA events; each replay advances the cache's write
         # positions, so they are put back between replays (outside the timed region).
-        replay = next(s for key, s in runner._steps.items() if key[2][0][1][0] == batch).replay
+        replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
         cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
         positions = [layer.cumulative_length.clone() for layer in cache.layers]
         times = []

@@ -5,7 +5,8 @@
 
 Builds the preset with `--layers` decoder layers in host memory (random weights), accelerates it with
 a GPU budget that caches `--cached` of the experts (slots set explicitly, so even 1.0 offloads),
-warms up, then profiles `--steps` decode steps of one generate() call: the step time against the
+warms up, then profiles `--steps` decode steps of one generate() call (sampled tokens, seeded: random
+weights' greedy text repeats one token, whose experts stay cached): the step time against the
 same layers fully on the GPU (eager, the offload path's baseline), the offload counters, the host
 functions by own time (cProfile) and the kernels and copies (torch.profiler; a Chrome trace goes to
 OUT/offload_trace.json). Writes OUT/profile_offload_step.json. About 1 minute on an H100 with 8
@@ -25,7 +26,7 @@ import torch
 
 from hf_moe_accel import OffloadOptions, accelerate, offload_stats, reset_offload_stats, unpatch
 from hf_moe_accel.bench.offload import build_preset_on_host
-from hf_moe_accel.bench.timing import forced_greedy, timed_generate
+from hf_moe_accel.bench.timing import forced_greedy, sampling_kwargs, timed_generate
 from hf_moe_accel.placement.offload import offload_plan
 
 
@@ -35,9 +36,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _step_ms(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """ms per decode step (from the first logits on) of a greedy generate(), best of two after a warm-up."""
-    timed_generate(model, ids, new_tokens)
-    return 1e3 * min(timed_generate(model, ids, new_tokens)[1] for _ in range(2)) / (new_tokens - 1)
+    """ms per decode step (from the first logits on) of a sampled generate(), best of two after a warm-up."""
+    timed_generate(model, ids, new_tokens, sample_seed=0)
+    return 1e3 * min(timed_generate(model, ids, new_tokens, sample_seed=0)[1] for _ in range(2)) / (new_tokens - 1)
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     reset_offload_stats(model)
     host = cProfile.Profile()
     host.enable()
-    forced_greedy(model, ids, args.steps)
+    forced_greedy(model, ids, args.steps, **sampling_kwargs(0))
     _sync(device)
     host.disable()
     report["decode_stats"] = offload_stats(model, "decode").as_dict()["total"]
@@ -85,7 +86,7 @@ def main() -> None:
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        forced_greedy(model, ids, args.steps)
+        forced_greedy(model, ids, args.steps, **sampling_kwargs(0))
         _sync(device)
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / "offload_trace.json"))

@@ -33,3 +33,15 @@ def state_snapshot(model) -> dict[str, torch.Tensor]:
 
 def module_classes(model) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
+
+
+def two_layer_preset(preset: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """Two layers of a real-shape preset (bench/presets.py), random weights drawn from seed 0."""
+    from hf_moe_accel.bench.presets import PRESETS
+
+    config = PRESETS[preset]()
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
 # raises UnsupportedMoEError for them. Keep docs/ADAPTERS.md in step.
 UNSUPPORTED: dict[str, str] = {
     "inkling2": "experts `_apply_gate` is a softcapped SwiGLU, not an Activation kind",
+    "inkling2_loop": "Inkling2's experts (a softcapped SwiGLU `_apply_gate`, not an Activation kind) in looped layers",
     "muse_spark": "has_post_expert_norm=True: a norm after each expert, which the kernels don't compute",
 }
 
@@ -74,6 +75,8 @@ GENERIC_CONFIG: dict[str, Any] = dict(
 GROUPED = dict(n_routed_experts=16, num_local_experts=16, num_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
 # Hybrid models: one linear-attention layer and one attention layer, both MoE.
 HYBRID = {"layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["sparse", "sparse"]}
+# Small gated-delta-net heads for the linear-attention layers of Qwen3.5-style hybrids (Lara-Mini).
+HYBRID_SMALL = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,9 @@ CASES: tuple[Case, ...] = (
     Case("olmoe", "olmoe"),
     Case("flex_olmo", "flex_olmo"),
     Case("mellum", "mellum"),
+    Case("lara_mini", "lara_mini", {**HYBRID_SMALL, "layer_types": ["linear_attention", "sliding_attention", "full_attention"],
+         "num_hidden_layers": 3}),
+    Case("lara_mini", "lara_mini", {**HYBRID_SMALL, "norm_topk_prob": False}, id="lara_mini-no-renorm"),
     Case("jamba", "jamba", {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0, "mamba_dt_rank": 8},
          fused_router=lambda router: not isinstance(router, nn.Linear)),  # 5.17: a plain Linear router
     Case("hunyuan_v1_moe", "hunyuan_v1_moe"),
@@ -224,6 +230,18 @@ CASES: tuple[Case, ...] = (
         model_class="Glm5NextTextModel",
     ),
     Case("hy_v4", "hy_v4", {**GROUPED, "mlp_layer_types": ["sparse", "sparse"], "swiglu_limit": 1.0}),
+    Case(
+        "hy_v4_vl_text",
+        "hy_v4_vl",
+        {
+            **GROUPED,
+            "mlp_layer_types": ["sparse", "sparse"],
+            "swiglu_limit": 1.0,
+            # M-RoPE sections must sum to qk_rope_head_dim // 2
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]},
+        },
+        model_class="HYV4VLTextModel",
+    ),
     # Ungated relu2 experts behind a latent projection (moe_latent_size), one attention layer.
     Case(
         "nemotron_h",
@@ -613,5 +631,31 @@ def test_model_dtype_scoring_keeps_stock_router_in_half_precision(name: str) -> 
             fast = router(*args)
             stock = type(router).__bases__[0].forward(router, *args)
         assert all(torch.equal(a, b) for a, b in zip(fast, stock, strict=True))
+    finally:
+        unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["lara_mini", "hy_v4_vl_text"])
+def test_float32_logits_router_in_half_precision_matches_stock(name: str) -> None:
+    """Float32 family tests can't tell how the router's linear runs or what dtype its weights take. In
+    float16, each fused router returns the stock router's dtypes, logits, experts and weights (Lara-Mini:
+    float32 logits, weights cast to the input dtype; HY-V4-VL: float32 logits and weights)."""
+    model = build(CASE_BY_NAME[name], dtype=torch.float16)
+    accelerate(model)
+    try:
+        found = experts_modules(model)
+        assert len(patch_report(model).routers) == len(found)
+        for layer, (experts_name, _) in enumerate(found):
+            router = router_of(model, experts_name)
+            x = torch.randn(9, 64, generator=torch.Generator().manual_seed(layer)).half()
+            with torch.no_grad():
+                fast_logits, fast_weights, fast_ids = router(x)
+                stock_logits, stock_weights, stock_ids = type(router).__bases__[0].forward(router, x)
+            assert (fast_logits.dtype, fast_weights.dtype) == (stock_logits.dtype, stock_weights.dtype)
+            assert torch.equal(fast_logits, stock_logits)
+            fast_ids, fast_order = fast_ids.sort(-1)
+            stock_ids, stock_order = stock_ids.sort(-1)
+            assert torch.equal(fast_ids, stock_ids)
+            torch.testing.assert_close(fast_weights.gather(-1, fast_order), stock_weights.gather(-1, stock_order))
     finally:
         unpatch(model)

@@ -9,12 +9,13 @@ capture the bfloat16 fixtures.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM, StoppingCriteria, StoppingCriteriaList, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from hf_moe_accel import accelerate, is_accelerated, unpatch
@@ -196,15 +197,22 @@ def test_what_graphs_cannot_serve_runs_eagerly_with_a_reason(pair, caplog, kwarg
     assert graph_stats(pair.graphs)["captures"] == 0
 
 
-def test_a_cache_passed_in_runs_eagerly(pair, caplog):
+# transformers 5.24 renamed generate()'s `past_key_values` to `cache` (the old name still accepted there).
+CACHE_ARGUMENT_NAMES = ["past_key_values"] + (["cache"] if "cache" in inspect.signature(Qwen3MoeForCausalLM.forward).parameters else [])
+
+
+@pytest.mark.parametrize("cache_argument", CACHE_ARGUMENT_NAMES)
+def test_a_cache_passed_in_runs_eagerly(pair, caplog, cache_argument):
     from transformers import DynamicCache
 
     inputs = pair.inputs(PROMPTS[:1])
+    user_cache = {cache_argument: DynamicCache(config=pair.graphs.config)}
     with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
-        ours = pair.graphs.generate(**inputs, past_key_values=DynamicCache(config=pair.graphs.config), max_new_tokens=8, do_sample=False)
+        ours = pair.graphs.generate(**inputs, **user_cache, max_new_tokens=8, do_sample=False)
     eager = pair.eager.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours, eager)
-    assert any("past_key_values" in r.getMessage() for r in caplog.records)
+    assert any(f"a cache was passed in ({cache_argument})" in r.getMessage() for r in caplog.records)
+    assert graph_stats(pair.graphs)["replays"] == 0
 
 
 def test_capture_failure_falls_back_to_eager(fixture_path, caplog):

@@ -285,7 +285,9 @@ def test_stats_per_layer_and_phase(fixture_path):
         assert stats.layers[name].lookups == layer.lookups + prefill.layers[name].lookups
     total = stats.total
     assert total.pcie_bytes == total.h2d_bytes + total.d2h_bytes > 0
-    assert total.cpu_expert_s > 0 and 0 <= total.hit_rate <= 1
+    assert total.cpu_expert_s > 0 and total.cpu_calibrated_s > 0 and 0 <= total.hit_rate <= 1
+    # the miss split learns how the CPU work's measured time compares with the calibration
+    assert hf_moe_accel.placement.offload._engine(model).cpu_correction.scale != 1.0
     assert "hit rate" in stats.summary() and stats.as_dict()["total"]["lookups"] == total.lookups
     reset_offload_stats(model)
     assert offload_stats(model).total.lookups == 0

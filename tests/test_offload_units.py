@@ -21,7 +21,13 @@ from hf_moe_accel.placement.eviction import (
     policy_factory,
 )
 from hf_moe_accel.placement.expert_cache import ExpertCache, bytes_per_expert
-from hf_moe_accel.placement.miss_cost import CopyLaneClock, MissCostModel, calibrate_miss_costs, split_misses
+from hf_moe_accel.placement.miss_cost import (
+    CopyLaneClock,
+    CpuTimeCorrection,
+    MissCostModel,
+    calibrate_miss_costs,
+    split_misses,
+)
 from hf_moe_accel.placement.transfers import DeviceLanes
 
 CPU = torch.device("cpu")
@@ -293,3 +299,19 @@ def test_calibration_measures_the_float32_way_for_half_precision_weights():
         costs = calibrate_miss_costs(cache, DeviceLanes(CPU), repeats=1, tokens=4)
         assert costs.fetch_s == math.inf and costs.cpu_base_s + costs.cpu_per_token_s > 0
         assert math.isfinite(costs.upcast_base_s) == upcast_measured
+
+
+def test_cpu_time_correction_moves_misses_off_a_slower_cpu():
+    """CPU work measured slower than calibrated (host memory shared with the copy lane) gets fewer misses."""
+    costs = MissCostModel(fetch_s=1.0, cpu_base_s=1.0, cpu_per_token_s=0.0)
+    correction = CpuTimeCorrection(smoothing=0.5)
+    assert sum(costs.split([1] * 6, cpu_scale=correction.scale)) == 3  # balanced lanes
+    correction.observe(calibrated_s=2.0, measured_s=6.0)  # 3x slower: scale 1 -> 2
+    assert correction.scale == pytest.approx(2.0)
+    assert sum(costs.split([1] * 6, cpu_scale=correction.scale)) == 4  # copy lane 4 s, CPU lane 2 x 2 s
+    correction.observe(calibrated_s=0.0, measured_s=1.0)  # nothing predicted: nothing learnt
+    assert correction.scale == pytest.approx(2.0)
+    for _ in range(40):
+        correction.observe(calibrated_s=1.0, measured_s=1.0)
+    assert correction.scale == pytest.approx(1.0, abs=1e-6)
+    assert split_misses("auto", costs, [1] * 6, can_fetch=True, cpu_scale=100.0) == [True] * 6

@@ -139,10 +139,13 @@ def markdown_table(results: list[dict]) -> str:
     """Decode tokens/s per stock baseline and ours, speedup over the best, TTFT, memory, % of the HBM limit."""
     baselines = list(results[0]["stock"]["baselines"]) if results else []
     has_limit = any("hbm_limit_tokens_per_s" in r for r in results)
+    compiled = any(r["accelerate_options"].get("compile_decode") for r in results)
     header = ["model", "batch", *[f"stock {b} tok/s" for b in baselines], "ours tok/s", "speedup", "ours TTFT ms",
               "ours prefill tok/s", "peak GiB stock/ours"]
     if has_limit:
         header += ["HBM limit tok/s", "ours % of limit"]
+    if compiled:
+        header += ["ours compile / capture s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         stock_peak, ours_peak = r["stock"].get("peak_memory_gib"), r["ours"]["peak_memory_gib"]
@@ -158,6 +161,9 @@ def markdown_table(results: list[dict]) -> str:
         ]
         if has_limit:
             cells += [f"{r['hbm_limit_tokens_per_s']:.0f}", f"{r['ours_pct_of_hbm_limit']:.0f}%"]
+        if compiled:  # compile_decode: the compiling warm-up runs, then the captures (graph_stats)
+            graphs = r["ours"].get("graphs") or {}
+            cells.append(f"{graphs.get('compile_seconds', 0.0):.1f} / {graphs.get('capture_seconds', 0.0):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,6 +11,9 @@ The model comes in on the CPU (loaded with `device_map="cpu"`, or built there) a
 Stock runs first, on the weights as loaded (pageable memory, as a user has them); stock moves all
 offloaded weights at every step (seconds per token on real shapes), so it runs a short decode
 (`stock_new_tokens`) once, after a 2-token warm-up.
+
+Every run decodes sampled tokens, seeded (`timing.sampling_kwargs`): on random weights greedy text
+repeats one token, so the same experts every step, and the cache would look perfect.
 """
 
 from __future__ import annotations
@@ -107,15 +110,15 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, repeats: int, offloaded: bool,
+def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, repeats: int, offloaded: bool, seed: int,
                 warmup_tokens: int | None = None) -> dict:
     """A warm-up generate() (`warmup_tokens`, default as long as the timed ones), then `repeats` timed
-    ones (medians); offload counters over the timed runs."""
+    ones (medians), all sampled with `seed`; offload counters over the timed runs."""
     batch, prompt_len = input_ids.shape
-    timed_generate(model, input_ids, warmup_tokens or new_tokens)
+    timed_generate(model, input_ids, warmup_tokens or new_tokens, sample_seed=seed)
     if offloaded:
         reset_offload_stats(model)
-    runs = [timed_generate(model, input_ids, new_tokens) for _ in range(repeats)]
+    runs = [timed_generate(model, input_ids, new_tokens, sample_seed=seed) for _ in range(repeats)]
     ttft, decode_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     row = {
         "ttft_s": ttft,
@@ -178,7 +181,7 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
             _reset_peak(device)
             try:
                 input_ids = _prompt(model, short, device, seed)
-                row = _timed_runs(model, input_ids, new_tokens, 1, offloaded=False, warmup_tokens=2)
+                row = _timed_runs(model, input_ids, new_tokens, 1, offloaded=False, seed=seed, warmup_tokens=2)
             except Exception as error:  # reported in the row; ours still run
                 logger.warning("stock with an offloading device map failed at batch %d: %s", short.batch, error)
                 row = {"error": f"{type(error).__name__}: {error}", "decode_tokens_per_s": None}
@@ -206,7 +209,7 @@ def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: l
             input_ids = _prompt(model, workload, device, seed)
             for system, policy in (("ours", options.miss_policy), ("ours fetch-every-miss", "fetch")):
                 set_miss_policy(model, policy)
-                row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True)
+                row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True, seed=seed)
                 rows.append({**base, "system": system, **workload.__dict__, **row, "slots_per_layer": list(plan.slots),
                              "miss_costs": costs and dataclasses.asdict(costs)})
                 if on_row:

@@ -23,11 +23,14 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, static_cache_blocker
-from .runner import Capture, DecodeGraphs, capture_cuda_graph
+from .runner import Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
 
 logger = logging.getLogger("hf_moe_accel")
 
 _SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# The names generate() takes a user's cache under: `cache` from transformers 5.24 on, the older two
+# before it (still accepted, with a deprecation warning).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
 GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 
@@ -38,6 +41,7 @@ class GraphBackend:
 
     device_type: str
     capture: Capture
+    compile_backend: CompileBackend = "inductor"  # torch.compile's backend, for compile_decode
 
 
 CUDA_GRAPHS = GraphBackend("cuda", capture_cuda_graph)
@@ -54,14 +58,23 @@ class GraphDecodeState:
     logged_reasons: set[str] = field(default_factory=set)
 
 
-def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS) -> None:
-    """Make `model.generate()` decode through captured graphs whenever it can (in place)."""
+def check_compile_decode(compile_decode: bool, cuda_graphs: bool) -> None:
+    """Reject `accelerate()`'s compile_decode values that can't work (TypeError/ValueError)."""
+    if not isinstance(compile_decode, bool):
+        raise TypeError(f"compile_decode must be True or False, got {compile_decode!r}")
+    if compile_decode and not cuda_graphs:
+        raise ValueError("compile_decode=True compiles the decode step captured in CUDA graphs: it needs cuda_graphs=True")
+
+
+def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, compile_decode: bool = False) -> None:
+    """Make `model.generate()` decode through captured graphs whenever it can (in place); with
+    `compile_decode`, each graph captures the step compiled by torch.compile (`backend.compile_backend`)."""
     if not hasattr(model, "generate") or not hasattr(model, "_prepare_static_cache") or is_swapped(model):
         logger.info("hf_moe_accel: %s has no generate() to serve with graphs", type(model).__name__)
         return
     config = model.config.get_text_config(decoder=True)
     pool = StaticCachePool(config)
-    runner = DecodeGraphs(model, pool, backend.capture)
+    runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None)
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)
@@ -78,7 +91,8 @@ def disable_graph_decode(model: nn.Module) -> None:
 
 
 def graph_stats(model: nn.Module) -> dict | None:
-    """Captures, capture time, graph memory, replays, eager steps and pooled KV-cache bytes, or None."""
+    """Captures, capture time, graph memory, replays, eager steps, pooled KV-cache bytes and, with
+    compile_decode, compiled captures, compile time and failed compiles; None without graph decode."""
     state = _state(model)
     if state is None:
         return None
@@ -109,8 +123,9 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
         return "the model is in train() mode"
     if state.cache_blocker is not None:
         return state.cache_blocker
-    if kwargs.get("past_key_values") is not None:
-        return "a cache was passed in (past_key_values)"
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return f"a cache was passed in ({name})"
     for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate", "synced_gpus"):
         if kwargs.get(name):
             return f"{name} was given"
@@ -141,10 +156,15 @@ def _generate(self, *args, **kwargs):
         output = original(*args, **kwargs)
     finally:
         state.serving = False
-    cache = getattr(output, "past_key_values", None)
+    cache = getattr(output, _returned_cache_field(output), None)
     if cache is not None and state.pool.owns(cache):
         state.pool.release(cache)  # returned to the user (return_dict_in_generate): theirs now, never reset by us
     return output
+
+
+def _returned_cache_field(output: object) -> str:
+    """Where generate()'s output holds the cache: `cache` from transformers 5.24 on, else `past_key_values`."""
+    return "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):

@@ -5,10 +5,16 @@ given shape (batch, cache, inputs) is captured: a warm-up run on a side stream (
 cuBLAS workspaces), the cache's write positions rolled back, then the capture. Later steps copy
 their inputs into the captured input buffers and replay. Anything else (a prefill chunk, a cache
 the pool doesn't own) runs the model eagerly.
+
+With a compile backend (`compile_decode`), the step captured is the model under torch.compile
+(`dynamic=False`, default mode: the graph is ours to capture, not inductor's "reduce-overhead"), so
+the attention blocks' small elementwise kernels come fused; the MoE kernels stay opaque custom ops
+(`kernels.ops`). The warm-up run compiles it; a compile that fails captures the model itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +31,14 @@ logger = logging.getLogger("hf_moe_accel")
 # Captures a forward closure (which reads the captured input buffers) given a memory pool handle;
 # returns (replay, the output the replays overwrite).
 Capture = Callable[[Callable[[], object], object], tuple[Callable[[], None], object]]
+# A torch.compile backend: a name ("inductor", "aot_eager") or a callable.
+CompileBackend = str | Callable
+
+# Decode-step shapes (batch size x cache bucket x input layout) compiled per process before
+# compile_decode stops compiling new ones. Each is one dynamo cache entry of the model's forward that
+# stays for the life of the process (a new cache of a shape already compiled reuses its code, with no
+# recompile); at dynamo's own default (8) the ninth shape would silently run uncompiled.
+RECOMPILE_LIMIT = 64
 
 
 def capture_cuda_graph(forward: Callable[[], object], pool: object) -> tuple[Callable[[], None], object]:
@@ -38,12 +52,17 @@ def capture_cuda_graph(forward: Callable[[], object], pool: object) -> tuple[Cal
 @dataclass
 class GraphStats:
     captures: int = 0
+    # Warm-up and capture; with compile_decode, the compiling warm-up runs are in compile_seconds instead.
     capture_seconds: float = 0.0
+    compiled_captures: int = 0  # of `captures`, the steps captured through torch.compile (compile_decode)
+    # The first (compiling) run of each compiled step: dynamo's trace, inductor's codegen, one step.
+    compile_seconds: float = 0.0
     # torch.cuda.memory_reserved() growth over the captures: the graphs' private memory pool.
     graph_memory_bytes: int = 0
     replays: int = 0
     eager_steps: int = 0
     failed_captures: dict[str, str] = field(default_factory=dict)
+    failed_compiles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +78,10 @@ def _signature(leaf: object) -> object:
     return ("value", leaf)
 
 
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def _write_positions(cache) -> list[torch.Tensor]:
     return [layer.cumulative_length for layer in cache.layers]
 
@@ -66,28 +89,33 @@ def _write_positions(cache) -> list[torch.Tensor]:
 class DecodeGraphs:
     """Callable standing in for `model(**inputs)` during decoding."""
 
-    def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph):
+    def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph,
+                 compile_backend: CompileBackend | None = None):
         self.model = model
         self.pool = pool
         self.capture = capture
+        self.compile_backend = compile_backend  # None: capture the model itself
         self.stats = GraphStats()
+        self._compiled_model: Callable | None = None
         self._steps: dict[tuple, _Step] = {}
         self._failed: set[tuple] = set()
         self._memory_pool = None
         self._warm_up_stream: torch.cuda.Stream | None = None
 
     def __call__(self, **kwargs):
-        cache = kwargs.get("past_key_values")
+        # transformers >= 5.24 passes the cache as `cache`; earlier releases as `past_key_values`.
+        cache_name = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_name)
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[-1] != 1 or not self.pool.owns(cache):
             self.stats.eager_steps += 1
             return self.model(**kwargs)
-        inputs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        inputs = {k: v for k, v in kwargs.items() if k != cache_name}
         leaves, spec = tree_flatten(inputs)
-        key = (id(cache), spec, tuple(_signature(leaf) for leaf in leaves))
+        key = (id(cache), cache_name, spec, tuple(_signature(leaf) for leaf in leaves))
         step = self._steps.get(key)
         if step is None and key not in self._failed:
-            step = self._capture_step(key, cache, leaves, spec)
+            step = self._capture_step(key, cache_name, cache, leaves, spec)
         if step is None:
             self.stats.eager_steps += 1
             return self.model(**kwargs)
@@ -109,16 +137,11 @@ class DecodeGraphs:
         self._steps.clear()
         self._failed.clear()
 
-    def _capture_step(self, key: tuple, cache, leaves: list, spec) -> _Step | None:
+    def _capture_step(self, key: tuple, cache_name: str, cache, leaves: list, spec) -> _Step | None:
         buffers = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-
-        def forward():
-            return self.model(past_key_values=cache, **tree_unflatten(buffers, spec))
-
         cuda = torch.cuda.is_available() and any(isinstance(b, torch.Tensor) and b.is_cuda for b in buffers)
         if cuda and self._memory_pool is None:
             self._memory_pool = torch.cuda.graph_pool_handle()
-        start = time.perf_counter()
         positions = [p.clone() for p in _write_positions(cache)]
 
         def roll_back() -> None:
@@ -127,28 +150,89 @@ class DecodeGraphs:
             for current, saved in zip(_write_positions(cache), positions):
                 current.copy_(saved)
 
-        try:
+        step = None
+        compiled = self._compiled()
+        if compiled is not None:
+            try:
+                step = self._capture_with(compiled, True, {cache_name: cache}, buffers, spec, cuda, roll_back)
+            except Exception as error:  # never a wrong answer: the model itself is captured instead
+                roll_back()
+                self._stop_compiling(error)
+        if step is None:
+            try:
+                step = self._capture_with(self.model, False, {cache_name: cache}, buffers, spec, cuda, roll_back)
+            except Exception as error:  # a model whose decode step can't be captured: eager, never wrong
+                roll_back()
+                reason = f"{type(error).__name__}: {error}"
+                self._failed.add(key)
+                self.stats.failed_captures[reason] = reason
+                logger.warning("hf_moe_accel: decode step could not be captured in a CUDA graph, running eagerly (%s)", reason)
+                return None
+        self._steps[key] = step
+        return step
+
+    def _capture_with(self, call: Callable, compiled: bool, cache_argument: dict, buffers: list, spec, cuda: bool,
+                      roll_back: Callable[[], None]) -> _Step:
+        """Warm `call` up, then capture it over the input buffers; raises when either fails."""
+
+        def forward():
+            return call(**cache_argument, **tree_unflatten(buffers, spec))
+
+        start = time.perf_counter()
+        compile_seconds = 0.0
+        if compiled:
+            # Fail loudly rather than run uncompiled: past the limit (or with errors suppressed) dynamo
+            # would fall back to eager silently.
+            limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True, suppress_errors=False):
+                self._warm_up(forward, cuda)
+            if cuda:
+                torch.cuda.synchronize()
+            compile_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
             self._warm_up(forward, cuda)
-            roll_back()
-            # Measured around the capture alone: what the graphs' private pool takes.
-            memory_before = torch.cuda.memory_reserved() if cuda else 0
+        roll_back()
+        # Measured around the capture alone: what the graphs' private pool takes. torch.cuda.graph()
+        # empties the allocator's cache as it starts: emptied here first, so that release (the warm-up's
+        # freed blocks) isn't counted against the graphs.
+        memory_before = 0
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            memory_before = torch.cuda.memory_reserved()
+        # The compiled code is in dynamo's cache now: a recompile here (inside a capture) is an error.
+        with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext():
             replay, output = self.capture(forward, self._memory_pool)
-            roll_back()  # a CUDA capture runs nothing; a backend that runs the forward to capture it does
-        except Exception as error:  # a model whose decode step can't be captured: eager, never wrong
-            roll_back()
-            reason = f"{type(error).__name__}: {error}"
-            self._failed.add(key)
-            self.stats.failed_captures[reason] = reason
-            logger.warning("hf_moe_accel: decode step could not be captured in a CUDA graph, running eagerly (%s)", reason)
-            return None
+        roll_back()  # a CUDA capture runs nothing; a backend that runs the forward to capture it does
         if cuda:
             torch.cuda.synchronize()
             self.stats.graph_memory_bytes += torch.cuda.memory_reserved() - memory_before
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
-        step = _Step(replay=replay, inputs=buffers, output=output)
-        self._steps[key] = step
-        return step
+        if compiled:
+            self.stats.compiled_captures += 1
+            self.stats.compile_seconds += compile_seconds
+        return _Step(replay=replay, inputs=buffers, output=output)
+
+    def _compiled(self) -> Callable | None:
+        """The torch.compile'd model to capture, or None (not asked for, or a compile failed)."""
+        if self.compile_backend is None or self.stats.failed_compiles:
+            return None
+        if self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model, backend=self.compile_backend, dynamic=False, fullgraph=False)
+        return self._compiled_model
+
+    def _stop_compiling(self, error: Exception) -> None:
+        """After a failed compile, every later step captures the model itself (one log line, not one per shape)."""
+        reason = _first_line(error)
+        cause = error  # dynamo wraps the backend's error: say what it was too
+        while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
+            cause = inner
+        if cause is not error:
+            reason += f" ({_first_line(cause)})"
+        self.stats.failed_compiles[reason] = reason
+        logger.warning("hf_moe_accel: the torch.compile'd decode step failed; capturing the uncompiled step from now on (%s)", reason)
 
     def _warm_up(self, forward: Callable[[], object], cuda: bool) -> None:
         if not cuda:
@@ -160,6 +244,8 @@ class DecodeGraphs:
             self._warm_up_stream = torch.cuda.Stream()
         stream = self._warm_up_stream
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                forward()
+        finally:  # a failed warm-up (a compile error) is rolled back on the current stream: order it after
+            torch.cuda.current_stream().wait_stream(stream)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import ops
 from ..kernels.spec import Activation, ExpertWeights
 from .swap import STATE_ATTR
 
@@ -85,4 +86,6 @@ def accelerated_experts_forward(
     if self.training:  # the kernels have no backward: training keeps the stock path
         return state.original_forward(self, hidden_states, top_k_index, top_k_weights)
     weights = expert_weights(self, state.activation)
+    if torch.compiler.is_compiling():  # one opaque op in the traced graph; eager calls skip the op dispatch
+        return ops.fused_experts(hidden_states, weights, top_k_index, top_k_weights)
     return kernels.fused_experts(hidden_states, weights, top_k_index, top_k_weights)

@@ -2,7 +2,7 @@
 experts activate. Keyed by `config.model_type` of the experts' config (the text config's model type
 for multimodal models, e.g. "qwen3_vl_moe_text").
 
-Each routing builder below reproduces one stock router forward of Transformers (5.17 to 5.23) as a
+Each routing builder below reproduces one stock router forward of Transformers (5.17 to 5.24) as a
 RoutingSpec; the docstring names the families and says what the stock code does. A builder
 returning None leaves that router's stock forward in place (exact by construction).
 
@@ -16,7 +16,7 @@ Transformers 5.17 (a plain nn.Linear router; the block routes); per dtype: lfm2_
 half precision (they select on scores rounded to the model dtype, the kernels on float32 scores).
 
 Families left out (the registry raises UnsupportedMoEError; docs/ADAPTERS.md says why):
-inkling2, muse_spark.
+inkling2, inkling2_loop, muse_spark.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _softmax_topk(router: nn.Module, input_dtype: torch.dtype, *, renormalize: b
     """softmax(logits) in float32, top-k, renormalised (optionally), then cast or kept in float32.
 
     Qwen2/3-MoE, Qwen3-Next, Qwen3-Omni, Qwen4-Exp, OLMoE, FlexOlmo, Mellum: renormalise per
-    `norm_topk_prob`, cast to the logits' dtype. Qwen3.5-MoE, Qwen3-VL-MoE: always renormalise.
+    `norm_topk_prob`, cast to the logits' dtype. Lara-Mini: the same on float32 logits (input and
+    weight upcast), weights cast to the input dtype. Qwen3.5-MoE, Qwen3-VL-MoE: always renormalise.
     Jamba: never. Mixtral, MiniMax: always, weights kept in float32.
     """
     return _spec(router, input_dtype, cast, scoring="softmax", renormalize=_norm_topk_prob(router, renormalize))
@@ -156,10 +157,10 @@ def _cohere2(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
 def _deepseek_v3(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
     """DeepSeek-V3 and the families that copy its router (DeepSeek-V3.2, GLM-4-MoE/-Lite/-4.5V/-DSA,
     GLM-5-Next text, dots1, dots3 text, EXAONE-MoE, Kimi-Linear, Solar-Open, MiMo-V2-Flash,
-    Bailing-Hybrid, A.X-K1, Beam, HY-V4, Nemotron-H): float32 logits, sigmoid, + e_score_correction_bias
-    for selection, group-limited top-k (groups scored by the sum of their top-2 biased scores, the
-    others masked with -inf), renormalised (+1e-20) per `norm_topk_prob`, times routed_scaling_factor
-    (Beam applies it in the block); float32 weights.
+    Bailing-Hybrid, A.X-K1, Beam, HY-V4, HY-V4-VL text, Nemotron-H): float32 logits, sigmoid,
+    + e_score_correction_bias for selection, group-limited top-k (groups scored by the sum of their
+    top-2 biased scores, the others masked with -inf), renormalised (+1e-20) per `norm_topk_prob`,
+    times routed_scaling_factor (Beam applies it in the block); float32 weights.
     """
     n_group = int(router.num_group or 1)
     return _spec(
@@ -255,9 +256,10 @@ def _swiglu_oai(alpha_attr: str, limit_attr: str):
 
 def _swiglu_clamped(limit_attr: str):
     """SwiGLU with GPT-OSS's clamps but no alpha: silu(min(gate, limit)) * clamp(up, -limit, limit), the
-    limit read from the experts module (DeepSeek-V4: `limit`; GLM-5-Next, HY-V4: `swiglu_limit`).
-    GLM-5-Next and HY-V4 hard-code F.silu; DeepSeek-V4 applies its `act_fn` (config.hidden_act), so any
-    other act_fn than SiLU is refused (None: the registry raises UnsupportedMoEError)."""
+    limit read from the experts module (DeepSeek-V4: `limit`; GLM-5-Next, HY-V4, HY-V4-VL:
+    `swiglu_limit`). GLM-5-Next and HY-V4(-VL) hard-code F.silu; DeepSeek-V4 applies its `act_fn`
+    (config.hidden_act), so any other act_fn than SiLU is refused (None: the registry raises
+    UnsupportedMoEError)."""
 
     def build(experts: nn.Module) -> Activation | None:
         if hasattr(experts, "act_fn") and getattr(activation_from_act_fn(experts), "kind", None) != "silu":
@@ -286,6 +288,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     ),
     FamilyAdapter(("qwen3_5_moe_text", "qwen3_vl_moe_text"), routing=partial(_softmax_topk, renormalize=True)),
     FamilyAdapter(("jamba",), router_attr="router", routing=partial(_softmax_topk, renormalize=False)),
+    # Lara-Mini (not in Transformers 5.17; checked on 5.24): Qwen3-Next's router on float32 logits
+    # (input and weight upcast); weights cast to the input dtype.
+    FamilyAdapter(("lara_mini",), routing=_softmax_topk, logits="float32"),
     FamilyAdapter(("hunyuan_v1_moe",), routing=_hunyuan, logits="weight", router_linear="wg"),
     FamilyAdapter(
         ("ernie4_5_moe", "ernie4_5_vl_moe_text"),
@@ -335,8 +340,12 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         logits="float32",
     ),
     FamilyAdapter(("axk2",), routing=_axk2, logits="float32"),
+    # HY-V4-VL's text model (not in Transformers 5.17; checked on 5.24) copies HY-V4's router, experts and MoE block.
     FamilyAdapter(
-        ("glm5_next_text", "hy_v4"), routing=_deepseek_v3, logits="float32", activation=_swiglu_clamped("swiglu_limit")
+        ("glm5_next_text", "hy_v4", "hy_v4_vl_text"),
+        routing=_deepseek_v3,
+        logits="float32",
+        activation=_swiglu_clamped("swiglu_limit"),
     ),
     # Ungated experts with relu2 (squared ReLU), from their act_fn; a latent projection around the
     # experts (moe_latent_size) stays in the block.

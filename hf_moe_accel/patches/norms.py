@@ -51,7 +51,11 @@ def follows_reference(module: nn.Module, eps: float) -> bool:
 
 def fused_rmsnorm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     state: NormState = getattr(self, STATE_ATTR)
-    if self.training or not (hidden_states.is_cuda and hidden_states.dtype in SERVED_DTYPES and self.weight.is_cuda):
+    # Under torch.compile (compile_decode) the stock math is traced instead: inductor fuses it with the
+    # residual add before it and the projections' casts after it, which an opaque kernel would split.
+    if torch.compiler.is_compiling() or self.training or not (
+        hidden_states.is_cuda and hidden_states.dtype in SERVED_DTYPES and self.weight.is_cuda
+    ):
         return state.original_forward(self, hidden_states)
     from ..kernels.rmsnorm import rmsnorm_triton
 

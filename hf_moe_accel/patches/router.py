@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import ops
 from ..kernels.spec import RoutingSpec
 from .adapter import FamilyAdapter, LogitsPrecision, RoutingBuilder
 from .swap import STATE_ATTR, swap_forward
@@ -73,7 +74,8 @@ def accelerated_router_forward(self: nn.Module, hidden_states: torch.Tensor, *ar
         passed = args[0] if args else next(iter(kwargs.values()), None)
         correction_bias = passed if passed is not None else _resolve(self, state.correction_bias)
         correction_bias = correction_bias.reshape(-1)  # Ernie stores it as [1, E]
-    weights, ids = kernels.route(logits, spec, correction_bias)
+    # Traced (compile_decode): one opaque op; eager calls skip the op dispatch.
+    weights, ids = (ops.route if torch.compiler.is_compiling() else kernels.route)(logits, spec, correction_bias)
     outputs: list[torch.Tensor] = [logits, weights, ids]
     for value, position in zip((logits, weights, ids), state.output_order):
         outputs[position] = value

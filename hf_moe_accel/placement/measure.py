@@ -7,6 +7,7 @@ process; expert/tensor/data parallel run under torchrun, every rank calling `mea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import accelerate, unpatch
+from ..bench.routing import uniform_routing
 from ..bench.timing import time_generate
 from .distributed import distributed_world
 from .predictor import DISTRIBUTED_KINDS, Plan, Workload
@@ -41,10 +43,14 @@ class PlanMeasurer:
     """Holds one model (a preset with random weights, or a checkpoint) and times plans on it.
 
     `device` is the GPU of the one-GPU plans (default cuda:0); the CPU stands in for it in tests.
+    `uniform_routing`: every plan decodes with the routing the predictor assumes (`bench.routing`),
+    not the model's (a random-weight model routes nearly every decode step to the same experts).
     """
 
-    def __init__(self, model_spec: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: torch.device | None = None):
+    def __init__(self, model_spec: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: torch.device | None = None,
+                 uniform_routing: bool = False):
         self.model_spec, self.dtype, self.seed = model_spec, dtype, seed
+        self.uniform_routing = uniform_routing
         self.device = device or torch.device("cuda", 0)
         self.model = None
 
@@ -66,6 +72,8 @@ class PlanMeasurer:
 
     def measure(self, plan: Plan, workload: Workload, repeats: int = 1, gpu_memory_gib: float | None = None) -> dict:
         """Decode tokens/s, time to first token and peak memory of `plan` on `workload` (this rank's share for dp)."""
+        if self.uniform_routing and plan.kind in ("ep", "tp"):  # their experts modules hold one rank's share
+            raise ValueError(f"uniform routing is drawn over whole experts modules: not for {plan.kind} plans")
         if plan.kind == "single":
             model = accelerate(self._model_on(self.device), cuda_graphs=plan.cuda_graphs)
         elif plan.kind == "offload":
@@ -83,7 +91,10 @@ class PlanMeasurer:
         batch = math.ceil(workload.batch / plan.gpus) if plan.kind == "dp" else workload.batch
         try:
             ids = self._prompt(batch, workload.prompt_len, model.device)
-            timing = time_generate(model, ids, workload.new_tokens, repeats)
+            # Offload: sampled tokens (random weights' greedy text repeats one token: a perfect cache).
+            sampling = {"sample_seed": self.seed} if plan.kind == "offload" else {}
+            with uniform_routing(model, self.seed) if self.uniform_routing else contextlib.nullcontext():
+                timing = time_generate(model, ids, workload.new_tokens, repeats, **sampling)
         finally:
             unpatch(model)
         result = timing.as_dict()

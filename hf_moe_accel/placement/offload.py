@@ -29,7 +29,7 @@ from .cpu_experts import CpuExpertsWorker
 from .eviction import PolicyFactory, policy_factory
 from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors
 from .host_weights import WeightPlacement
-from .miss_cost import MISS_POLICIES, CopyLaneClock, MissCostModel, MissPolicy, calibrate_miss_costs
+from .miss_cost import MISS_POLICIES, CopyLaneClock, CpuTimeCorrection, MissCostModel, MissPolicy, calibrate_miss_costs
 from .offload_layer import OffloadedLayer
 from .offload_stats import PHASES, LayerOffloadStats, OffloadStats
 from .transfers import DeviceLanes
@@ -184,6 +184,7 @@ class OffloadEngine:
             self.layers.append(OffloadedLayer(index, name, cache, router_weight, top_k, self))
         self.cost_model = setup.options.cost_model or self._calibrate()
         self.copy_clock = CopyLaneClock(self.cost_model.fetch_s if self.cost_model is not None else math.inf)
+        self.cpu_correction = CpuTimeCorrection()
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
         self._warned_workload = False
 

@@ -96,13 +96,15 @@ class OffloadedLayer:
         hit_slots = set(cache.slot_of_expert[hits].tolist())
         miss_tokens = tokens_per_expert[misses].tolist()
         fetch = split_misses(engine.miss_policy, engine.cost_model, miss_tokens, can_fetch=cache.num_slots > 0,
-                             copy_backlog_s=engine.copy_clock.backlog_s())
+                             copy_backlog_s=engine.copy_clock.backlog_s(), cpu_scale=engine.cpu_correction.scale)
         on_cpu = torch.zeros(num_experts + 1, dtype=torch.bool)
         on_cpu[misses[~torch.tensor(fetch, dtype=torch.bool)]] = True
         # The busiest fetched experts go last, so they are the ones left in the slots.
         to_fetch = [e for _, e in sorted((n, e) for n, e, f in zip(miss_tokens, misses.tolist(), fetch) if f)]
         stats.fetched += len(to_fetch)
         stats.cpu_experts += len(fetch) - len(to_fetch)
+        costs = engine.cost_model
+        cpu_calibrated_s = sum(costs.cpu_s(n) for n, f in zip(miss_tokens, fetch) if not f) if costs is not None else 0.0
 
         cpu_work = self._start_cpu_work(hidden, hidden_host, ids, routing, on_cpu, stats) if on_cpu.any() else None
         if hit_list or to_fetch:
@@ -113,6 +115,8 @@ class OffloadedLayer:
             rows, future = cpu_work
             cpu_out, seconds = future.result()
             stats.cpu_expert_s += seconds
+            stats.cpu_calibrated_s += cpu_calibrated_s
+            engine.cpu_correction.observe(cpu_calibrated_s, seconds)
             stats.h2d_bytes += cpu_out.numel() * cpu_out.element_size()
             out.index_add_(0, rows, engine.lanes.to_device(cpu_out))
         return out.to(hidden.dtype)

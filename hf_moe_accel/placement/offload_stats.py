@@ -23,6 +23,7 @@ class LayerOffloadStats:
     h2d_bytes: int = 0  # host to GPU: expert copies, CPU results, index tables
     d2h_bytes: int = 0  # GPU to host: routing, token rows for the CPU
     cpu_expert_s: float = 0.0  # wall time of the CPU expert work
+    cpu_calibrated_s: float = 0.0  # what the calibrated miss costs predicted for that work
 
     @property
     def hit_rate(self) -> float:
@@ -58,6 +59,6 @@ class OffloadStats:
         t = self.total
         return (
             f"{self.phase}: hit rate {100 * t.hit_rate:.1f}% ({t.hits}/{t.lookups} expert lookups), fetched {t.fetched}, "
-            f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used), "
+            f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used), "
             f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
         )

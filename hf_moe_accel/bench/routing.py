@@ -1,0 +1,67 @@
+"""Uniform routing, for expert-cache benchmarks on random-weight models.
+
+A random-weight model's routing barely depends on the token: in decode its residual stream is
+dominated by attention outputs that change little from one step to the next, so the same experts
+win every step (98.7% expert-cache hits with 20.8% of qwen3-30b-a3b's experts cached, sampled
+decode, H200, 2026-12-03), and a cache benchmark on it measures nothing. Inside `uniform_routing`,
+every MoE layer's experts receive, instead of the router's choice, k distinct experts drawn
+uniformly per token with equal weights: the routing the placement predictor assumes, with a hit
+rate near the cached share of the experts. The outputs are no longer the model's: speed only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..kernels.spec import Activation
+from ..patches.experts import expert_weights, is_experts_module
+
+# Transformers' experts modules are called as experts(hidden_states, top_k_index, top_k_weights).
+_ROUTING_ARGUMENTS = ("top_k_index", "top_k_weights")
+
+
+@contextlib.contextmanager
+def uniform_routing(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Within the block, each token's experts are k distinct ones drawn uniformly (seeded, per
+    device), each weighted 1/k, k the model's own; stock and accelerated models alike."""
+    experts_modules = [m for m in model.modules() if is_experts_module(m)]
+    if not experts_modules:
+        raise ValueError(f"{type(model).__name__} has no Transformers experts modules to route")
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def draw(num_experts: int, index: torch.Tensor) -> torch.Tensor:
+        if index.device not in generators:
+            generators[index.device] = torch.Generator(device=index.device).manual_seed(seed)
+        scores = torch.rand(index.shape[0], num_experts, generator=generators[index.device], device=index.device)
+        return scores.topk(index.shape[-1], dim=-1).indices.to(index.dtype)
+
+    def hook_for(module: nn.Module):
+        num_experts = expert_weights(module, Activation()).num_experts
+
+        def replace_routing(_module, args, kwargs):
+            args, kwargs = list(args), dict(kwargs)
+            for position, name in enumerate(_ROUTING_ARGUMENTS, start=1):
+                if name not in kwargs and len(args) <= position:
+                    raise TypeError(f"{type(module).__name__} was called without {name}: can't replace its routing")
+            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+            new = (draw(num_experts, index), torch.full_like(weights, 1.0 / index.shape[-1]))
+            for position, (name, value) in enumerate(zip(_ROUTING_ARGUMENTS, new), start=1):
+                if name in kwargs:
+                    kwargs[name] = value
+                else:
+                    args[position] = value
+            return tuple(args), kwargs
+
+        return replace_routing
+
+    handles = [m.register_forward_pre_hook(hook_for(m), with_kwargs=True) for m in experts_modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
