@@ -44,17 +44,18 @@ def uniform_routing(model: nn.Module, seed: int = 0) -> Iterator[None]:
 
         def replace_routing(_module, args, kwargs):
             args, kwargs = list(args), dict(kwargs)
+            places = []  # (container, key) of each routing argument, as this call passed it
             for position, name in enumerate(_ROUTING_ARGUMENTS, start=1):
-                if name not in kwargs and len(args) <= position:
-                    raise TypeError(f"{type(module).__name__} was called without {name}: can't replace its routing")
-            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
-            new = (draw(num_experts, index), torch.full_like(weights, 1.0 / index.shape[-1]))
-            for position, (name, value) in enumerate(zip(_ROUTING_ARGUMENTS, new), start=1):
                 if name in kwargs:
-                    kwargs[name] = value
+                    places.append((kwargs, name))
+                elif len(args) > position:
+                    places.append((args, position))
                 else:
-                    args[position] = value
+                    raise TypeError(f"{type(module).__name__} was called without {name}: can't replace its routing")
+            (ids_in, ids_key), (weights_in, weights_key) = places
+            index, weights = ids_in[ids_key], weights_in[weights_key]
+            ids_in[ids_key] = draw(num_experts, index)
+            weights_in[weights_key] = torch.full_like(weights, 1.0 / index.shape[-1])
             return tuple(args), kwargs
 
         return replace_routing

@@ -23,14 +23,11 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, static_cache_blocker
-from .runner import Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
+from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
 
 logger = logging.getLogger("hf_moe_accel")
 
 _SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
-# The names generate() takes a user's cache under: `cache` from transformers 5.24 on, the older two
-# before it (still accepted, with a deprecation warning).
-CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
 GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 

@@ -31,6 +31,9 @@ logger = logging.getLogger("hf_moe_accel")
 # Captures a forward closure (which reads the captured input buffers) given a memory pool handle;
 # returns (replay, the output the replays overwrite).
 Capture = Callable[[Callable[[], object], object], tuple[Callable[[], None], object]]
+# The names the cache is passed under, to generate() and by it to the model: `cache` from
+# transformers 5.24 on, the older two before it (still accepted there, with a deprecation warning).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # A torch.compile backend: a name ("inductor", "aot_eager") or a callable.
 CompileBackend = str | Callable
 
@@ -103,8 +106,7 @@ class DecodeGraphs:
         self._warm_up_stream: torch.cuda.Stream | None = None
 
     def __call__(self, **kwargs):
-        # transformers >= 5.24 passes the cache as `cache`; earlier releases as `past_key_values`.
-        cache_name = "cache" if "cache" in kwargs else "past_key_values"
+        cache_name = next((name for name in CACHE_ARGUMENTS if name in kwargs), "past_key_values")
         cache = kwargs.get(cache_name)
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[-1] != 1 or not self.pool.owns(cache):
