@@ -2,11 +2,14 @@
 
     python scripts/profile_decode_step.py --preset olmoe-1b-7b --batch 1,32 --out OUT [--compile-decode]
 
-Prints, per batch: ms per decode step inside generate(), ms per bare graph replay, the
-difference (host work of the generate loop: input preparation, mask, logits processors,
-stopping checks), capture time and graph memory. JSON to OUT/profile_decode_step.json.
+Prints, per batch: ms per decode step inside generate() (as accelerate() runs it; with the stop
+checks every step, where transformers >= 5.18 would defer them; with the 4D mask built on the host
+instead of in the graph), ms per bare graph replay, the difference (what the
+host loop adds: input preparation, mask, logits processors, stopping checks), capture time and
+graph memory. JSON to OUT/profile_decode_step.json.
 `--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
-functions of one generate() call, by cumulative time (cProfile).
+functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
+GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--kernels", action="store_true", help="print the kernels of one replay")
     parser.add_argument("--host", action="store_true", help="print the host profile of one generate() call")
+    parser.add_argument("--trace", action="store_true", help="write a Chrome trace of one generate() call")
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     args = parser.parse_args()
     model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
-    runner = getattr(model, STATE_ATTR).runner
+    state = getattr(model, STATE_ATTR)
+    runner = state.runner
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
@@ -54,6 +59,14 @@ def main() -> None:
         one = min(_generate_seconds(model, ids, 1) for _ in range(3))
         full = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
         step_ms = 1e3 * (full - one) / (args.new_tokens - 1)
+        variants = {}
+        for name, switch in (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph")):
+            setattr(state, switch, False)
+            _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
+            one_variant = min(_generate_seconds(model, ids, 1) for _ in range(3))
+            full_variant = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
+            setattr(state, switch, True)
+            variants[name] = 1e3 * (full_variant - one_variant) / (args.new_tokens - 1)
         # The bare replay, timed with CUDA events; each replay advances the cache's write
         # positions, so they are put back between replays (outside the timed region).
         replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
@@ -83,7 +96,13 @@ def main() -> None:
             _generate_seconds(model, ids, 32)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-        row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, "replay_ms": replay_ms,
+        if args.trace:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                _generate_seconds(model, ids, 16)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(args.out) / f"trace_b{batch}.json"))
+        row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
                "loop_overhead_ms": step_ms - replay_ms, "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
         rows.append(row)
         print(json.dumps(row))

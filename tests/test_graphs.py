@@ -22,6 +22,8 @@ from hf_moe_accel import accelerate, is_accelerated, unpatch
 from hf_moe_accel.graphs import graph_stats
 from hf_moe_accel.graphs.cache_pool import StaticCachePool, length_bucket
 from hf_moe_accel.graphs.generate import GraphBackend, disable_graph_decode, enable_graph_decode
+from hf_moe_accel.graphs.stop_check import stop_checks_can_be_deferred
+from hf_moe_accel.patches.swap import STATE_ATTR
 
 
 def stand_in_capture(forward, pool):
@@ -113,6 +115,19 @@ def test_eos_and_stopping_criteria(pair):
 
     ours, eager = pair.both(inputs, max_new_tokens=16, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter()]))
     assert torch.equal(ours, eager) and ours.shape[1] == prompt_len + 6
+    if pair.device == "cuda" and stop_checks_can_be_deferred():  # the checks above ran one step late
+        assert graph_stats(pair.graphs)["deferred_stop_checks"] >= 2
+
+
+def test_batch_finishing_at_different_steps_with_sampling(pair):
+    """Sequences reach EOS at different steps (sampled): with deferred stop checks (CUDA, a cache not
+    returned) the one extra step after the last EOS must leave no trace in the sequences."""
+    inputs = pair.inputs(PROMPTS)
+    full, _ = pair.both(inputs, seed=5, max_new_tokens=12, do_sample=True, temperature=1.5)
+    start = inputs["input_ids"].shape[1]
+    eos = [int(full[0, start + 2]), int(full[1, start + 6])]  # the first row's 3rd token, the second's 7th
+    ours, eager = pair.both(inputs, seed=5, max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, eager) and ours.shape[1] < full.shape[1]
 
 
 class Collector(BaseStreamer):
@@ -306,3 +321,25 @@ def test_sliding_window_layers_decode_through_graphs(setup):
     assert torch.equal(ours, eager.generate(prompt, cache_implementation="static", disable_compile=True, **kwargs))
     if device == "cpu":  # float32: stock's own path gives the same tokens (bf16 may part at a near tie)
         assert torch.equal(ours, stock.generate(prompt, **kwargs))
+
+
+def test_decode_steps_get_the_padded_2d_mask_and_build_the_4d_one_in_the_graph(fixture_path):
+    """Served decode steps hand the model the 2D mask padded to the cache length (the captured forward
+    builds the 4D mask); with that switched off, the 4D mask generate() builds on the host. Left-padded
+    prompts: tokens equal the eager path's both ways."""
+    pair = Pair(fixture_path, "cpu", torch.float32)
+    seen = []
+
+    def note_mask(module, args, kwargs):
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] == 1:
+            seen.append(tuple(kwargs["attention_mask"].shape))
+
+    pair.graphs.register_forward_pre_hook(note_mask, with_kwargs=True)
+    inputs = pair.inputs(PROMPTS)
+    state = pair.graphs.__dict__[STATE_ATTR]
+    for in_graph, expected in ((True, (2, 256)), (False, (2, 1, 1, 256))):
+        state.mask_in_graph = in_graph
+        seen.clear()
+        ours, eager = pair.both(inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(ours, eager)
+        assert seen and set(seen) == {expected}

@@ -4,6 +4,7 @@ a GPU): outputs equal to stock, budgets respected, loading and unpatching, stati
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -84,6 +85,45 @@ def test_fixture_outputs_equal_stock(fixture_path, eviction, miss_policy, prefet
     else:
         assert (total.fetched > 0) == (miss_policy == "fetch") and (total.cpu_experts > 0) == (miss_policy == "cpu")
     assert (total.prefetched > 0) == prefetch
+
+
+def _offloaded_fixture(path: Path, **overrides):
+    """A fixture with a quarter of its experts cached, and a sampled generate() on it."""
+    model, tokenizer = load_fixture(path)
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=model.config.num_local_experts // 4, **overrides))
+    ids = tokenizer("def main():\n    x = 1\n", return_tensors="pt").input_ids
+
+    def decode(uniform: bool):
+        """Decode-phase counters of 24 sampled tokens, with the model's routing or each token's experts
+        drawn uniformly."""
+        from hf_moe_accel.bench.routing import uniform_routing
+
+        reset_offload_stats(model)
+        torch.manual_seed(0)
+        with uniform_routing(model, seed=0) if uniform else contextlib.nullcontext():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24, do_sample=True,
+                           top_k=0, pad_token_id=0)
+        return offload_stats(model, "decode").total
+
+    return decode
+
+
+def test_prefetch_pauses_where_its_predictions_fail_and_resumes(fixture_path):
+    """The next layer's router on this layer's input predicts a trained model's routing well (64-71% of
+    the picks on the fixtures): prefetch keeps going. Against uniformly drawn routing its picks are
+    chance (25-31%): below prefetch_min_accuracy (0.5) each layer's prefetch pauses, and it copies
+    less; with the threshold at 0 it never pauses. Back on the model's own routing it resumes."""
+    decode = _offloaded_fixture(fixture_path)
+    trained = decode(uniform=False)
+    assert trained.prediction_accuracy > 0.5 and trained.prefetched > 0 and trained.prefetch_hits > 0
+    uniform = decode(uniform=True)
+    always = _offloaded_fixture(fixture_path, prefetch_min_accuracy=0.0)(uniform=True)
+    assert uniform.prediction_accuracy < 0.4 and always.prediction_accuracy < 0.4
+    assert uniform.prefetch_paused > 0 and always.prefetch_paused == 0
+    assert uniform.prefetched < always.prefetched / 2
+    assert uniform.predicted > 0  # still checked while paused
+    resumed = decode(uniform=False)
+    assert resumed.prefetched > 0 and resumed.prediction_accuracy > 0.5
 
 
 def _tiny_model(model_type: str, seed: int = 0):
@@ -174,6 +214,9 @@ def test_bad_budgets_and_options_rejected_before_anything_changes(fixture_path):
         accelerate(model, gpu_memory=minimum, offload=options(miss_policy="fetch"))
     with pytest.raises(ValueError, match="slots_per_layer"):
         accelerate(model, gpu_memory=minimum, offload=options(slots_per_layer=1))
+    for accuracy in (-0.1, 1.5, "high", True):
+        with pytest.raises(ValueError, match="prefetch_min_accuracy"):
+            accelerate(model, gpu_memory="1GiB", offload=options(prefetch_min_accuracy=accuracy))
     assert not is_accelerated(model)
     assert module_classes(model) == classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

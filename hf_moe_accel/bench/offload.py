@@ -134,6 +134,7 @@ def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, repe
             "fetched_per_token": decode.fetched / tokens,
             "cpu_experts_per_token": decode.cpu_experts / tokens,
             "prefetched_per_token": decode.prefetched / tokens,
+            "prediction_accuracy": decode.prediction_accuracy,
             "cpu_expert_s_per_token": decode.cpu_expert_s / tokens,
             "prefill_hit_rate": offload_stats(model, "prefill").total.hit_rate,
             "decode_stats": offload_stats(model, "decode").as_dict(),  # per layer and overall
@@ -269,7 +270,7 @@ def run_offload_bench(
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["model", "system", "batch", "decode tok/s", "vs stock", "vs fetch-every-miss", "hit rate",
-              "PCIe MiB/token", "CPU experts/token", "CPU expert ms/token", "peak GiB"]
+              "PCIe MiB/token", "prefetched/token (predictions right)", "CPU experts/token", "CPU expert ms/token", "peak GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def num(value, fmt):
@@ -282,6 +283,7 @@ def markdown_table(rows: list[dict]) -> str:
             num(r.get("speedup_vs_fetch"), ".2f") + ("x" if r.get("speedup_vs_fetch") else ""),
             num(r.get("hit_rate") and 100 * r["hit_rate"], ".1f") + ("%" if r.get("hit_rate") is not None else ""),
             num(r.get("pcie_bytes_per_token") and r["pcie_bytes_per_token"] / 2**20, ".1f"),
+            num(r.get("prefetched_per_token"), ".1f") + (f" ({100 * r['prediction_accuracy']:.0f}%)" if r.get("prediction_accuracy") is not None else ""),
             num(r.get("cpu_experts_per_token"), ".1f"),
             num(r.get("cpu_expert_s_per_token") and 1e3 * r["cpu_expert_s_per_token"], ".2f"),
             num(r.get("peak_memory_gib"), ".2f"),

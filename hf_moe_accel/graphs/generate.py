@@ -6,24 +6,33 @@ be served by graphs,
 - asks for a static cache and takes it from our pool (`_prepare_static_cache`), so the cache's
   tensors, and the graphs captured over them, survive from one call to the next;
 - hands `generate()` our graph runner where it would use a `torch.compile`d forward for decode
-  steps (`_valid_auto_compile_criteria`, `get_compiled_call`); prefill stays eager.
+  steps (`_valid_auto_compile_criteria`, `get_compiled_call`); prefill stays eager;
+- for those decode steps, hands the model its 2D attention mask, padded to the cache's length, in
+  place of the 4D mask generate() would build on the host each step (`create_masks_for_generate`):
+  the model's forward builds the 4D mask itself, inside the captured graph, so the host does less
+  between steps (once the stop checks are deferred, `stop_check.py`, the host sets the pace of a
+  small model's decode at batch 1).
 A call graphs can't serve runs Transformers' generate() unchanged, with one log line saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, static_cache_blocker
 from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
+from .stop_check import deferred_stop_checks
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -52,6 +61,8 @@ class GraphDecodeState:
     runner: DecodeGraphs
     cache_blocker: str | None
     serving: bool = False  # True inside a generate() call that graphs serve
+    defer_stop_checks: bool = True  # stop checks read one step late in served calls (stop_check.py)
+    mask_in_graph: bool = True  # decode steps get the padded 2D mask; the captured forward builds the 4D one
     logged_reasons: set[str] = field(default_factory=set)
 
 
@@ -88,8 +99,9 @@ def disable_graph_decode(model: nn.Module) -> None:
 
 
 def graph_stats(model: nn.Module) -> dict | None:
-    """Captures, capture time, graph memory, replays, eager steps, pooled KV-cache bytes and, with
-    compile_decode, compiled captures, compile time and failed compiles; None without graph decode."""
+    """Captures, capture time, graph memory, replays, eager steps, generate() calls with deferred stop
+    checks, pooled KV-cache bytes and, with compile_decode, compiled captures, compile time and failed
+    compiles; None without graph decode."""
     state = _state(model)
     if state is None:
         return None
@@ -150,7 +162,8 @@ def _generate(self, *args, **kwargs):
     kwargs["cache_implementation"] = "static"
     state.serving = True
     try:
-        output = original(*args, **kwargs)
+        with deferred_stop_checks(state.runner.stats.count_deferred_stop_check) if state.defer_stop_checks else contextlib.nullcontext():
+            output = original(*args, **kwargs)
     finally:
         state.serving = False
     cache = getattr(output, _returned_cache_field(output), None)
@@ -185,9 +198,36 @@ def _get_compiled_call(self, compile_config) -> Callable:
     return super(type(self), self).get_compiled_call(compile_config)
 
 
+def _create_masks_for_generate(self, *args, **kwargs):
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    own = getattr(state.original_class, "create_masks_for_generate", None)  # a model's own masks: left to it
+    if own is None and not args and state.serving and state.mask_in_graph:
+        padded = _graph_decode_mask(state, kwargs)
+        if padded is not None:
+            return padded
+    if own is not None:
+        return super(type(self), self).create_masks_for_generate(*args, **kwargs)
+    return masking_utils.create_masks_for_generate(*args, **kwargs)
+
+
+def _graph_decode_mask(state: GraphDecodeState, kwargs: dict) -> torch.Tensor | None:
+    """For a one-token step over a pooled cache with a 2D mask: that mask padded to the cache's
+    length (a fixed shape for the graph; the positions past the current one are masked as future
+    tokens by the model's causal mask whatever they hold); else None."""
+    mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    if mask is None or mask.ndim != 2 or embeds is None or embeds.shape[1] != 1 or not state.pool.owns(cache):
+        return None
+    length = max(layer.max_cache_len for layer in cache.layers)
+    if mask.shape[1] > length:
+        return None
+    return F.pad(mask, (0, length - mask.shape[1]))
+
+
 _METHODS = {
     "generate": _generate,
     "_prepare_static_cache": _prepare_static_cache,
     "_valid_auto_compile_criteria": _valid_auto_compile_criteria,
     "get_compiled_call": _get_compiled_call,
+    "create_masks_for_generate": _create_masks_for_generate,
 }

@@ -64,8 +64,12 @@ class GraphStats:
     graph_memory_bytes: int = 0
     replays: int = 0
     eager_steps: int = 0
+    deferred_stop_checks: int = 0  # served generate() calls whose stop checks ran one step late (stop_check.py)
     failed_captures: dict[str, str] = field(default_factory=dict)
     failed_compiles: dict[str, str] = field(default_factory=dict)
+
+    def count_deferred_stop_check(self) -> None:
+        self.deferred_stop_checks += 1
 
 
 @dataclass

@@ -52,6 +52,9 @@ class OffloadOptions:
     prefetch: copy the next layer's likely experts (its router run on this layer's input) into slots.
     prefetch_experts: at most this many prefetched per layer and forward (default: the layer's top-k);
         fewer when the copy lane has no spare time for them.
+    prefetch_min_accuracy: a layer's prefetch pauses while fewer than this share of the experts it
+        would prefetch are then routed to (a moving average). Its predictions are still checked, so it
+        resumes when they come true again. 0 never pauses.
     kv_cache_tokens: tokens of KV cache to keep room for (batch x (prompt + new tokens) of a generate()).
     prefill_tokens: tokens of the largest forward to keep activation room for (batch x prompt length).
     reserve: the GPU memory kept beside the weights instead of the estimate from the two above.
@@ -64,6 +67,7 @@ class OffloadOptions:
     miss_policy: MissPolicy = "auto"
     prefetch: bool = True
     prefetch_experts: int | None = None
+    prefetch_min_accuracy: float = 0.5
     kv_cache_tokens: int = 8192
     prefill_tokens: int = 4096
     reserve: str | int | None = None
@@ -81,6 +85,9 @@ class OffloadOptions:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.prefetch_experts is not None and (not isinstance(self.prefetch_experts, int) or self.prefetch_experts < 0):
             raise ValueError(f"prefetch_experts must be an int >= 0 or None, got {self.prefetch_experts!r}")
+        accuracy = self.prefetch_min_accuracy
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
+            raise ValueError(f"prefetch_min_accuracy must be a number in [0, 1], got {accuracy!r}")
         if self.cost_model is not None and not isinstance(self.cost_model, MissCostModel):
             raise TypeError(f"cost_model must be a MissCostModel, got {type(self.cost_model).__name__}")
 

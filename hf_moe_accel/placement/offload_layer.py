@@ -10,7 +10,9 @@ Per forward (all sizes on the host after one sync that brings the routing over):
    fetches than free slots run in waves that reuse the slots, each wave's copies after the last
    kernel that read them.
 4. The next layer's likely experts (its router run on this layer's input) are prefetched, as many
-   as the copy lane has spare time for.
+   as the copy lane has spare time for, unless that layer's predictions have mostly been wrong lately
+   (random routing, or a router that doesn't agree with its neighbour's input): then a copy would
+   take the lane from demand fetches and a slot from a cached expert for nothing.
 5. The CPU result is added in; the output is summed in float32 and cast once.
 """
 
@@ -30,6 +32,8 @@ from .miss_cost import split_misses
 if TYPE_CHECKING:
     from .offload import OffloadEngine
 
+# Weight of the newest forward in a layer's moving average of prediction accuracy.
+_ACCURACY_SMOOTHING = 0.2
 # Up to this many tokens, the hidden states come to the host with the routing (one transfer); above,
 # only the rows the CPU experts need, after the split.
 _HIDDEN_TO_HOST_TOKENS = 256
@@ -44,6 +48,8 @@ class OffloadedLayer:
         self.router_weight = router_weight  # this layer's router linear [E, H], to predict its routing a layer early
         self.top_k = top_k
         self.engine = engine
+        self.pending_prediction: list[int] | None = None  # the experts prefetch picked for this layer's next forward
+        self.prediction_accuracy = 1.0  # moving average; starts trusting the predictions
 
     @torch.no_grad()  # inference only: slots and host copies never join an autograd graph
     def forward(self, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -91,7 +97,10 @@ class OffloadedLayer:
         stats.lookups += touched.numel()
         stats.hits += len(hit_list)
         stats.prefetch_hits += len(cache.prefetched_unused.intersection(hit_list))
-        cache.prefetched_unused.difference_update(touched.tolist())
+        touched_list = touched.tolist()
+        cache.prefetched_unused.difference_update(touched_list)
+        if self.pending_prediction is not None:
+            self._score_prediction(set(touched_list), stats)
 
         hit_slots = set(cache.slot_of_expert[hits].tolist())
         miss_tokens = tokens_per_expert[misses].tolist()
@@ -153,6 +162,16 @@ class OffloadedLayer:
             cache.last_read = lanes.compute_mark()
             keep, first = set(), False
 
+    def _score_prediction(self, routed: set[int], stats) -> None:
+        """Fold how many of the experts picked for this forward it routed to into the moving average."""
+        picked, self.pending_prediction = self.pending_prediction, None
+        if not picked:
+            return
+        right = len(routed.intersection(picked))
+        stats.predicted += len(picked)
+        stats.predicted_routed += right
+        self.prediction_accuracy += _ACCURACY_SMOOTHING * (right / len(picked) - self.prediction_accuracy)
+
     def _install(self, assignments: list[tuple[int, int]]) -> int:
         self.engine.copy_clock.queued(len(assignments))
         return self.cache.install(self.engine.lanes, assignments)
@@ -165,19 +184,24 @@ class OffloadedLayer:
         return logits.topk(self.top_k, dim=-1).indices
 
     def prefetch(self, predicted: torch.Tensor) -> None:
-        """Copy the most-predicted experts that aren't cached into slots (never evicting a predicted one)."""
+        """Copy the most-predicted experts that aren't cached into slots (never evicting a predicted one),
+        while this layer's recent predictions have come true often enough."""
         cache = self.cache
         counts = torch.bincount(predicted.view(-1), minlength=cache.num_experts)
         chosen = counts.nonzero().view(-1)
         ranked = chosen[torch.argsort(counts[chosen], descending=True, stable=True)]
         ranked = ranked[: self.engine.prefetch_limit(self.top_k)]
+        self.pending_prediction = ranked.tolist()  # scored when this layer runs
+        stats = self.engine.layer_stats(self.index)
+        if self.prediction_accuracy < self.engine.options.prefetch_min_accuracy:
+            stats.prefetch_paused += 1
+            return
         # only as many as the copy lane has spare time for: prefetch must not delay demand fetches
         wanted = ranked[cache.slot_of_expert[ranked] < 0].tolist()[: self.engine.copy_clock.spare_copies()]
         if not wanted:
             return
-        slots = cache.choose_slots(len(wanted), protect=set(ranked.tolist()))
+        slots = cache.choose_slots(len(wanted), protect=set(self.pending_prediction))
         assignments = list(zip(slots, wanted))
-        stats = self.engine.layer_stats(self.index)
         stats.h2d_bytes += self._install(assignments)
         stats.prefetched += len(assignments)
         cache.prefetched_unused.update(e for _, e in assignments)

@@ -20,6 +20,10 @@ class LayerOffloadStats:
     cpu_experts: int = 0
     prefetched: int = 0
     prefetch_hits: int = 0  # hits on an expert prefetched for this layer and not used before
+    # The experts prefetch picked for this layer (copied or not), and how many of them it was then routed to.
+    predicted: int = 0
+    predicted_routed: int = 0
+    prefetch_paused: int = 0  # forwards whose prefetch for this layer was skipped for poor predictions
     h2d_bytes: int = 0  # host to GPU: expert copies, CPU results, index tables
     d2h_bytes: int = 0  # GPU to host: routing, token rows for the CPU
     cpu_expert_s: float = 0.0  # wall time of the CPU expert work
@@ -30,6 +34,10 @@ class LayerOffloadStats:
         return self.hits / self.lookups if self.lookups else 0.0
 
     @property
+    def prediction_accuracy(self) -> float:
+        return self.predicted_routed / self.predicted if self.predicted else 0.0
+
+    @property
     def pcie_bytes(self) -> int:
         return self.h2d_bytes + self.d2h_bytes
 
@@ -37,7 +45,7 @@ class LayerOffloadStats:
         return LayerOffloadStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate, "pcie_bytes": self.pcie_bytes}
+        return {**asdict(self), "hit_rate": self.hit_rate, "prediction_accuracy": self.prediction_accuracy, "pcie_bytes": self.pcie_bytes}
 
 
 @dataclass
@@ -59,6 +67,7 @@ class OffloadStats:
         t = self.total
         return (
             f"{self.phase}: hit rate {100 * t.hit_rate:.1f}% ({t.hits}/{t.lookups} expert lookups), fetched {t.fetched}, "
-            f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used), "
+            f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used; "
+            f"predictions {100 * t.prediction_accuracy:.0f}% right, paused {t.prefetch_paused}x), "
             f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
         )
