@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from hf_moe_accel import accelerate, is_accelerated, unpatch
 from hf_moe_accel.cli import main
@@ -350,6 +351,9 @@ def test_calibration_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MOE_ACCEL_CACHE", str(tmp_path))
     path = calibrate.cache_path()
     assert path.parent == tmp_path and path.name.startswith("calibration-")
+    # Transformers' generate() loop sets the host overheads (and deferred stop checks from 5.18): its
+    # version is in the key beside torch's.
+    assert f"transformers{transformers.__version__}".replace(".", "-") in path.name
     assert calibrate.load_calibration(path) is None
     path.write_text(json.dumps({"hardware": HARDWARE.to_json(), "seconds": 1.0}))
     assert calibrate.load_calibration(path) == HARDWARE

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from .hardware import GIB, Hardware, hardware_preset, preset_for_gpu_name
@@ -37,10 +38,13 @@ def cache_dir() -> Path:
 
 
 def cache_path() -> Path:
-    """One file per GPU model, GPU count and torch version (a driver or torch change re-measures)."""
+    """One file per GPU model, GPU count, torch and transformers version: a change of either re-measures
+    (generate()'s host overheads are Transformers' loop, and from 5.18 our graph decode defers its stop
+    checks, which hides the host's part behind the replay)."""
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{name}-x{count}-torch{torch.__version__}".lower()).strip("-")
+    versions = f"torch{torch.__version__}-transformers{transformers.__version__}"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name}-x{count}-{versions}".lower()).strip("-")
     return cache_dir() / f"calibration-{slug}.json"
 
 
