@@ -343,3 +343,23 @@ def test_decode_steps_get_the_padded_2d_mask_and_build_the_4d_one_in_the_graph(f
         ours, eager = pair.both(inputs, max_new_tokens=8, do_sample=False)
         assert torch.equal(ours, eager)
         assert seen and set(seen) == {expected}
+
+
+def test_the_mask_stays_generate_s_for_flash_and_flex_attention(fixture_path):
+    """Only masks that are plain tensors built by tensor ops move into the graph: for flash or flex
+    attention (masks of another kind) a decode step keeps the mask generate() builds."""
+    from types import SimpleNamespace
+
+    from hf_moe_accel.graphs.generate import _graph_decode_mask
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32)
+    pool = StaticCachePool(model.config)
+    cache = pool.get(2, 100)
+    state = SimpleNamespace(pool=pool)
+    kwargs = dict(inputs_embeds=torch.empty(2, 1, 0), attention_mask=torch.ones(2, 30, dtype=torch.long), cache=cache)
+    for implementation, padded in (("sdpa", True), ("eager", True), ("flash_attention_2", False), ("flex_attention", False)):
+        config = SimpleNamespace(_attn_implementation=implementation)
+        mask = _graph_decode_mask(state, {**kwargs, "config": config})
+        assert (mask is not None and mask.shape == (2, 256) and mask[:, :30].all() and not mask[:, 30:].any()) if padded else mask is None
+    prefill = {**kwargs, "inputs_embeds": torch.empty(2, 30, 0), "config": SimpleNamespace(_attn_implementation="sdpa")}
+    assert _graph_decode_mask(state, prefill) is None

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import GenerationConfig, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
+from ..patches.attention import DECODE_GQA_SDPA
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, static_cache_blocker
 from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
@@ -37,6 +38,9 @@ from .stop_check import deferred_stop_checks
 logger = logging.getLogger("hf_moe_accel")
 
 _SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# Attention implementations whose masks are plain tensors the model builds from a 2D mask with tensor ops
+# (capturable); flash attention's and flex attention's masks keep generate()'s own path.
+_MASK_IN_GRAPH_ATTENTION = ("sdpa", "eager", DECODE_GQA_SDPA)
 # Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
 GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 
@@ -214,9 +218,11 @@ def _graph_decode_mask(state: GraphDecodeState, kwargs: dict) -> torch.Tensor | 
     """For a one-token step over a pooled cache with a 2D mask: that mask padded to the cache's
     length (a fixed shape for the graph; the positions past the current one are masked as future
     tokens by the model's causal mask whatever they hold); else None."""
-    mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+    mask, embeds, config = kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), kwargs.get("config")
     cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
     if mask is None or mask.ndim != 2 or embeds is None or embeds.shape[1] != 1 or not state.pool.owns(cache):
+        return None
+    if getattr(config, "_attn_implementation", None) not in _MASK_IN_GRAPH_ATTENTION:
         return None
     length = max(layer.max_cache_len for layer in cache.layers)
     if mask.shape[1] > length:
