@@ -301,6 +301,24 @@ def test_calibration_measures_the_float32_way_for_half_precision_weights():
         assert math.isfinite(costs.upcast_base_s) == upcast_measured
 
 
+def test_calibration_times_each_cpu_run_on_another_expert(monkeypatch):
+    """Cold weights, as a missed expert's are: the CPU runs take the layer's experts in turn."""
+    from hf_moe_accel.placement import miss_cost
+
+    used = []
+    real = miss_cost.run_cpu_experts
+
+    def spy(x, weights, groups, upcast_from_tokens):
+        used.extend(expert for expert, _, _ in groups)
+        return real(x, weights, groups, upcast_from_tokens)
+
+    monkeypatch.setattr(miss_cost, "run_cpu_experts", spy)
+    weights = _weights()
+    cache = ExpertCache(weights, 0, CPU, LRUPolicy(weights.num_experts))
+    calibrate_miss_costs(cache, DeviceLanes(CPU), repeats=2, tokens=4)
+    assert len(used) == 6 and used == [i % weights.num_experts for i in range(6)]
+
+
 def test_cpu_time_correction_moves_misses_off_a_slower_cpu():
     """CPU work measured slower than calibrated (host memory shared with the copy lane) gets fewer misses."""
     costs = MissCostModel(fetch_s=1.0, cpu_base_s=1.0, cpu_per_token_s=0.0)

@@ -444,3 +444,15 @@ def test_decode_overhead_calibration_runs_on_the_cpu_stand_in(caplog):
     assert set(measured) == {"eager_layer_host_us", "eager_step_host_us", "offload_layer_host_us"}
     assert all(value >= 0 for value in measured.values()) and measured["eager_layer_host_us"] > 0
     assert "graph figures stay the preset's" in caplog.text
+
+
+def test_cpu_expert_rate_is_timed_on_cold_weights():
+    """The calibration's CPU expert matmul takes another weight matrix at each run (round robin), so
+    that no run finds its weights in the CPU's caches; without a GPU there is no copy lane to keep busy."""
+    from hf_moe_accel.placement import calibrate
+
+    weights = [torch.full((2, 3), float(i)) for i in range(3)]
+    run = calibrate._cycling(weights, torch.ones(1, 3))
+    assert [float(run()[0, 0]) for _ in range(4)] == [0.0, 3.0, 6.0, 0.0]
+    rates = calibrate._cpu_rates(None, hidden=64, inner=64, matrices=2)
+    assert rates["cpu_gb_s"] > 0 and rates["cpu_tflops"] > 0

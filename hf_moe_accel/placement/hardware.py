@@ -41,8 +41,9 @@ class Hardware:
     pcie_gb_s           pinned host -> device copy
     link_gb_s           all-reduce bus bandwidth between the GPUs (NVLink, or PCIe through the host)
     link_latency_us     time of a small all-reduce (one decode step's hidden states)
-    cpu_gb_s            CPU streaming expert weights in a one-token matmul (bf16), all threads
-    cpu_tflops          CPU matmul rate on a batch of tokens (bf16), all threads
+    cpu_gb_s            CPU streaming expert weights in a one-token matmul (bf16), all threads; calibrated
+                        with the weights cold and host-to-GPU copies running, as offload decoding has them
+    cpu_tflops          CPU matmul rate on a batch of tokens (bf16), all threads, measured the same way
     host_memory_gib     host RAM (offloaded experts live there, pinned)
     eager_layer_host_us host time per decoder layer of an eager decode step (launches, Python)
     eager_step_host_us  host time per eager decode step outside the layers (generate(), sampling)

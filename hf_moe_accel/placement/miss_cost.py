@@ -9,6 +9,7 @@ would then finish earlier (few tokens: CPU; many: fetch). Measured on the user's
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import sys
@@ -157,8 +158,10 @@ def _line(one: float, many: float, tokens: int) -> tuple[float, float]:
 def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16) -> MissCostModel:
     """Time the copy of one expert into (still empty) slot 0, and its CPU compute on 1 and on `tokens`
     tokens in the weights' dtype and (half-precision weights) in float32; a layer without slots
-    can't fetch (fetch_s = inf). Milliseconds on a fast CPU; a few tenths of a second on one whose
-    half-precision GEMMs are slow."""
+    can't fetch (fetch_s = inf). Each CPU run takes the layer's next expert (round robin): a missed
+    expert's weights come from memory, not from the CPU's caches (a 32 MiB matrix timed over and over
+    streamed at 21 GB/s on a 2-core machine, eight in turn at 12). Milliseconds on a fast CPU; a few tenths of a second on one
+    whose half-precision GEMMs are slow."""
     host = cache.host
     fetch_s = math.inf
     if cache.num_slots > 0:
@@ -168,11 +171,12 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(host.gate_up.dtype)
     ones = torch.ones(tokens)
     first_row = torch.zeros(1, dtype=torch.int64)
+    experts = itertools.cycle(range(cache.num_experts))
 
     def line(upcast_from_tokens: float) -> tuple[float, float]:
-        one = _median_time(lambda: run_cpu_experts(x[:1], host, [(0, first_row, ones[:1])], upcast_from_tokens),
+        one = _median_time(lambda: run_cpu_experts(x[:1], host, [(next(experts), first_row, ones[:1])], upcast_from_tokens),
                            lanes, repeats)
-        many = _median_time(lambda: run_cpu_experts(x, host, [(0, torch.arange(tokens), ones)], upcast_from_tokens),
+        many = _median_time(lambda: run_cpu_experts(x, host, [(next(experts), torch.arange(tokens), ones)], upcast_from_tokens),
                             lanes, repeats)
         return _line(one, many, tokens)
 
