@@ -204,13 +204,12 @@ def _get_compiled_call(self, compile_config) -> Callable:
 
 def _create_masks_for_generate(self, *args, **kwargs):
     state: GraphDecodeState = getattr(self, STATE_ATTR)
-    own = getattr(state.original_class, "create_masks_for_generate", None)  # a model's own masks: left to it
-    if own is None and not args and state.serving and state.mask_in_graph:
+    if getattr(state.original_class, "create_masks_for_generate", None) is not None:  # a model's own masks: left to it
+        return super(type(self), self).create_masks_for_generate(*args, **kwargs)
+    if not args and state.serving and state.mask_in_graph:
         padded = _graph_decode_mask(state, kwargs)
         if padded is not None:
             return padded
-    if own is not None:
-        return super(type(self), self).create_masks_for_generate(*args, **kwargs)
     return masking_utils.create_masks_for_generate(*args, **kwargs)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -210,12 +211,8 @@ def _cpu_rates(device: torch.device | None, hidden: int = 4096, inner: int = 409
 
 def _cycling(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """x times the next of `weights` at each call (round robin): no run finds its weights in cache."""
-    turn = iter(range(1 << 62))
-
-    def run() -> torch.Tensor:
-        return torch.nn.functional.linear(x, weights[next(turn) % len(weights)])
-
-    return run
+    in_turn = itertools.cycle(weights)
+    return lambda: torch.nn.functional.linear(x, next(in_turn))
 
 
 @contextlib.contextmanager

@@ -160,8 +160,8 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
     tokens in the weights' dtype and (half-precision weights) in float32; a layer without slots
     can't fetch (fetch_s = inf). Each CPU run takes the layer's next expert (round robin): a missed
     expert's weights come from memory, not from the CPU's caches (a 32 MiB matrix timed over and over
-    streamed at 21 GB/s on a 2-core machine, eight in turn at 12). Milliseconds on a fast CPU; a few tenths of a second on one
-    whose half-precision GEMMs are slow."""
+    streamed at 21 GB/s on a 2-core machine, eight in turn at 12). Milliseconds on a fast CPU; a few
+    tenths of a second on one whose half-precision GEMMs are slow."""
     host = cache.host
     fetch_s = math.inf
     if cache.num_slots > 0:
