@@ -164,6 +164,7 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
     from . import accelerate, patch_report
     from .bench.presets import PRESETS
     from .graphs.cache_pool import static_cache_blocker
+    from .kernels.decode_linear import DECODE_MAX_ROWS
 
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -180,6 +181,8 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
         "routers fused": f"{len(report.routers)} of {len(report.experts)}",
         "RMSNorms fused": "checked when the weights are loaded (each norm is verified against the kernel's formula)",
         "grouped-query decode": _decode_gqa_summary(report.decode_gqa_folded),
+        "attention projections": f"{len(report.projections)} attention modules: q/k/v in one launch at up to "
+                                 f"{DECODE_MAX_ROWS} tokens (CUDA)" if report.projections else "as Transformers runs them",
         "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
     }
 

@@ -5,8 +5,10 @@
 Prints, per batch: ms per decode step inside generate() (as accelerate() runs it; with the stop
 checks every step, where transformers >= 5.18 would defer them; with the 4D mask built on the host
 instead of in the graph), ms per bare graph replay, the difference (what the
-host loop adds: input preparation, mask, logits processors, stopping checks), capture time and
-graph memory. JSON to OUT/profile_decode_step.json.
+host loop adds: input preparation, mask, logits processors, stopping checks), the host's own time
+per step (generate() with the replays made no-ops: the pace the host alone allows), the host time
+of one graph launch (cudaGraphLaunch, with the GPU busy), capture time and graph memory. JSON to
+OUT/profile_decode_step.json. `--no-cudnn-attention`: SDPA's cuDNN kernel off (flash attention instead).
 `--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
 functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
 GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
@@ -37,6 +39,34 @@ def _generate_seconds(model, ids, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def _host_loop_ms(model, runner, ids, new_tokens: int) -> float:
+    """ms per decode step with every replay a no-op: the host's own time per step."""
+    saved = {key: step.replay for key, step in runner._steps.items()}
+    for step in runner._steps.values():
+        step.replay = lambda: None
+    try:
+        one = min(_generate_seconds(model, ids, 1) for _ in range(3))
+        full = min(_generate_seconds(model, ids, new_tokens) for _ in range(3))
+    finally:
+        for key, replay in saved.items():
+            runner._steps[key].replay = replay
+    return 1e3 * (full - one) / (new_tokens - 1)
+
+
+def _launch_us(replay, cache, positions) -> float:
+    """Host µs of one replay() (cudaGraphLaunch) while the GPU is busy, so the launch itself is timed."""
+    times = []
+    for _ in range(10):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU work queued ahead
+        start = time.perf_counter()
+        replay()
+        times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        for layer, saved in zip(cache.layers, positions):
+            layer.cumulative_length.copy_(saved - 1)
+    return 1e6 * sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="olmoe-1b-7b")
@@ -48,7 +78,11 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="print the host profile of one generate() call")
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace of one generate() call")
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
+    parser.add_argument("--skip-variants", action="store_true", help="skip the stop-check and host-mask variants")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA's cuDNN kernel off")
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
     state = getattr(model, STATE_ATTR)
     runner = state.runner
@@ -60,7 +94,8 @@ def main() -> None:
         full = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
         step_ms = 1e3 * (full - one) / (args.new_tokens - 1)
         variants = {}
-        for name, switch in (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph")):
+        switches = () if args.skip_variants else (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph"))
+        for name, switch in switches:
             setattr(state, switch, False)
             _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
             one_variant = min(_generate_seconds(model, ids, 1) for _ in range(3))
@@ -83,6 +118,7 @@ def main() -> None:
             end.synchronize()
             times.append(start.elapsed_time(end))
         replay_ms = sorted(times)[len(times) // 2]
+        launch_us = _launch_us(replay, cache, positions)
         if args.kernels:
             for layer, saved in zip(cache.layers, positions):
                 layer.cumulative_length.copy_(saved - 1)
@@ -102,8 +138,10 @@ def main() -> None:
                 _generate_seconds(model, ids, 16)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(Path(args.out) / f"trace_b{batch}.json"))
+        host_ms = _host_loop_ms(model, runner, ids, args.new_tokens)
         row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
-               "loop_overhead_ms": step_ms - replay_ms, "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
+               "loop_overhead_ms": step_ms - replay_ms, "host_step_ms_replays_skipped": host_ms, "graph_launch_us": launch_us,
+               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(), "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
         rows.append(row)
         print(json.dumps(row))
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
         --out hf_moe_accel/kernels/configs/
 
 For each token count: the decode path (counts up to --decode-max) and the prefill path are tuned
-separately, each kernel by coordinate descent (gate_up with down at its default, then down with
+separately (`--decode-only`: the decode path alone), each kernel by coordinate descent (gate_up with down at its default, then down with
 the best gate_up; prefill once per BLOCK_M candidate), over a modest grid, then the best few
 again with other num_stages. Every figure is the median replay of a CUDA graph that cycles over
 4 copies of the weights (so L2 does not hold them), divided by 4. Each winner is checked against
@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     parser.add_argument("--decode-max", type=int, default=16, help="tune the decode path up to this many tokens")
     parser.add_argument("--out", type=Path, default=tuning.CONFIG_DIR)
+    parser.add_argument("--decode-only", action="store_true",
+                        help="tune the decode path alone: the prefill path keeps the heuristic, and which path a token "
+                             "count takes keeps its default rule (no prefill timings to compare against)")
     args = parser.parse_args()
     token_counts = sorted(int(t) for t in args.tokens.split(","))
     s = SHAPES[args.shape]
@@ -172,13 +175,13 @@ def main() -> None:
     for tokens in token_counts:
         layer = Layer(s, copies, tokens)
         print(f"[{time.perf_counter() - start:6.0f}s] {args.shape} tokens={tokens}", flush=True)
-        results = {"prefill": checked(layer, "prefill", tune_prefill(layer))}
+        results = {} if args.decode_only else {"prefill": checked(layer, "prefill", tune_prefill(layer))}
         if tokens <= args.decode_max:
             results["decode"] = checked(layer, "decode", tune_decode(layer))
         for path, result in results.items():
             if result is not None:
                 entry[path][str(tokens)] = result[1]
-        decode, prefill = results.get("decode"), results["prefill"]
+        decode, prefill = results.get("decode"), results.get("prefill")
         if decode is not None and prefill is not None:
             decode_wins.append((tokens, decode[0] < prefill[0]))
         rows.append((tokens, decode, prefill))
@@ -189,11 +192,14 @@ def main() -> None:
     print("| tokens | decode us | prefill us | BLOCK_M | path used |")
     print("|---|---|---|---|---|")
     for tokens, decode, prefill in rows:
-        used = "decode" if tokens <= merged.get("decode_max_tokens", 0) else "prefill"
+        if "decode_max_tokens" in merged:
+            used = "decode" if tokens <= merged["decode_max_tokens"] else "prefill"
+        else:
+            used = "decode" if tuning.use_decode_path(s["E"], s["I"], s["H"], tokens, s["k"], torch.bfloat16, "cuda", s["transposed"]) else "prefill"
         d = f"{decode[0]:.1f}" if decode else "-"
-        p = f"{prefill[0]:.1f}" if prefill else "FAILED"
+        p = "not tuned" if args.decode_only else f"{prefill[0]:.1f}" if prefill else "FAILED"
         print(f"| {tokens} | {d} | {p} | {prefill[1]['BLOCK_M'] if prefill else '-'} | {used} |")
-    if any(p is None for _, _, p in rows):
+    if any(d is None for t, d, _ in rows if t <= args.decode_max) or (not args.decode_only and any(p is None for _, _, p in rows)):
         sys.exit(1)
 
 

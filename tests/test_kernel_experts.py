@@ -272,7 +272,7 @@ def tuned_data(monkeypatch: pytest.MonkeyPatch):
     data = {tuning.shape_key(128, 768, 2048, 8, torch.bfloat16): entry}
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "device_config_file", lambda device: "a GPU's file")
-    monkeypatch.setattr(tuning, "_load", lambda file: data)
+    monkeypatch.setattr(tuning, "load_config_file", lambda file: data)
     tuning._tuned.cache_clear()
     tuning.get_config.cache_clear()
     yield

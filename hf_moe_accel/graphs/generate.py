@@ -68,6 +68,7 @@ class GraphDecodeState:
     defer_stop_checks: bool = True  # stop checks read one step late in served calls (stop_check.py)
     mask_in_graph: bool = True  # decode steps get the padded 2D mask; the captured forward builds the 4D one
     logged_reasons: set[str] = field(default_factory=set)
+    all_ones_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # by (batch, cache length, device)
 
 
 def check_compile_decode(compile_decode: bool, cuda_graphs: bool) -> None:
@@ -99,6 +100,7 @@ def disable_graph_decode(model: nn.Module) -> None:
         return
     state.runner.clear()
     state.pool.clear()
+    state.all_ones_masks.clear()
     restore(model)
 
 
@@ -214,19 +216,29 @@ def _create_masks_for_generate(self, *args, **kwargs):
 
 
 def _graph_decode_mask(state: GraphDecodeState, kwargs: dict) -> torch.Tensor | None:
-    """For a one-token step over a pooled cache with a 2D mask: that mask padded to the cache's
-    length (a fixed shape for the graph; the positions past the current one are masked as future
-    tokens by the model's causal mask whatever they hold); else None."""
+    """For a one-token step over a pooled cache with a 2D mask or none: that mask padded to the
+    cache's length, or ones of that length (a fixed shape for the graph; the positions past the
+    current one are masked as future tokens by the model's causal mask whatever they hold); else None."""
     mask, embeds, config = kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), kwargs.get("config")
     cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
-    if mask is None or mask.ndim != 2 or embeds is None or embeds.shape[1] != 1 or not state.pool.owns(cache):
+    if (mask is not None and mask.ndim != 2) or embeds is None or embeds.shape[1] != 1 or not state.pool.owns(cache):
         return None
     if getattr(config, "_attn_implementation", None) not in _MASK_IN_GRAPH_ATTENTION:
         return None
     length = max(layer.max_cache_len for layer in cache.layers)
+    if mask is None:  # generate() drops a mask of all ones (transformers >= 5.18): no padding anywhere
+        return _all_ones_mask(state, embeds.shape[0], length, embeds.device)
     if mask.shape[1] > length:
         return None
     return F.pad(mask, (0, length - mask.shape[1]))
+
+
+def _all_ones_mask(state: GraphDecodeState, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """A 2D mask of ones, made once per shape: read-only for everyone (the runner copies it into the graph's buffer)."""
+    key = (batch, length, device)
+    if key not in state.all_ones_masks:
+        state.all_ones_masks[key] = torch.ones(batch, length, dtype=torch.long, device=device)
+    return state.all_ones_masks[key]
 
 
 _METHODS = {

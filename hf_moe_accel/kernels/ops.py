@@ -1,7 +1,7 @@
 """The fused kernels as torch custom ops, so that torch.compile keeps them opaque.
 
 Traced code (`accelerate(model, compile_decode=True)`: the decode step under torch.compile) calls
-`route` and `fused_experts` here instead of `kernels.route` / `kernels.fused_experts`: dynamo then
+`route`, `fused_experts` and `decode_linears` here instead of `kernels.route` / `kernels.fused_experts`: dynamo then
 records one op per call instead of tracing into the kernels' launch code (Triton launches, tuned
 config look-ups, the reference path's host-synced loop), and inductor fuses the model's elementwise
 work around them. A schema can't carry the spec dataclasses, so their fields travel as primitives and
@@ -12,6 +12,7 @@ time on every call (eager prefill, the CPU-offload path).
 import torch
 
 from . import fused_experts as _fused_experts
+from .decode_linear import decode_linears_triton
 from . import route as _route
 from .spec import Activation, ExpertWeights, RoutingSpec
 
@@ -90,3 +91,22 @@ def route(
     return route_op(logits, correction_bias, spec.top_k, spec.num_experts, spec.scoring, spec.renormalize,
                     spec.renorm_eps, spec.n_group, spec.topk_group, spec.group_score, spec.has_correction_bias,
                     spec.routed_scaling_factor, spec.weights_dtype, spec.expert_threshold)
+
+
+@torch.library.custom_op("hf_moe_accel::decode_linears", mutates_args=())
+def decode_linears_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                      out_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    return decode_linears_triton(x, weights, biases, out_dtype)
+
+
+@decode_linears_op.register_fake
+def _decode_linears_fake(x, weights, biases, out_dtype) -> list[torch.Tensor]:
+    return [x.new_empty(*x.shape[:-1], w.shape[0], dtype=out_dtype or x.dtype) for w in weights]
+
+
+def decode_linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                   out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """`decode_linear.decode_linears_triton` (inputs it fits), as one opaque op under torch.compile and a plain call outside it."""
+    if torch.compiler.is_compiling():
+        return decode_linears_op(x, weights, biases, out_dtype)
+    return decode_linears_triton(x, weights, biases, out_dtype)

@@ -64,7 +64,8 @@ def device_config_file(device: torch.device | str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(file: Path) -> dict:
+def load_config_file(file: Path) -> dict:
+    """A device's tuned data (the fused experts' shapes, and "decode_linear": `decode_linear.py`); {} without a file."""
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
@@ -74,7 +75,7 @@ def _tuned(num_experts, N, K, top_k, dtype, device, transposed) -> tuple[dict, i
     same shape (the larger on a tie); None without data."""
     if interpreting() or torch.device(device).type != "cuda":
         return None
-    data = _load(device_config_file(device))
+    data = load_config_file(device_config_file(device))
     by_top_k = {}
     for tuned_top_k in range(1, num_experts + 1):
         entry = data.get(shape_key(num_experts, N, K, tuned_top_k, dtype, transposed))

@@ -12,6 +12,7 @@ from .experts import ExpertsState, accelerated_experts_forward, activation_from_
 from .families import ADAPTERS
 from .attention import apply_decode_gqa, remove_decode_gqa
 from .norms import patch_norms
+from .projections import patch_projections
 from .router import patch_router
 from .swap import is_swapped, restore, swap_forward
 
@@ -33,6 +34,7 @@ class PatchReport:
     routers: list[str] = field(default_factory=list)
     families: set[str] = field(default_factory=set)
     norms: list[str] = field(default_factory=list)  # RMSNorm modules running the fused kernel
+    projections: list[str] = field(default_factory=list)  # attention modules whose q/k/v run in one decode launch
     decode_gqa_folded: bool = False  # one-token grouped-query attention without repeat_kv copies
 
 
@@ -107,6 +109,7 @@ def patch_model(model: nn.Module) -> PatchReport:
             if router is not None and patch_router(router, adapter):
                 report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
         report.norms = patch_norms(model)
+        report.projections = patch_projections(model)
         report.decode_gqa_folded = apply_decode_gqa(model)
     except BaseException:
         unpatch_model(model)  # all or nothing: never leave a half-patched model

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import ops
+from ..kernels.decode_linear import decode_linears_serve
 from ..kernels.spec import RoutingSpec
 from .adapter import FamilyAdapter, LogitsPrecision, RoutingBuilder
 from .swap import STATE_ATTR, swap_forward
@@ -45,7 +46,13 @@ def _resolve(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: LogitsPrecision) -> torch.Tensor:
-    """The router's linear layer, run at the precision the stock router runs it."""
+    """The router's linear layer, run at the precision the stock router runs it; at a decode step's few
+    tokens in one launch of the decode linear (`kernels.decode_linear`), which multiplies in float32."""
+    # The launch needs x and the weight in one dtype: then "weight" (x cast to the weight's dtype) is "input".
+    if decode_linears_serve(x, [weight], [bias]):
+        out_dtype = torch.float32 if precision == "float32" else None
+        logits = ops.decode_linears(x, [weight], [bias], out_dtype)[0]
+        return logits.float() if precision == "upcast" else logits
     if precision == "float32":
         return F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
     if precision == "weight":
