@@ -61,7 +61,7 @@ def main() -> None:
             for rows in [int(r) for r in args.rows.split(",")]:
                 x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
                 reference = [F.linear(x.float(), w.float()) for w in copies[0]]
-                cublas, _ = time_graph([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in copies])
+                cublas, _ = time_graph([lambda ws=ws, x=x: [F.linear(x, w) for w in ws] for ws in copies])
                 timings = {}
                 for config in [DEFAULT_CONFIG, *GRID]:
                     key = json.dumps(config, sort_keys=True)
@@ -71,7 +71,7 @@ def main() -> None:
                     error = max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, reference))
                     if error > 2e-2:
                         raise SystemExit(f"{shape} {name} rows={rows} {config}: relative error {error:.2e}")
-                    timings[key] = time_graph([lambda ws=ws, c=config: decode_linears_triton(x, ws, [None] * len(sizes), config=c)
+                    timings[key] = time_graph([lambda ws=ws, c=config, x=x: decode_linears_triton(x, ws, [None] * len(ws), config=c)
                                                for ws in copies])[0]
                 default = timings[json.dumps(DEFAULT_CONFIG, sort_keys=True)]
                 best_key = min(timings, key=timings.get)

@@ -8,7 +8,7 @@ instead of in the graph), ms per bare graph replay, the difference (what the
 host loop adds: input preparation, mask, logits processors, stopping checks), the host's own time
 per step (generate() with the replays made no-ops: the pace the host alone allows), the host time
 of one graph launch (cudaGraphLaunch, with the GPU busy), capture time and graph memory. JSON to
-OUT/profile_decode_step.json. `--no-cudnn-attention`: SDPA's cuDNN kernel off (flash attention instead).
+OUT/profile_decode_step.json.
 `--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
 functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
 GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
@@ -79,10 +79,7 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace of one generate() call")
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     parser.add_argument("--skip-variants", action="store_true", help="skip the stop-check and host-mask variants")
-    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA's cuDNN kernel off")
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
     state = getattr(model, STATE_ATTR)
     runner = state.runner
@@ -141,7 +138,7 @@ def main() -> None:
         host_ms = _host_loop_ms(model, runner, ids, args.new_tokens)
         row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
                "loop_overhead_ms": step_ms - replay_ms, "host_step_ms_replays_skipped": host_ms, "graph_launch_us": launch_us,
-               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(), "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
+               "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
         rows.append(row)
         print(json.dumps(row))
     Path(args.out).mkdir(parents=True, exist_ok=True)
