@@ -39,18 +39,23 @@ def _generate_seconds(model, ids, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def _step_ms(model, ids, new_tokens: int) -> float:
+    """ms per decode step inside generate(): the best of 3 calls of new_tokens less the best of 3 of one token."""
+    one = min(_generate_seconds(model, ids, 1) for _ in range(3))
+    full = min(_generate_seconds(model, ids, new_tokens) for _ in range(3))
+    return 1e3 * (full - one) / (new_tokens - 1)
+
+
 def _host_loop_ms(model, runner, ids, new_tokens: int) -> float:
     """ms per decode step with every replay a no-op: the host's own time per step."""
     saved = {key: step.replay for key, step in runner._steps.items()}
     for step in runner._steps.values():
         step.replay = lambda: None
     try:
-        one = min(_generate_seconds(model, ids, 1) for _ in range(3))
-        full = min(_generate_seconds(model, ids, new_tokens) for _ in range(3))
+        return _step_ms(model, ids, new_tokens)
     finally:
         for key, replay in saved.items():
             runner._steps[key].replay = replay
-    return 1e3 * (full - one) / (new_tokens - 1)
 
 
 def _launch_us(replay, cache, positions) -> float:
@@ -87,18 +92,14 @@ def main() -> None:
     for batch in [int(b) for b in args.batch.split(",")]:
         ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
         _generate_seconds(model, ids, args.new_tokens)  # capture + warm-up
-        one = min(_generate_seconds(model, ids, 1) for _ in range(3))
-        full = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
-        step_ms = 1e3 * (full - one) / (args.new_tokens - 1)
+        step_ms = _step_ms(model, ids, args.new_tokens)
         variants = {}
         switches = () if args.skip_variants else (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph"))
         for name, switch in switches:
             setattr(state, switch, False)
             _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
-            one_variant = min(_generate_seconds(model, ids, 1) for _ in range(3))
-            full_variant = min(_generate_seconds(model, ids, args.new_tokens) for _ in range(3))
+            variants[name] = _step_ms(model, ids, args.new_tokens)
             setattr(state, switch, True)
-            variants[name] = 1e3 * (full_variant - one_variant) / (args.new_tokens - 1)
         # The bare replay, timed with CUDA events; each replay advances the cache's write
         # positions, so they are put back between replays (outside the timed region).
         replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures

@@ -81,17 +81,23 @@ def _tiny(model_type: str) -> torch.nn.Module:
 
 
 @pytest.fixture
-def served_on_cpu(monkeypatch):
-    """The projections' kernel on CPU tensors (Triton's interpreter), counting its launches."""
-    monkeypatch.setattr(decode_linear, "SERVE_CPU_TENSORS", True)
-    launches = []
+def launches(monkeypatch) -> list[int]:
+    """The kernel's launches through the projections and routers, as the number of linears in each."""
+    counts = []
     real = decode_linear.decode_linears_triton
 
     def counted(x, weights, biases, out_dtype=None, config=None):
-        launches.append(len(weights))
+        counts.append(len(weights))
         return real(x, weights, biases, out_dtype, config)
 
     monkeypatch.setattr(ops, "decode_linears_triton", counted)
+    return counts
+
+
+@pytest.fixture
+def served_on_cpu(monkeypatch, launches) -> list[int]:
+    """The projections' kernel on CPU tensors (Triton's interpreter), its launches counted."""
+    monkeypatch.setattr(decode_linear, "SERVE_CPU_TENSORS", True)
     return launches
 
 
@@ -189,27 +195,17 @@ def test_router_logits_at_each_precision(precision, served_on_cpu):
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 @pytest.mark.parametrize("model_type", sorted(TINY))
-def test_decode_step_on_gpu_matches_stock(model_type, monkeypatch):
+def test_decode_step_on_gpu_matches_stock(model_type, monkeypatch, launches):
     """bf16 on CUDA: a decode step's logits through the launches against stock's (same weights), and the
     launches really ran (q/k/v and router per layer; the tiny shapes have no tuned data: the default config)."""
     monkeypatch.setattr(decode_linear, "decode_linear_config", lambda *args: decode_linear.DEFAULT_CONFIG)
     stock, model = _tiny(model_type).to("cuda", torch.bfloat16), _tiny(model_type).to("cuda", torch.bfloat16)
     accelerate(model, cuda_graphs=False)
-    launches = []
-    real = ops.decode_linears_triton
-
-    def counted(x, weights, biases, out_dtype=None, config=None):
-        launches.append(len(weights))
-        return real(x, weights, biases, out_dtype, config)
-
     ids = torch.randint(0, 128, (1, 9), device="cuda")
     with torch.no_grad():
         prompt_ours, prompt_stock = model(ids[:, :8], use_cache=True), stock(ids[:, :8], use_cache=True)
-        ops.decode_linears_triton = counted
-        try:
-            step_ours = model(ids[:, 8:], past_key_values=prompt_ours.past_key_values).logits.float()
-        finally:
-            ops.decode_linears_triton = real
+        assert launches == []  # 8 rows: stock
+        step_ours = model(ids[:, 8:], past_key_values=prompt_ours.past_key_values).logits.float()
         step_stock = stock(ids[:, 8:], past_key_values=prompt_stock.past_key_values).logits.float()
     assert launches == [3, 1] * 2
     assert (step_ours - step_stock).abs().max() <= 0.05 * step_stock.abs().max()

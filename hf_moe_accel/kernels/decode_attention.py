@@ -194,9 +194,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """SDPA of one-token queries [B, Hq, 1, D] over key/value [B, Hkv, K, D] with `repeat_kv`'s head
     grouping -> [B, Hq, 1, D] contiguous, in query's dtype. See the module docstring for the mask
     and for fully masked rows. The keyword-only arguments override the launch heuristics (benchmarks)."""
-    assert decode_attention_supported(query, key, value, mask), (
-        f"decode_attention: unsupported inputs q{tuple(query.shape)} {query.dtype} k{tuple(key.shape)} {key.dtype} "
-        f"v{tuple(value.shape)} {value.dtype} mask {None if mask is None else (tuple(mask.shape), mask.dtype)}")
+    if not decode_attention_supported(query, key, value, mask):  # an assert would vanish under python -O
+        raise ValueError(
+            f"decode_attention: unsupported inputs q{tuple(query.shape)} {query.dtype} k{tuple(key.shape)} {key.dtype} "
+            f"v{tuple(value.shape)} {value.dtype} mask {None if mask is None else (tuple(mask.shape), mask.dtype)}; "
+            "check decode_attention_supported() first and use F.scaled_dot_product_attention for the others")
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads

@@ -40,7 +40,7 @@ class ProjectionGroup:
 class ProjectionState:
     original_forward: object
     role: str  # "q_proj" (leads its group), "k_proj" or "v_proj"
-    group: ProjectionGroup | None = None
+    group: ProjectionGroup
     followers: tuple[nn.Linear, ...] = ()  # q_proj's: k_proj and v_proj
 
 
