@@ -44,6 +44,9 @@ def _bench(args: argparse.Namespace) -> int:
         print("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
               "--no-cuda-graphs or --gpu-memory (offloaded decode runs eagerly)", file=sys.stderr)
         return 2
+    if args.zero_copy and not args.gpu_memory:
+        print("--zero-copy is an option of expert offload: it needs --gpu-memory", file=sys.stderr)
+        return 2
     if args.gpu_memory:
         return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
     options = {"cuda_graphs": not args.no_cuda_graphs}
@@ -79,6 +82,7 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     from .bench.ab import Workload
     from .bench.offload import build_preset_on_host, markdown_table, plot, run_offload_bench
     from .placement.budget import parse_memory_size
+    from .placement.offload import OffloadOptions
 
     try:  # before a model of tens of GB is built or loaded
         parse_memory_size(args.gpu_memory)
@@ -103,7 +107,8 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
     try:
         rows = run_offload_bench(model, name, args.gpu_memory, workloads, repeats=args.repeats,
-                                 stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)])
+                                 stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)],
+                                 options=OffloadOptions(zero_copy=args.zero_copy))
     except ValueError as error:  # a budget too small, or one that holds the whole model
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -180,21 +185,20 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
         "MoE blocks patched": str(len(report.experts)),
         "routers fused": f"{len(report.routers)} of {len(report.experts)}",
         "RMSNorms fused": "checked when the weights are loaded (each norm is verified against the kernel's formula)",
-        "grouped-query decode": _decode_gqa_summary(report.decode_gqa_folded),
+        "decode attention": _decode_attention_summary(report.decode_attention),
         "attention projections": f"{len(report.projections)} attention modules: q/k/v in one launch at up to "
                                  f"{DECODE_MAX_ROWS} tokens (CUDA)" if report.projections else "as Transformers runs them",
         "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
     }
 
 
-def _decode_gqa_summary(folded: bool) -> str:
-    from .patches.attention import TRANSFORMERS_FOLDS_GQA
+def _decode_attention_summary(switched: bool) -> str:
+    from .patches.attention import UNGROUPED_KERNEL_MAX_KEYS
 
-    if folded:
-        return "one-token queries folded onto their KV heads by hf_moe_accel (no repeat_kv copies)"
-    if TRANSFORMERS_FOLDS_GQA:
-        return "Transformers folds one-token queries onto their KV heads itself (pack_gqa)"
-    return "as Transformers runs it (no grouped KV heads, or not the sdpa implementation)"
+    if switched:
+        return ("one-token queries on the Triton decode kernel (CUDA; grouped heads, or batch x cache length <= "
+                f"{UNGROUPED_KERNEL_MAX_KEYS}), else grouped heads folded onto their KV head (no repeat_kv copies)")
+    return "as Transformers runs it (not the sdpa implementation)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
     bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "
                        "offload against stock with an offloading device map and our own fetch-every-miss policy")
+    bench.add_argument("--zero-copy", action="store_true",
+                       help="with --gpu-memory: decode steps read uncached experts from pinned host memory inside the "
+                            "kernels (OffloadOptions(zero_copy=True), experimental)")
     bench.add_argument("--stock-new-tokens", type=int, default=3,
                        help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
     bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")

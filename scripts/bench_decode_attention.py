@@ -1,5 +1,5 @@
 """One-token decode attention: our Triton kernel against SDPA (bool mask, grouped heads folded onto
-their KV head as `decode_gqa_sdpa` does, so PyTorch picks cuDNN / efficient attention), on this GPU.
+their KV head as `decode_attention_forward` does, so PyTorch picks cuDNN / efficient attention), on this GPU.
 
     python scripts/bench_decode_attention.py --out decode_attention.json [--sweep] [--valid-frac 0.5]
 

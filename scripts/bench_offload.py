@@ -77,6 +77,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--simulate", action="store_true",
                         help="fixture sweep on the CPU stand-in with zero miss costs (deterministic hit rates, no speed)")
     parser.add_argument("--prefetch-experts", type=int, help="prefetch limit per layer for the fixture sweep (0: off)")
+    parser.add_argument("--zero-copy", action="store_true",
+                        help="main part: ours with OffloadOptions(zero_copy=True) (decode reads uncached experts from "
+                             "pinned host memory in the kernels); fetch-every-miss stays without it")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--routing", default="model", choices=["model", "uniform"],
                         help="the preset parts' routing: the random-weight model's own (nearly the same experts every "
@@ -209,7 +212,8 @@ def main() -> None:
 
         with preset_routing():
             rows = run_offload_bench(model, args.preset, args.gpu_memory, workloads, repeats=args.repeats,
-                                     stock_batches=args.stock_batches, on_row=keep)
+                                     stock_batches=args.stock_batches, options=OffloadOptions(zero_copy=args.zero_copy),
+                                     on_row=keep)
         results["rows"] = rows
         results["timings_s"]["main"] = time.perf_counter() - start
         ours_1 = next((r for r in rows if r["system"] == "ours" and r["batch"] == 1), None)

@@ -12,6 +12,9 @@ OUT/profile_decode_step.json.
 `--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
 functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
 GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
+`--attention`: "ours" as accelerate() sets it (patches/attention.py); "transformers" keeps
+Transformers' own "sdpa"; "folded" keeps the Triton decode kernel off (grouped heads folded onto their
+KV head in SDPA, as before the kernel was on).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.patches import attention, registry
 from hf_moe_accel.patches.swap import STATE_ATTR
 
 
@@ -72,6 +76,14 @@ def _launch_us(replay, cache, positions) -> float:
     return 1e6 * sorted(times)[len(times) // 2]
 
 
+def _select_attention(choice: str) -> None:
+    """Make accelerate() set the attention `choice` names (see the module docstring)."""
+    if choice == "transformers":
+        registry.apply_decode_attention = lambda model: False
+    elif choice == "folded":
+        attention.DECODE_KERNEL = "never"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="olmoe-1b-7b")
@@ -84,7 +96,9 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace of one generate() call")
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     parser.add_argument("--skip-variants", action="store_true", help="skip the stop-check and host-mask variants")
+    parser.add_argument("--attention", choices=("ours", "transformers", "folded"), default="ours")
     args = parser.parse_args()
+    _select_attention(args.attention)
     model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
     state = getattr(model, STATE_ATTR)
     runner = state.runner
@@ -137,7 +151,7 @@ def main() -> None:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(Path(args.out) / f"trace_b{batch}.json"))
         host_ms = _host_loop_ms(model, runner, ids, args.new_tokens)
-        row = {"preset": args.preset, "batch": batch, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
+        row = {"preset": args.preset, "batch": batch, "attention": args.attention, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
                "loop_overhead_ms": step_ms - replay_ms, "host_step_ms_replays_skipped": host_ms, "graph_launch_us": launch_us,
                "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
         rows.append(row)

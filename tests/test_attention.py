@@ -8,7 +8,7 @@ import torch
 from transformers.integrations import sdpa_attention
 
 from hf_moe_accel import accelerate, patch_report, unpatch
-from hf_moe_accel.patches.attention import DECODE_GQA_SDPA, TRANSFORMERS_FOLDS_GQA, decode_gqa_sdpa
+from hf_moe_accel.patches.attention import DECODE_ATTENTION, decode_attention_forward
 
 from .helpers import load_fixture
 
@@ -33,15 +33,16 @@ def test_folded_decode_attention_equals_transformers_sdpa(mask_kind, groups, que
         allowed[..., 0] = True  # every query sees at least one key
         mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     module = _Attention(groups)
-    ours, _ = decode_gqa_sdpa(module, query, key, value, mask, scaling=0.25)
+    ours, _ = decode_attention_forward(module, query, key, value, mask, scaling=0.25)
     theirs, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (batch, query_len, kv_heads * groups, dim)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_folded_attention_is_set_per_model_where_transformers_lacks_it(fixture_path):
-    """Set only where Transformers' SDPA would copy the cache per query head; generate() gives the
-    same tokens and logits as stock; unpatch puts "sdpa" back. Both fixtures have grouped heads."""
+def test_folded_attention_is_set_per_grouped_model(fixture_path):
+    """Set on every Transformers version (5.2x folds heads itself, but not under torch.compile);
+    generate() gives the same tokens and logits as stock; unpatch puts "sdpa" back. Both fixtures
+    have grouped heads."""
     model, tokenizer = load_fixture(fixture_path)
     tokenizer.padding_side = "left"
     inputs = tokenizer(["def main(", "import os\nimport sys\n\nclass Config:\n    "], return_tensors="pt", padding=True)
@@ -49,8 +50,8 @@ def test_folded_attention_is_set_per_model_where_transformers_lacks_it(fixture_p
                   output_logits=True)
     stock = model.generate(**inputs, **kwargs)
     accelerate(model, cuda_graphs=False)
-    assert patch_report(model).decode_gqa_folded == (not TRANSFORMERS_FOLDS_GQA)
-    assert (model.config._attn_implementation == DECODE_GQA_SDPA) == (not TRANSFORMERS_FOLDS_GQA)
+    assert patch_report(model).decode_attention
+    assert model.config._attn_implementation == DECODE_ATTENTION
     ours = model.generate(**inputs, **kwargs)
     unpatch(model)
     assert model.config._attn_implementation == "sdpa"

@@ -20,10 +20,10 @@ from hf_moe_accel.kernels.decode_attention import (
 )
 from hf_moe_accel.patches import attention
 from hf_moe_accel.patches.attention import (
-    DECODE_GQA_SDPA,
+    DECODE_ATTENTION,
     apply_decode_attention,
-    decode_gqa_sdpa,
-    remove_decode_gqa,
+    decode_attention_forward,
+    remove_decode_attention,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +166,7 @@ def test_attention_function_routes_one_token_queries_to_the_kernel(kernel_everyw
     dtype = torch.float32
     query, key, value, mask = _inputs(3, 2, groups, 37, 64, dtype, mask_kind, groups)
     module = _Attention(groups)
-    ours, _ = decode_gqa_sdpa(module, query, key, value, mask, scaling=0.25)
+    ours, _ = decode_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert len(kernel_everywhere) == 1
     theirs, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (3, 1, 2 * groups, 64) and ours.is_contiguous()
@@ -178,18 +178,34 @@ def test_attention_function_keeps_sdpa_for_everything_else(kernel_everywhere, mo
     query, key, value, mask = _inputs(2, 2, 4, 20, 64, torch.float32, "bool", 5)
     prefill = query.expand(2, 8, 3, 64)  # three query tokens
     prefill_mask = mask.expand(2, 1, 3, 20)
-    ours, _ = decode_gqa_sdpa(module, prefill, key, value, prefill_mask, scaling=0.25)
+    ours, _ = decode_attention_forward(module, prefill, key, value, prefill_mask, scaling=0.25)
     theirs, _ = sdpa_attention.sdpa_attention_forward(module, prefill, key, value, prefill_mask, scaling=0.25)
     torch.testing.assert_close(ours, theirs)
-    decode_gqa_sdpa(module, query, key, value, mask, dropout=0.1)  # dropout
-    decode_gqa_sdpa(module, query[..., :48], key[..., :48], value[..., :48], mask)  # head dim 48
-    decode_gqa_sdpa(module, query, key, value, mask, s_aux=torch.zeros(8))  # only Transformers knows sinks
+    decode_attention_forward(module, query, key, value, mask, dropout=0.1)  # dropout
+    decode_attention_forward(module, query[..., :48], key[..., :48], value[..., :48], mask)  # head dim 48
+    decode_attention_forward(module, query, key, value, mask, s_aux=torch.zeros(8))  # only Transformers knows sinks
     assert not kernel_everywhere
     monkeypatch.setattr(attention, "DECODE_KERNEL", "cuda")
     on_cpu = query.cpu(), key.cpu(), value.cpu(), mask.cpu()
-    ours, _ = decode_gqa_sdpa(module, *on_cpu, scaling=0.25)  # CPU tensors: folded SDPA, today's path
+    ours, _ = decode_attention_forward(module, *on_cpu, scaling=0.25)  # CPU tensors: folded SDPA, today's path
     assert not kernel_everywhere
     torch.testing.assert_close(ours, sdpa_attention.sdpa_attention_forward(module, *on_cpu, scaling=0.25)[0])
+
+
+def test_ungrouped_heads_keep_sdpa_where_the_kernel_was_slower(kernel_everywhere, monkeypatch):
+    """Grouped heads take the kernel at any size; ungrouped ones only up to UNGROUPED_KERNEL_MAX_KEYS keys
+    over the batch (beyond, SDPA was faster on the GPU)."""
+    assert attention.kernel_is_faster(32, 32, 4, 4096) and attention.kernel_is_faster(2, 16, 16, 4096)
+    assert not attention.kernel_is_faster(2, 16, 16, 4097)
+    limit = 64  # small, for the interpreter
+    monkeypatch.setattr(attention, "UNGROUPED_KERNEL_MAX_KEYS", limit)
+    module = _Attention(1)
+    query, key, value, mask = _inputs(2, 2, 1, limit // 2 + 1, 16, torch.float32, "bool", 7)
+    ours, _ = decode_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert not kernel_everywhere
+    torch.testing.assert_close(ours, sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)[0])
+    decode_attention_forward(module, query[:1, :, :, :], key[:1, :, :limit], value[:1, :, :limit], mask[:1, ..., :limit])
+    assert len(kernel_everywhere) == 1
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped, and not grouped
@@ -207,10 +223,10 @@ def test_apply_decode_attention_generates_like_stock(kernel_everywhere, kv_heads
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static",
                   return_dict_in_generate=True, output_logits=True, pad_token_id=0, disable_compile=True)
     stock = model.generate(ids, **kwargs)
-    assert apply_decode_attention(model) and model.config._attn_implementation == DECODE_GQA_SDPA
+    assert apply_decode_attention(model) and model.config._attn_implementation == DECODE_ATTENTION
     ours = model.generate(ids, **kwargs)
     assert len(kernel_everywhere) == 2 * 4  # 2 layers x 4 one-token steps
-    remove_decode_gqa(model)
+    remove_decode_attention(model)
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(ours.sequences, stock.sequences)
     for a, b in zip(ours.logits, stock.logits):
@@ -238,11 +254,11 @@ def test_attention_function_on_gpu_eager_compiled_and_graphed():
     module = _Attention(8)
     query, key, value, mask = _inputs(3, 4, 8, 300, 128, torch.bfloat16, "bool", 7)
     theirs, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=128**-0.5)
-    eager, _ = decode_gqa_sdpa(module, query, key, value, mask, scaling=128**-0.5)
+    eager, _ = decode_attention_forward(module, query, key, value, mask, scaling=128**-0.5)
     torch.testing.assert_close(eager, theirs, **TOL[torch.bfloat16])
 
     def step(q, k, v, m):
-        return decode_gqa_sdpa(module, q, k, v, m, scaling=128**-0.5)[0] * 2
+        return decode_attention_forward(module, q, k, v, m, scaling=128**-0.5)[0] * 2
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(query, key, value, mask), eager * 2, rtol=0, atol=0)

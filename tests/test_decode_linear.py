@@ -221,7 +221,7 @@ def test_tuned_data_decides_where_the_kernel_runs(monkeypatch, tmp_path):
                                                                      "2": None}}}))
     monkeypatch.setattr(decode_linear, "interpreting", lambda: False)
     monkeypatch.setattr(decode_linear, "device_config_file", lambda device: file)
-    decode_linear.decode_linear_config.cache_clear()
+    decode_linear._tuned_config.cache_clear()
     try:
         cuda = torch.device("cuda")
         assert decode_linear.decode_linear_config((64, 8, 8), 32, 1, cuda) == {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4}
@@ -229,4 +229,4 @@ def test_tuned_data_decides_where_the_kernel_runs(monkeypatch, tmp_path):
         assert decode_linear.decode_linear_config((64, 8, 8), 32, 3, cuda) is None  # past the tuned counts
         assert decode_linear.decode_linear_config((64, 8), 32, 1, cuda) is None  # no data for this shape
     finally:
-        decode_linear.decode_linear_config.cache_clear()
+        decode_linear._tuned_config.cache_clear()

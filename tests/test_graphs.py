@@ -350,18 +350,26 @@ def test_decode_steps_get_the_padded_2d_mask_and_build_the_4d_one_in_the_graph(f
 
 
 def test_the_mask_stays_generate_s_for_flash_and_flex_attention(fixture_path):
-    """Only masks that are plain tensors built by tensor ops move into the graph: for flash or flex
-    attention (masks of another kind) a decode step keeps the mask generate() builds."""
+    """Only masks that are plain tensors built by capturable tensor ops move into the graph: for flash
+    or flex attention (masks of another kind), and for eager attention before transformers 5.21 (its
+    mask copies a zero from the host), a decode step keeps the mask generate() builds."""
     from types import SimpleNamespace
 
-    from hf_moe_accel.graphs.generate import _graph_decode_mask
+    from transformers import masking_utils
+
+    from hf_moe_accel.graphs.generate import _EAGER_MASK_CAPTURABLE, _graph_decode_mask
+
+    # The version gate matches the installed Transformers: its eager mask makes no tensor from the host.
+    assert _EAGER_MASK_CAPTURABLE == ("torch.tensor(" not in inspect.getsource(masking_utils.eager_mask))
+    eager_in_graph = _EAGER_MASK_CAPTURABLE
 
     model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32)
     pool = StaticCachePool(model.config)
     cache = pool.get(2, 100)
     state = SimpleNamespace(pool=pool)
     kwargs = dict(inputs_embeds=torch.empty(2, 1, 0), attention_mask=torch.ones(2, 30, dtype=torch.long), cache=cache)
-    for implementation, padded in (("sdpa", True), ("eager", True), ("flash_attention_2", False), ("flex_attention", False)):
+    for implementation, padded in (("sdpa", True), ("eager", eager_in_graph), ("flash_attention_2", False),
+                                   ("flex_attention", False)):
         config = SimpleNamespace(_attn_implementation=implementation)
         mask = _graph_decode_mask(state, {**kwargs, "config": config})
         assert (mask is not None and mask.shape == (2, 256) and mask[:, :30].all() and not mask[:, 30:].any()) if padded else mask is None

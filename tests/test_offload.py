@@ -144,19 +144,24 @@ def _tiny_model(model_type: str, seed: int = 0):
     return model
 
 
+def _offloaded_logits_equal_stock(model, prompts: list[torch.Tensor], offload: OffloadOptions) -> None:
+    """Each prompt's logits, offloaded with `offload` (the forwards in order), equal the stock model's."""
+    with torch.no_grad():
+        stock = [model(p).logits for p in prompts]
+    accelerate(model, gpu_memory="1GiB", offload=offload)
+    with torch.no_grad():
+        ours = [model(p).logits for p in prompts]
+    for s, o in zip(stock, ours):
+        assert torch.allclose(o, s, rtol=1e-4, atol=1e-4), (o - s).abs().max()
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral"])
 @pytest.mark.parametrize("miss_policy, slots", [("auto", 2), ("fetch", 1), ("fetch", 8), ("cpu", 0)])
 def test_every_path_equals_stock(model_type, miss_policy, slots):
     """One slot with many-token fetches runs in waves; zero slots is all-CPU; 8 caches everything."""
     model = _tiny_model(model_type)
     prompts = [random_sequences(model, batch, length, seed=length) for batch, length in ((1, 1), (2, 7), (4, 50))]
-    with torch.no_grad():
-        stock = [model(p).logits for p in prompts]
-    accelerate(model, gpu_memory="1GiB", offload=options(miss_policy=miss_policy, slots_per_layer=slots, prefetch_experts=1))
-    with torch.no_grad():
-        ours = [model(p).logits for p in prompts]
-    for s, o in zip(stock, ours):
-        assert torch.allclose(o, s, rtol=1e-4, atol=1e-4), (o - s).abs().max()
+    _offloaded_logits_equal_stock(model, prompts, options(miss_policy=miss_policy, slots_per_layer=slots, prefetch_experts=1))
     experts = expert_modules(model)[0]
     hidden = torch.randn(0, 32)
     empty = experts(hidden, torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2))
@@ -385,6 +390,8 @@ def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
     assert "can't read memory size '12G'" in capsys.readouterr().err
     assert main([*args, "--gpu-memory", str(half), "--stock-new-tokens", "1"]) == 2
     assert "--stock-new-tokens must be at least 2" in capsys.readouterr().err
+    assert main([*args, "--zero-copy"]) == 2
+    assert "--zero-copy is an option of expert offload" in capsys.readouterr().err
     assert main([*args, "--gpu-memory", str(half)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["system"], r["batch"]) for r in rows] == [
@@ -436,3 +443,43 @@ def test_a_budget_that_holds_every_expert_places_the_model_whole(fixture_path, c
     accelerate(model, gpu_memory="1GiB", offload=OffloadOptions(device="cpu", slots_per_layer=2))
     assert is_offloaded(model)
     unpatch(model)
+
+
+def test_zero_copy_decode_equals_stock(fixture_path):
+    """Decode steps read every routed expert where it is (slots, or host memory) in one kernel call per
+    layer; prefill still fills the slots, and the address tables follow its installs. Tokens and
+    logits equal stock's (one prompt, one decode step: the interpreter is slow at the fixture's size)."""
+    model, tokenizer = load_fixture(fixture_path)
+    ids = tokenizer("def main():\n    x = 1\n", return_tensors="pt").input_ids
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    stock = model.generate(ids, **kwargs)
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=model.config.num_local_experts // 4,
+                                                          zero_copy=True, zero_copy_max_tokens=1))
+    ours = model.generate(ids, **kwargs)
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.logits, stock.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    decode, prefill = offload_stats(model, "decode").total, offload_stats(model, "prefill").total
+    assert decode.zero_copy_forwards == decode.forwards > 0 and decode.lookups == 0
+    assert prefill.zero_copy_forwards == 0 and prefill.fetched > 0  # prefill moved experts in and out
+    assert "zero-copy" in offload_stats(model, "decode").summary()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("slots", [0, 2, 8])
+def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots):
+    """Few-token forwards (zero-copy) between many-token ones (which evict and install): each equals stock."""
+    model = _tiny_model(model_type)
+    prompts = [random_sequences(model, batch, length, seed=seed)
+               for seed, (batch, length) in enumerate(((1, 1), (2, 9), (2, 1), (3, 30), (1, 2), (3, 1)))]
+    _offloaded_logits_equal_stock(model, prompts, options(slots_per_layer=slots, zero_copy=True, zero_copy_max_tokens=3))
+    total = offload_stats(model).total
+    assert total.zero_copy_forwards == 4 * len(expert_modules(model))  # the four forwards of <= 3 tokens
+
+
+def test_zero_copy_refuses_biased_experts_and_bad_sizes():
+    with pytest.raises(ValueError, match="biases"):
+        accelerate(_tiny_model("gpt_oss"), gpu_memory="1GiB", offload=options(zero_copy=True))
+    with pytest.raises(ValueError, match="zero_copy_max_tokens"):
+        accelerate(_tiny_model("qwen3_moe"), gpu_memory="1GiB", offload=options(zero_copy=True, zero_copy_max_tokens=0))

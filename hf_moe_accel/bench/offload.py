@@ -44,6 +44,7 @@ from ..placement.offload import (
     plan_offload,
     reset_offload_stats,
     set_miss_policy,
+    set_zero_copy,
 )
 from ..plotting import pyplot
 from .ab import Workload
@@ -208,8 +209,11 @@ def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: l
     try:
         for workload in tqdm(workloads, desc=f"offload {base['model']}", unit="run"):
             input_ids = _prompt(model, workload, device, seed)
-            for system, policy in (("ours", options.miss_policy), ("ours fetch-every-miss", "fetch")):
+            # fetch-every-miss is our engine without the cost model and without zero-copy decode
+            for system, policy, zero_copy in (("ours", options.miss_policy, options.zero_copy),
+                                              ("ours fetch-every-miss", "fetch", False)):
                 set_miss_policy(model, policy)
+                set_zero_copy(model, zero_copy)
                 row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True, seed=seed)
                 rows.append({**base, "system": system, **workload.__dict__, **row, "slots_per_layer": list(plan.slots),
                              "miss_costs": costs and dataclasses.asdict(costs)})

@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationConfig, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
-from ..patches.attention import DECODE_GQA_SDPA
+from ..patches.attention import DECODE_ATTENTION
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, static_cache_blocker
 from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
@@ -39,8 +41,11 @@ logger = logging.getLogger("hf_moe_accel")
 
 _SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 # Attention implementations whose masks are plain tensors the model builds from a 2D mask with tensor ops
-# (capturable); flash attention's and flex attention's masks keep generate()'s own path.
-_MASK_IN_GRAPH_ATTENTION = ("sdpa", "eager", DECODE_GQA_SDPA)
+# (capturable); flash attention's and flex attention's masks keep generate()'s own path. Before 5.21,
+# Transformers' eager mask makes its zero with torch.tensor(0.0, device=...), a host-to-device copy that
+# CUDA graph capture refuses: there the eager mask stays on the host.
+_EAGER_MASK_CAPTURABLE = Version(transformers.__version__) >= Version("5.21")
+_MASK_IN_GRAPH_ATTENTION = ("sdpa", DECODE_ATTENTION, *(("eager",) if _EAGER_MASK_CAPTURABLE else ()))
 # Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
 GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 

@@ -11,16 +11,19 @@ import torch
 
 from .experts_reference import experts_reference
 from .routing_reference import route_reference
-from .spec import Activation, ExpertWeights, RoutingSpec
+from .spec import Activation, ExpertAddresses, ExpertWeights, RoutingSpec
+from .tuning import interpreting
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = [
     "SERVED_DTYPES",
     "Activation",
+    "ExpertAddresses",
     "ExpertWeights",
     "RoutingSpec",
     "fused_experts",
+    "fused_experts_at",
     "kernels_serve",
     "route",
 ]
@@ -56,3 +59,17 @@ def fused_experts(
 
         return fused_experts_triton(hidden_states, weights, topk_ids, topk_weights)
     return experts_reference(hidden_states, weights, topk_ids, topk_weights)
+
+
+def fused_experts_at(
+    hidden_states: torch.Tensor, layout: ExpertWeights, addresses: ExpertAddresses, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """`fused_experts` with expert e's weights read at `addresses` (GPU memory or pinned host memory,
+    zero-copy), in the per-expert layout of `layout`'s tensors; no biases. Ids as in `fused_experts`.
+    Triton only: CUDA tensors, or CPU tensors under Triton's interpreter (tests)."""
+    if not (kernels_serve(hidden_states, layout.gate_up, layout.down) or interpreting()):
+        raise ValueError("experts by address run in the Triton kernels: CUDA tensors of a served dtype")
+    from .experts_triton import fused_experts_at_triton
+
+    return fused_experts_at_triton(hidden_states, layout, addresses, topk_ids, topk_weights)

@@ -62,10 +62,17 @@ def shape_key(sizes: tuple[int, ...], K: int) -> str:
     return f"N={'+'.join(map(str, sizes))},K={K}"
 
 
-@functools.lru_cache(maxsize=1024)
+# Under torch.compile the lookup runs once, as plain Python, while tracing (its inputs are shapes and a
+# device), rather than dynamo tracing through the cache wrapper and the file read.
+@torch.compiler.assume_constant_result
 def decode_linear_config(sizes: tuple[int, ...], K: int, rows: int, device: torch.device) -> dict | None:
     """Launch parameters for linears of output sizes `sizes` over K inputs at `rows` rows; None (keep cuBLAS)
     where the tuned data says cuBLAS is faster or has no entry for this shape and row count."""
+    return _tuned_config(sizes, K, rows, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tuned_config(sizes: tuple[int, ...], K: int, rows: int, device: torch.device) -> dict | None:
     if interpreting() or device.type != "cuda":
         return DEFAULT_CONFIG
     by_rows = load_config_file(device_config_file(device)).get("decode_linear", {}).get(shape_key(sizes, K))

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .align import align_pairs
-from .spec import CLAMPED_SWIGLUS, ExpertWeights
+from .spec import CLAMPED_SWIGLUS, ExpertAddresses, ExpertWeights
 from .tuning import KernelPath, get_config, use_decode_path
 
 
@@ -129,26 +129,61 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) 
     return partial.view(num_tokens, -1, hidden).sum(dim=1).to(x.dtype)
 
 
-def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -> torch.Tensor:
+def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
+            addresses: ExpertAddresses | None = None) -> torch.Tensor:
+    """The decode path; with `addresses`, each expert's weights are read where its address says, in the
+    per-expert layout of `weights` (whose first dimension is then unused)."""
     num_tokens, hidden = x.shape
     num_pairs, inter_size = ids.numel(), weights.intermediate_size
     gate_up, down = config["gate_up"], config["down"]
+    by_address = addresses is not None
+    gate_up_table = addresses.gate_up if by_address else ids  # an unused pointer without addresses
+    down_table = addresses.down if by_address else ids
 
     inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
     _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
-        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, TOP_K=top_k, **gate_up,
+        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, w_table_ptr=gate_up_table,
+        TOP_K=top_k, BY_ADDRESS=by_address, **gate_up,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _decode_down_kernel[(num_tokens, triton.cdiv(hidden, down["BLOCK_N"]))](
         **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
         out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), ids_ptr=ids, topk_weights_ptr=routing,
-        TOP_K=top_k, **down,
+        w_table_ptr=down_table, TOP_K=top_k, BY_ADDRESS=by_address, **down,
     )
     return out
 
 
+def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, addresses: ExpertAddresses,
+                            topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """`fused_experts_triton` with each expert's weights wherever `addresses` says (the decode path's
+    kernels, whatever the token count: one read of an expert's weights per (token, expert) pair)."""
+    if layout.gate_up_bias is not None or layout.down_bias is not None:
+        raise ValueError("experts by address take no biases")
+    if not layout.has_gate and layout.activation.kind in CLAMPED_SWIGLUS:
+        raise ValueError(f"the {layout.activation.kind} activation needs a gate")
+    num_tokens, hidden = hidden_states.shape
+    if num_tokens == 0:
+        return hidden_states.new_empty((0, hidden))
+    top_k = topk_ids.shape[1]
+    config = get_config("decode", addresses.num_experts, layout.intermediate_size, hidden, num_tokens, top_k,
+                        layout.gate_up.dtype, hidden_states.device, layout.transposed)
+    return _decode(hidden_states, layout, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config, addresses)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared device helpers
+
+
+@triton.jit
+def _expert_base(w_ptr, table_ptr, expert, stride_we, BY_ADDRESS: tl.constexpr):
+    """Where `expert`'s weights start: row `expert` of w_ptr, or (BY_ADDRESS) the byte address the
+    table holds for it, with w_ptr's element type."""
+    if BY_ADDRESS:
+        base = tl.load(table_ptr + expert).to(w_ptr.dtype, bitcast=True)
+    else:
+        base = w_ptr + expert * stride_we
+    return base
 
 
 @triton.jit
@@ -327,12 +362,12 @@ def _prefill_down_kernel(
 
 @triton.jit
 def _decode_gate_up_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, w_table_ptr,
     N, K,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op,
     alpha, limit,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
     pair = tl.program_id(0)
@@ -345,7 +380,8 @@ def _decode_gate_up_kernel(
     cols, col_mask = _gate_up_columns(pid_n, N, BLOCK_N, INTERLEAVED)
 
     x_ptrs = x_ptr + token * stride_xt + offs_k * stride_xk
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + cols[None, :] * stride_wn \
+        + offs_k[:, None] * stride_wk
     up_offset = N * stride_wn
     acc = tl.zeros([BLOCK_K, cols.shape[0]], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -369,10 +405,11 @@ def _decode_gate_up_kernel(
 
 @triton.jit
 def _decode_down_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, topk_weights_ptr,
+    a_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, topk_weights_ptr, w_table_ptr,
     N, K,
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
@@ -395,7 +432,9 @@ def _decode_down_kernel(
             routing = tl.where(used, tl.load(topk_weights_ptr + first_pair + j).to(tl.float32), 0.0)
             k_mask = ks < tl.where(used, K, 0)  # all off for "no expert" (a scalar select, not a branch)
             a = tl.load(a_ptr + (first_pair + j).to(tl.int64) * stride_ap + ks * stride_ak, mask=k_mask, other=0.0)
-            w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
+            # expert -1 reads row 0's address, never dereferenced: its loads are masked off
+            w_ptrs = _expert_base(w_ptr, w_table_ptr, tl.maximum(expert, 0), stride_we, BY_ADDRESS) \
+                + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * (a.to(tl.float32) * routing)[:, None]
     out = tl.sum(acc, axis=0)

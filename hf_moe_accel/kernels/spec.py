@@ -109,3 +109,26 @@ class ExpertWeights:
     @property
     def intermediate_size(self) -> int:
         return self.down.shape[1] if self.transposed else self.down.shape[2]
+
+
+@dataclass(frozen=True)
+class ExpertAddresses:
+    """Where each expert's weights start, by expert id: int64 byte addresses [E] on the kernels' device,
+    for `fused_experts_at`. An address may point into GPU memory (an expert cache slot) or into pinned
+    host memory, which a CUDA kernel reads over PCIe through unified virtual addressing (zero-copy).
+    Every expert's tensors have the per-expert layout (strides after the first) of the `layout`
+    weights passed beside them."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+
+def row_address(tensor: torch.Tensor, row: int) -> int:
+    """Byte address of `tensor[row]` (no copy, no bounds check beyond the tensor's)."""
+    if not 0 <= row < tensor.shape[0]:
+        raise IndexError(f"row {row} of a tensor of {tensor.shape[0]} rows")
+    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()

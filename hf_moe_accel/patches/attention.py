@@ -1,22 +1,21 @@
 """One-token decode attention as a Transformers attention implementation, set per model.
 
-`decode_gqa_sdpa` is registered in Transformers' `AttentionInterface` as DECODE_GQA_SDPA (with SDPA's
+`decode_attention_forward` is registered in Transformers' `AttentionInterface` as DECODE_ATTENTION (with SDPA's
 masks). For a one-token query (decode) with no dropout, no `output_attentions` and none of the
 inputs only Transformers knows (`_DELEGATED_KWARGS`):
-- where `DECODE_KERNEL` says (off for now), with a supported dtype and head dim
-  (`decode_attention_supported`): our Triton kernel
+- on CUDA tensors (`DECODE_KERNEL`), with a supported dtype and head dim (`decode_attention_supported`),
+  where it measured faster than SDPA (`kernel_is_faster`): our Triton kernel
   (`kernels/decode_attention.py`), one launch that reads each KV head once for all of its query
-  heads (no `repeat_kv` copies). Under torch.compile it is an opaque custom op;
+  heads (no `repeat_kv` copies) and skips masked keys. Under torch.compile it is an opaque custom op;
 - otherwise, for grouped heads: SDPA with the query heads of a group folded onto their KV head.
-  Transformers' SDPA path up to 5.2x expands grouped KV heads with `repeat_kv` (every decode step
+  Transformers' SDPA path up to 5.17 expands grouped KV heads with `repeat_kv` (every decode step
   writes the whole cache out again once per query head of a group: 17 times the cache's bytes a
-  step for qwen3-30b-a3b); later versions fold the heads themselves (`pack_gqa`), but not under
-  torch.compile.
+  step for qwen3-30b-a3b); later versions fold the heads themselves (`pack_gqa`), but not while
+  torch.compile traces, which is how `compile_decode=True` captures its steps.
 Anything else goes to Transformers' own SDPA.
 
-`apply_decode_gqa` switches grouped models where Transformers lacks `pack_gqa`;
-`apply_decode_attention` switches any "sdpa" model (grouped or not, for the kernel);
-`remove_decode_gqa` switches either back to "sdpa". `DECODE_KERNEL` says where the kernel runs.
+`apply_decode_attention` switches an "sdpa" model to it, on every Transformers version;
+`remove_decode_attention` switches it back to "sdpa".
 """
 
 from __future__ import annotations
@@ -34,28 +33,35 @@ from ..kernels.decode_attention import (
     decode_attention_supported,
 )
 
-DECODE_GQA_SDPA = "hf_moe_accel_decode_gqa_sdpa"
-# Transformers versions that fold grouped heads for one-token decode themselves.
-TRANSFORMERS_FOLDS_GQA = hasattr(sdpa_attention, "pack_gqa")
+DECODE_ATTENTION = "hf_moe_accel_decode"
 # Extra inputs only Transformers' own implementation knows what to do with.
 _DELEGATED_KWARGS = ("s_aux", "sinks", "position_bias", "softcap", "cache")
-# Where one-token queries go to the Triton kernel: "cuda" (CUDA tensors), "never", or "always" (CPU
-# tensors too, through Triton's interpreter under TRITON_INTERPRET=1: tests). "never" until the kernel
-# is measured inside a model's decode step on the GPU: only an earlier version of it was timed alone
-# (docs/BENCHMARKS.md, fifth run), faster than SDPA for grouped heads at short caches, slower without groups.
-DECODE_KERNEL = "never"
+# Where one-token queries may go to the Triton kernel: "cuda" (CUDA tensors), "never", or "always"
+# (CPU tensors too, through Triton's interpreter under TRITON_INTERPRET=1: tests).
+DECODE_KERNEL = "cuda"
+# Without grouped heads the kernel reads K and V as SDPA does; on the H200 it was faster up to this
+# many keys over the batch (batch x cache length) and slower beyond (0.79x at 32 x 1024, 16 heads).
+# With grouped heads it was faster at every size timed (1.3-9x). docs/BENCHMARKS.md, sixth run.
+UNGROUPED_KERNEL_MAX_KEYS = 8192
+
+
+def kernel_is_faster(batch: int, heads: int, kv_heads: int, keys: int) -> bool:
+    """Whether the decode kernel beat SDPA on the GPU at this size (measured, see UNGROUPED_KERNEL_MAX_KEYS)."""
+    return heads > kv_heads or batch * keys <= UNGROUPED_KERNEL_MAX_KEYS
 
 
 def _kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     if DECODE_KERNEL == "never" or (DECODE_KERNEL == "cuda" and not query.is_cuda):
         return False
     devices = {t.device for t in (query, key, value, mask) if t is not None}
-    return len(devices) == 1 and decode_attention_supported(query, key, value, mask)
+    if len(devices) != 1 or not decode_attention_supported(query, key, value, mask):
+        return False
+    return kernel_is_faster(query.shape[0], query.shape[1], key.shape[1], key.shape[2])
 
 
-def decode_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Transformers' SDPA attention, with one-token queries on our kernel (CUDA) or, for grouped
     heads, folded onto their KV head.
 
@@ -82,37 +88,20 @@ def decode_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(DECODE_GQA_SDPA, decode_gqa_sdpa)
-AttentionMaskInterface.register(DECODE_GQA_SDPA, sdpa_mask)  # the masks SDPA takes
-
-
-def _grouped(model: nn.Module) -> bool:
-    config = model.config.get_text_config(decoder=True)
-    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    return bool(heads and kv_heads and heads > kv_heads)
-
-
-def apply_decode_gqa(model: nn.Module) -> bool:
-    """Switch a grouped-query model from "sdpa" to the folded decode attention where Transformers
-    lacks its own; True when switched (`remove_decode_gqa` switches back)."""
-    if TRANSFORMERS_FOLDS_GQA or not hasattr(model, "set_attn_implementation"):
-        return False
-    if model.config._attn_implementation != "sdpa" or not _grouped(model):
-        return False
-    model.set_attn_implementation(DECODE_GQA_SDPA)
-    return model.config._attn_implementation == DECODE_GQA_SDPA
+AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # the masks SDPA takes
 
 
 def apply_decode_attention(model: nn.Module) -> bool:
-    """Switch any "sdpa" model (grouped heads or not) to DECODE_GQA_SDPA, for the decode kernel; True
-    when switched (`remove_decode_gqa` switches back)."""
+    """Switch an "sdpa" model (grouped heads or not) to DECODE_ATTENTION; True when switched
+    (`remove_decode_attention` switches back)."""
     if not hasattr(model, "set_attn_implementation") or model.config._attn_implementation != "sdpa":
         return False
-    model.set_attn_implementation(DECODE_GQA_SDPA)
-    return model.config._attn_implementation == DECODE_GQA_SDPA
+    model.set_attn_implementation(DECODE_ATTENTION)
+    return model.config._attn_implementation == DECODE_ATTENTION
 
 
-def remove_decode_gqa(model: nn.Module) -> None:
+def remove_decode_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
-    if config is not None and config._attn_implementation == DECODE_GQA_SDPA:
+    if config is not None and config._attn_implementation == DECODE_ATTENTION:
         model.set_attn_implementation("sdpa")

@@ -10,7 +10,7 @@ from torch import nn
 from .adapter import FamilyAdapter
 from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn, is_experts_module
 from .families import ADAPTERS
-from .attention import apply_decode_gqa, remove_decode_gqa
+from .attention import apply_decode_attention, remove_decode_attention
 from .norms import patch_norms
 from .projections import patch_projections
 from .router import patch_router
@@ -35,7 +35,7 @@ class PatchReport:
     families: set[str] = field(default_factory=set)
     norms: list[str] = field(default_factory=list)  # RMSNorm modules running the fused kernel
     projections: list[str] = field(default_factory=list)  # attention modules whose q/k/v run in one decode launch
-    decode_gqa_folded: bool = False  # one-token grouped-query attention without repeat_kv copies
+    decode_attention: bool = False  # one-token queries on patches/attention.py's decode attention
 
 
 def supported_families() -> list[str]:
@@ -110,7 +110,7 @@ def patch_model(model: nn.Module) -> PatchReport:
                 report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
         report.norms = patch_norms(model)
         report.projections = patch_projections(model)
-        report.decode_gqa_folded = apply_decode_gqa(model)
+        report.decode_attention = apply_decode_attention(model)
     except BaseException:
         unpatch_model(model)  # all or nothing: never leave a half-patched model
         raise
@@ -119,7 +119,7 @@ def patch_model(model: nn.Module) -> PatchReport:
 
 def unpatch_model(model: nn.Module) -> None:
     """Put every swapped module of `model` back to its original class, and its attention implementation."""
-    remove_decode_gqa(model)
+    remove_decode_attention(model)
     for module in model.modules():
         if is_swapped(module):
             restore(module)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..kernels.spec import Activation
+from ..kernels.tuning import interpreting
 from ..patches.experts import expert_weights, is_experts_module
 from ..patches.registry import ADAPTER_BY_MODEL_TYPE
 from ..patches.swap import STATE_ATTR
@@ -61,6 +62,13 @@ class OffloadOptions:
     slots_per_layer: fewer expert slots than the budget holds (for sweeps); more raises.
     device: the GPU side; default the current CUDA device, else the CPU (standing in, for tests).
     cost_model: the miss costs; default measured when the model is accelerated.
+    zero_copy: forwards of up to `zero_copy_max_tokens` tokens (decode) run every routed expert in the
+        fused kernels on the GPU, reading cached experts from their slots and the others straight from
+        pinned host memory over PCIe (unified virtual addressing): no routing to the host, no fetch, no
+        CPU expert, no sync. Larger forwards (prefill) run the cache as above and fill its slots.
+        Layouts without expert biases only. Experimental: not yet measured on a GPU.
+    zero_copy_max_tokens: the largest forward `zero_copy` serves; each (token, expert) pair reads its
+        expert's weights once, so an expert shared by several tokens is read as many times.
     """
 
     eviction: str | PolicyFactory = "lfu"
@@ -74,12 +82,14 @@ class OffloadOptions:
     slots_per_layer: int | None = None
     device: str | torch.device | None = None
     cost_model: MissCostModel | None = field(default=None, compare=False)
+    zero_copy: bool = False
+    zero_copy_max_tokens: int = 8
 
     def validate(self) -> None:
         policy_factory(self.eviction)
         if self.miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
-        for name in ("kv_cache_tokens", "prefill_tokens"):
+        for name in ("kv_cache_tokens", "prefill_tokens", "zero_copy_max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -164,6 +174,8 @@ def plan_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOption
                        [w.num_experts for w in layer_weights], options.slots_per_layer)
     if options.miss_policy == "fetch" and min(plan.slots) == 0:
         raise ValueError(f"miss_policy='fetch' needs at least one expert slot per layer; {plan.describe()}")
+    if options.zero_copy and any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights):
+        raise ValueError(f"zero_copy reads experts without biases; {type(model).__name__}'s experts have biases")
     return OffloadSetup(plan, device, options, experts, names)
 
 
@@ -179,6 +191,7 @@ class OffloadEngine:
         self.options = setup.options
         self.device = setup.device
         self.miss_policy: MissPolicy = setup.options.miss_policy
+        self.zero_copy = setup.options.zero_copy  # `set_zero_copy` switches it
         self.phase = "prefill"
         self.lanes = DeviceLanes(setup.device)
         self.cpu_worker = CpuExpertsWorker()
@@ -186,7 +199,7 @@ class OffloadEngine:
         self.layers: list[OffloadedLayer] = []
         for index, ((name, module), slots) in enumerate(zip(setup.experts, setup.plan.slots)):
             host = expert_weights(module, getattr(module, STATE_ATTR).activation)
-            cache = ExpertCache(host, slots, setup.device, make_policy(host.num_experts))
+            cache = ExpertCache(host, slots, setup.device, make_policy(host.num_experts), by_address=self.options.zero_copy)
             router_weight, top_k = _router_of(model, name, module, host.num_experts)
             self.layers.append(OffloadedLayer(index, name, cache, router_weight, top_k, self))
         self.cost_model = setup.options.cost_model or self._calibrate()
@@ -222,6 +235,12 @@ class OffloadEngine:
 
     def prefetch_limit(self, top_k: int) -> int:
         return top_k if self.options.prefetch_experts is None else self.options.prefetch_experts
+
+    def zero_copy_serves(self, hidden: torch.Tensor) -> bool:
+        """Whether this forward runs zero-copy (OffloadOptions.zero_copy): few enough tokens, and the
+        kernels there to run it (a GPU, or Triton's interpreter standing in on CPU tensors)."""
+        return (self.zero_copy and hidden.shape[0] <= self.options.zero_copy_max_tokens
+                and (hidden.is_cuda or interpreting()))
 
     def check_workload(self, num_tokens: int) -> None:
         if num_tokens > self.options.prefill_tokens and self.options.reserve is None and not self._warned_workload:
@@ -354,6 +373,15 @@ def set_miss_policy(model: nn.Module, policy: MissPolicy) -> None:
     engine.miss_policy = policy
 
 
+def set_zero_copy(model: nn.Module, enabled: bool) -> None:
+    """Switch zero-copy decode (OffloadOptions.zero_copy) off or back on in place, e.g. to compare; on
+    needs a model offloaded with zero_copy=True (the caches then keep their address tables)."""
+    engine = _engine(model)
+    if enabled and not engine.options.zero_copy:
+        raise ValueError("zero-copy decode needs the model offloaded with OffloadOptions(zero_copy=True)")
+    engine.zero_copy = bool(enabled)
+
+
 __all__ = [
     "GRAPHS_BLOCKED_ATTR",
     "OffloadOptions",
@@ -366,4 +394,5 @@ __all__ = [
     "remove_offload",
     "reset_offload_stats",
     "set_miss_policy",
+    "set_zero_copy",
 ]

@@ -14,6 +14,11 @@ Per forward (all sizes on the host after one sync that brings the routing over):
    (random routing, or a router that doesn't agree with its neighbour's input): then a copy would
    take the lane from demand fetches and a slot from a cached expert for nothing.
 5. The CPU result is added in; the output is summed in float32 and cast once.
+
+Zero-copy forwards (`OffloadOptions.zero_copy`, a few tokens) skip all of that: one fused-kernel call
+over the cache's address table reads every routed expert where it is, cached experts from their
+slots and the others from pinned host memory over PCIe. Nothing comes to the host, so the counters
+see the forward and its tokens, not its hits; the slots stay as the last larger forward left them.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class OffloadedLayer:
         stats.tokens += num_tokens
         if num_tokens == 0:
             return out.to(hidden.dtype)
+        if engine.zero_copy_serves(hidden):
+            stats.zero_copy_forwards += 1
+            return self._run_zero_copy(hidden, top_k_index, top_k_weights)
         engine.check_workload(num_tokens)
         engine.copy_clock.layer_started(self.index)
         next_layer = engine.next_layer(self.index)
@@ -129,6 +137,13 @@ class OffloadedLayer:
             stats.h2d_bytes += cpu_out.numel() * cpu_out.element_size()
             out.index_add_(0, rows, engine.lanes.to_device(cpu_out))
         return out.to(hidden.dtype)
+
+    def _run_zero_copy(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        cache, lanes = self.cache, self.engine.lanes
+        lanes.compute_wait(cache.ready)  # slots being filled are read only once their copies are in
+        out = kernels.fused_experts_at(hidden, cache.slots, cache.device_addresses(), top_k_index, top_k_weights)
+        cache.last_read = lanes.compute_mark()  # a later install waits for this read
+        return out
 
     def _start_cpu_work(self, hidden, hidden_host, ids, routing, on_cpu, stats):
         job = plan_cpu_job(ids, routing, on_cpu)

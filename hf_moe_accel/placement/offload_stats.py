@@ -14,6 +14,7 @@ class LayerOffloadStats:
 
     forwards: int = 0
     tokens: int = 0
+    zero_copy_forwards: int = 0  # of `forwards`: run zero-copy (no lookups counted, no host round trip)
     lookups: int = 0
     hits: int = 0
     fetched: int = 0
@@ -70,4 +71,5 @@ class OffloadStats:
             f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used; "
             f"predictions {100 * t.prediction_accuracy:.0f}% right, paused {t.prefetch_paused}x), "
             f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
+            + (f"; {t.zero_copy_forwards} of {t.forwards} layer forwards zero-copy (not in the counts)" if t.zero_copy_forwards else "")
         )

@@ -184,9 +184,9 @@ def kv_traffic_bytes(shape: ModelShape, workload: Workload, batch: int, cuda_gra
     """(KV cache bytes attention reads, bytes moved in all) of one decode step, by the cache decode uses.
 
     Eager (DynamicCache): torch.cat rewrites the cache with each new token, then attention reads it.
-    Graphs (static cache): the whole length bucket is read under the mask, once: grouped query heads
-    are folded onto their KV head (Transformers' `pack_gqa`, or `patches/attention.py` where it
-    lacks it), not expanded by repeat_kv.
+    Graphs (static cache): the whole length bucket, once: grouped query heads are folded onto their KV
+    head (`patches/attention.py`), not expanded by repeat_kv. SDPA reads the bucket under the mask;
+    the decode attention kernel skips masked keys, so there this is an upper bound.
     """
     if not cuda_graphs:
         read = shape.kv_bytes(batch, workload.mean_context)
