@@ -14,7 +14,7 @@ import torch
 
 from hf_moe_accel.kernels import ExpertAddresses, fused_experts_at
 from hf_moe_accel.kernels.experts_reference import experts_reference
-from hf_moe_accel.kernels.spec import row_address
+from hf_moe_accel.kernels.spec import row_addresses
 
 from .test_kernel_experts import TOLERANCE, Case, make_routing, make_weights, rel_error
 
@@ -31,11 +31,11 @@ def split_by_address(case: Case, cached: list[int], host_device: str = "cpu", pi
     slots = [torch.empty((max(len(cached), 1), *t.shape[1:]), dtype=t.dtype, device=DEVICE) for t in host]
     tables = []
     for host_t, slot_t in zip(host, slots):
-        addresses = [row_address(host_t, e) for e in range(case.experts)]
+        addresses = row_addresses(host_t, torch.arange(case.experts))
         for slot, expert in enumerate(cached):
             slot_t[slot].copy_(host_t[expert])
-            addresses[expert] = row_address(slot_t, slot)
-        tables.append(torch.tensor(addresses, dtype=torch.int64, device=DEVICE))
+        addresses[cached] = row_addresses(slot_t, torch.arange(len(cached)))
+        tables.append(addresses.to(DEVICE))
     layout = replace(weights, gate_up=slots[0], down=slots[1])
     return weights, layout, ExpertAddresses(*tables), host
 
@@ -67,7 +67,7 @@ def test_a_table_change_moves_an_expert_without_touching_the_weights():
     ids = torch.tensor([[2]], device=DEVICE)
     before = fused_experts_at(x, layout, addresses, ids, topk_weights)
     layout.gate_up[0].zero_()  # the slot's copy is now wrong; the host copy still right
-    addresses.gate_up[2] = row_address(host[0], 2)
+    addresses.gate_up[2:3] = row_addresses(host[0], torch.tensor([2])).to(DEVICE)
     torch.testing.assert_close(fused_experts_at(x, layout, addresses, ids, topk_weights), before)
     torch.testing.assert_close(before, experts_reference(x, weights, ids, topk_weights), rtol=1e-4, atol=1e-4)
 

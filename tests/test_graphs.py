@@ -361,14 +361,13 @@ def test_the_mask_stays_generate_s_for_flash_and_flex_attention(fixture_path):
 
     # The version gate matches the installed Transformers: its eager mask makes no tensor from the host.
     assert _EAGER_MASK_CAPTURABLE == ("torch.tensor(" not in inspect.getsource(masking_utils.eager_mask))
-    eager_in_graph = _EAGER_MASK_CAPTURABLE
 
     model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32)
     pool = StaticCachePool(model.config)
     cache = pool.get(2, 100)
     state = SimpleNamespace(pool=pool)
     kwargs = dict(inputs_embeds=torch.empty(2, 1, 0), attention_mask=torch.ones(2, 30, dtype=torch.long), cache=cache)
-    for implementation, padded in (("sdpa", True), ("eager", eager_in_graph), ("flash_attention_2", False),
+    for implementation, padded in (("sdpa", True), ("eager", _EAGER_MASK_CAPTURABLE), ("flash_attention_2", False),
                                    ("flex_attention", False)):
         config = SimpleNamespace(_attn_implementation=implementation)
         mask = _graph_decode_mask(state, {**kwargs, "config": config})

@@ -476,6 +476,12 @@ def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots)
     _offloaded_logits_equal_stock(model, prompts, options(slots_per_layer=slots, zero_copy=True, zero_copy_max_tokens=3))
     total = offload_stats(model).total
     assert total.zero_copy_forwards == 4 * len(expert_modules(model))  # the four forwards of <= 3 tokens
+    for layer in model._hf_moe_accel_offload.layers:  # cached experts are read from their slots
+        cache = layer.cache
+        table, slots = cache.device_addresses().gate_up, cache.slots.gate_up
+        for expert, slot in enumerate(cache.slot_of_expert.tolist()):
+            tensor, row = (slots, slot) if slot >= 0 else (cache.host.gate_up, expert)
+            assert table[expert] == tensor[row].data_ptr()
 
 
 def test_zero_copy_refuses_biased_experts_and_bad_sizes():

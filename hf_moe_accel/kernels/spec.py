@@ -127,8 +127,9 @@ class ExpertAddresses:
         return self.gate_up.shape[0]
 
 
-def row_address(tensor: torch.Tensor, row: int) -> int:
-    """Byte address of `tensor[row]` (no copy, no bounds check beyond the tensor's)."""
-    if not 0 <= row < tensor.shape[0]:
-        raise IndexError(f"row {row} of a tensor of {tensor.shape[0]} rows")
-    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
+def row_addresses(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Byte addresses (int64, on the CPU) of `tensor[row]` for each of `rows`; nothing is copied."""
+    rows = rows.to(device="cpu", dtype=torch.int64)
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < tensor.shape[0]):
+        raise IndexError(f"rows {int(rows.min())}..{int(rows.max())} of a tensor of {tensor.shape[0]} rows")
+    return tensor.data_ptr() + rows * (tensor.stride(0) * tensor.element_size())

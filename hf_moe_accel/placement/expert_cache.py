@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from ..kernels.spec import ExpertAddresses, ExpertWeights, row_address
+from ..kernels.spec import ExpertAddresses, ExpertWeights, row_addresses
 from .eviction import EvictionPolicy
 from .transfers import DeviceLanes
 
@@ -51,35 +51,33 @@ class ExpertCache:
         self.prefetched_unused: set[int] = set()  # prefetched experts not routed to since
         self.ready = None  # event: the last copy into a slot
         self.last_read = None  # event: the last kernel reading the slots
-        self._host_addresses = self._address_tables() if by_address else None  # [gate_up, down] int64 [E]
-        self._device_addresses = (
-            None if self._host_addresses is None else ExpertAddresses(*(t.to(device) for t in self._host_addresses))
-        )
-        self._addresses_stale = False
+        # Zero-copy: each expert's address on the device, rebuilt from slot_of_expert when installs change it.
+        self._device_addresses = self._empty_address_tables(device) if by_address else None
+        self._addresses_stale = by_address
 
-    def _address_tables(self) -> list[torch.Tensor]:
-        """Every expert's host address, per weight tensor (nothing is cached yet)."""
-        host, slots = self.host, self.slots
-        if host.gate_up_bias is not None or host.down_bias is not None:
-            raise ValueError("experts by address take no biases")
-        tables = []
-        for host_t, slot_t in ((host.gate_up, slots.gate_up), (host.down, slots.down)):
+    def _empty_address_tables(self, device: torch.device) -> ExpertAddresses:
+        for host_t, slot_t in ((self.host.gate_up, self.slots.gate_up), (self.host.down, self.slots.down)):
             if host_t.stride()[1:] != slot_t.stride()[1:]:
                 raise ValueError(f"an expert's layout differs between host {host_t.stride()} and slots {slot_t.stride()}")
             if slot_t.is_cuda and not host_t.is_pinned():
                 raise ValueError("zero-copy reads need the host experts in pinned memory")
-            tables.append(torch.tensor([row_address(host_t, e) for e in range(self.num_experts)], dtype=torch.int64))
-        return tables
+        return ExpertAddresses(*(torch.empty(self.num_experts, dtype=torch.int64, device=device) for _ in range(2)))
 
     def device_addresses(self) -> ExpertAddresses:
-        """Each expert's address on the device, brought up to date on the current stream; call after
-        waiting for the slot copies (`ready`): an installed expert's slot address is live from here."""
+        """Each expert's address on the device (its slot's while cached, else its host copy's), brought up
+        to date on the current stream; call after waiting for the slot copies (`ready`): an installed
+        expert's slot address is live from here."""
         if self._device_addresses is None:
             raise RuntimeError("this cache was made without by_address")
         if self._addresses_stale:
-            for device_table, host_table in zip((self._device_addresses.gate_up, self._device_addresses.down),
-                                                self._host_addresses):
-                device_table.copy_(host_table)  # pageable source: staged before copy_ returns
+            cached = self.slot_of_expert >= 0
+            experts = torch.arange(self.num_experts)
+            for device_table, host_t, slot_t in zip((self._device_addresses.gate_up, self._device_addresses.down),
+                                                    (self.host.gate_up, self.host.down),
+                                                    (self.slots.gate_up, self.slots.down)):
+                addresses = row_addresses(host_t, experts)
+                addresses[cached] = row_addresses(slot_t, self.slot_of_expert[cached])
+                device_table.copy_(addresses)  # pageable source: staged before copy_ returns
             self._addresses_stale = False
         return self._device_addresses
 
@@ -113,18 +111,7 @@ class ExpertCache:
             self.expert_in_slot[slot] = expert
             self.slot_of_expert[expert] = slot
             self.policy.inserted(expert)
-            self._point_at(old, expert, slot)
             pairs += [(dst[slot], src[expert]) for dst, src in zip(expert_tensors(self.slots), expert_tensors(self.host))]
         self.ready = lanes.copy_after(pairs, wait_for=self.last_read)
+        self._addresses_stale = self._device_addresses is not None
         return len(assignments) * self.expert_bytes
-
-    def _point_at(self, evicted: int, installed: int, slot: int) -> None:
-        """The address tables after `installed` replaced `evicted` (-1: none) in `slot`."""
-        if self._host_addresses is None:
-            return
-        for table, host_t, slot_t in zip(self._host_addresses, (self.host.gate_up, self.host.down),
-                                         (self.slots.gate_up, self.slots.down)):
-            if evicted >= 0:
-                table[evicted] = row_address(host_t, evicted)
-            table[installed] = row_address(slot_t, slot)
-        self._addresses_stale = True

@@ -64,14 +64,14 @@ class OffloadedLayer:
         engine, cache = self.engine, self.cache
         stats = engine.layer_stats(self.index)
         num_tokens, hidden_size = hidden.shape
-        out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
         stats.forwards += 1
         stats.tokens += num_tokens
         if num_tokens == 0:
-            return out.to(hidden.dtype)
+            return hidden.new_zeros(0, hidden_size)
         if engine.zero_copy_serves(hidden):
             stats.zero_copy_forwards += 1
             return self._run_zero_copy(hidden, top_k_index, top_k_weights)
+        out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
         engine.check_workload(num_tokens)
         engine.copy_clock.layer_started(self.index)
         next_layer = engine.next_layer(self.index)
