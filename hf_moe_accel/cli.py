@@ -42,10 +42,10 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if args.compile_decode and (args.no_cuda_graphs or args.gpu_memory):
         print("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
-              "--no-cuda-graphs or --gpu-memory (offloaded decode runs eagerly)", file=sys.stderr)
+              "--no-cuda-graphs or --gpu-memory (the offloaded decode step is captured uncompiled)", file=sys.stderr)
         return 2
-    if args.zero_copy and not args.gpu_memory:
-        print("--zero-copy is an option of expert offload: it needs --gpu-memory", file=sys.stderr)
+    if args.no_zero_copy and not args.gpu_memory:
+        print("--no-zero-copy is an option of expert offload: it needs --gpu-memory", file=sys.stderr)
         return 2
     if args.gpu_memory:
         return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
@@ -108,7 +108,7 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     try:
         rows = run_offload_bench(model, name, args.gpu_memory, workloads, repeats=args.repeats,
                                  stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)],
-                                 options=OffloadOptions(zero_copy=args.zero_copy))
+                                 options=OffloadOptions(zero_copy=False if args.no_zero_copy else None))
     except ValueError as error:  # a budget too small, or one that holds the whole model
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -226,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
     bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "
                        "offload against stock with an offloading device map and our own fetch-every-miss policy")
-    bench.add_argument("--zero-copy", action="store_true",
-                       help="with --gpu-memory: decode steps read uncached experts from pinned host memory inside the "
-                            "kernels (OffloadOptions(zero_copy=True), experimental)")
+    bench.add_argument("--no-zero-copy", action="store_true",
+                       help="with --gpu-memory: ours without zero-copy decode (OffloadOptions(zero_copy=False)): every "
+                            "decode step runs the expert cache's host round trip, eagerly")
     bench.add_argument("--stock-new-tokens", type=int, default=3,
                        help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
     bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")

@@ -77,14 +77,18 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--simulate", action="store_true",
                         help="fixture sweep on the CPU stand-in with zero miss costs (deterministic hit rates, no speed)")
     parser.add_argument("--prefetch-experts", type=int, help="prefetch limit per layer for the fixture sweep (0: off)")
-    parser.add_argument("--zero-copy", action="store_true",
-                        help="main part: ours with OffloadOptions(zero_copy=True) (decode reads uncached experts from "
-                             "pinned host memory in the kernels); fetch-every-miss stays without it")
+    parser.add_argument("--no-zero-copy", action="store_true",
+                        help="main part and preset sweep: ours without zero-copy decode (OffloadOptions(zero_copy=False): "
+                             "the expert cache's host round trip every decode step, eagerly), as until 2026-12-03")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--routing", default="model", choices=["model", "uniform"],
                         help="the preset parts' routing: the random-weight model's own (nearly the same experts every "
                              "decode step), or uniform draws per token (hf_moe_accel.bench.routing; the fixtures keep theirs)")
     return parser.parse_args()
+
+
+def _zero_copy(args: argparse.Namespace) -> bool | None:
+    return False if args.no_zero_copy else None  # None: OffloadOptions' default (on for CUDA, experts without biases)
 
 
 def _environment() -> dict:
@@ -143,8 +147,8 @@ def preset_sweep(model, name: str, slots: list[int], gpu_memory: str, args, devi
                               generator=torch.Generator().manual_seed(0)).to(device)
     points = []
     for count in slots:
-        accelerate(model, gpu_memory=gpu_memory, offload=OffloadOptions(slots_per_layer=count))
-        label = f"{name} (random weights{', uniform routing' if args.routing == 'uniform' else ''})"
+        accelerate(model, gpu_memory=gpu_memory, offload=OffloadOptions(slots_per_layer=count, zero_copy=_zero_copy(args)))
+        label = f"{name} (random weights{', uniform routing' if args.routing == 'uniform' else ''}{', no zero-copy' if args.no_zero_copy else ''})"
         points.append({"model": label, **_decode_point(model, input_ids, 16, sample_seed=0)})
         unpatch(model)
     return points
@@ -212,7 +216,7 @@ def main() -> None:
 
         with preset_routing():
             rows = run_offload_bench(model, args.preset, args.gpu_memory, workloads, repeats=args.repeats,
-                                     stock_batches=args.stock_batches, options=OffloadOptions(zero_copy=args.zero_copy),
+                                     stock_batches=args.stock_batches, options=OffloadOptions(zero_copy=_zero_copy(args)),
                                      on_row=keep)
         results["rows"] = rows
         results["timings_s"]["main"] = time.perf_counter() - start

@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from pathlib import Path
 
 import accelerate as hf_accelerate
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import hf_moe_accel
 from hf_moe_accel import (
@@ -26,17 +27,21 @@ from hf_moe_accel import (
 from hf_moe_accel.placement import host_weights
 from hf_moe_accel.placement.host_weights import WeightPlacement
 from hf_moe_accel.placement.miss_cost import MissCostModel
+from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.graphs.generate import GRAPH_STEP_CHECK_ATTR, GraphBackend, enable_graph_decode
 from hf_moe_accel.placement.offload import (
     GRAPHS_BLOCKED_ATTR,
     is_offloaded,
     offload_plan,
     plan_offload,
     set_miss_policy,
+    set_zero_copy,
 )
 
 from .conftest import FIXTURES
 from .helpers import load_fixture, module_classes, state_snapshot
 from .test_fixtures import _greedy
+from .test_graphs import stand_in_capture
 
 # Fetch a missed expert when it has 3 or more tokens (or the CPU lane is the busier one).
 MIXED_COSTS = MissCostModel(fetch_s=1e-4, cpu_base_s=0.0, cpu_per_token_s=3.4e-5)
@@ -390,8 +395,8 @@ def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
     assert "can't read memory size '12G'" in capsys.readouterr().err
     assert main([*args, "--gpu-memory", str(half), "--stock-new-tokens", "1"]) == 2
     assert "--stock-new-tokens must be at least 2" in capsys.readouterr().err
-    assert main([*args, "--zero-copy"]) == 2
-    assert "--zero-copy is an option of expert offload" in capsys.readouterr().err
+    assert main([*args, "--no-zero-copy"]) == 2
+    assert "--no-zero-copy is an option of expert offload" in capsys.readouterr().err
     assert main([*args, "--gpu-memory", str(half)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["system"], r["batch"]) for r in rows] == [
@@ -461,7 +466,9 @@ def test_zero_copy_decode_equals_stock(fixture_path):
     for a, b in zip(ours.logits, stock.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     decode, prefill = offload_stats(model, "decode").total, offload_stats(model, "prefill").total
-    assert decode.zero_copy_forwards == decode.forwards > 0 and decode.lookups == 0
+    assert decode.zero_copy_forwards == decode.forwards > 0
+    assert decode.lookups == decode.forwards * model.config.num_experts_per_tok  # one token a forward: its k pairs
+    assert decode.h2d_bytes == (decode.lookups - decode.hits) * model._hf_moe_accel_offload.layers[0].cache.expert_bytes
     assert prefill.zero_copy_forwards == 0 and prefill.fetched > 0  # prefill moved experts in and out
     assert "zero-copy" in offload_stats(model, "decode").summary()
 
@@ -482,6 +489,82 @@ def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots)
         for expert, slot in enumerate(cache.slot_of_expert.tolist()):
             tensor, row = (slots, slot) if slot >= 0 else (cache.host.gate_up, expert)
             assert table[expert] == tensor[row].data_ptr()
+
+
+def test_zero_copy_counts_routed_pairs_and_hits_on_the_device():
+    """Each zero-copy forward adds its routed pairs and those whose expert sits in a slot to device
+    counters (no host round trip); -1 pairs (no expert) count as neither. Every larger forward leaves
+    its cache's address table current, so a graph replay (which runs no Python) reads current tables."""
+    model = _tiny_model("qwen3_moe")
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2))
+    engine = model._hf_moe_accel_offload
+    with torch.no_grad():
+        model(random_sequences(model, 2, 9))  # fills slots
+    for layer in engine.layers:
+        assert not layer.cache.addresses_stale
+        assert torch.equal(layer.cache.lookup_values()[:-1] - (1 << 32), (layer.cache.slot_of_expert >= 0).long())
+    routed = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: routed.append(args[1].clone())) for m in expert_modules(model)]
+    reset_offload_stats(model)
+    with torch.no_grad():
+        model(random_sequences(model, 2, 1, seed=5))
+    for hook in hooks:
+        hook.remove()
+    decode = offload_stats(model, "decode")
+    for layer, ids in zip(engine.layers, routed):
+        counted = decode.layers[layer.name]
+        assert counted.lookups == ids.numel() == 4
+        assert counted.hits == int((layer.cache.slot_of_expert[ids] >= 0).sum())
+    engine.layers[0].forward(expert_modules(model)[0], torch.randn(1, 32), torch.tensor([[-1, 0]]), torch.ones(1, 2))
+    assert offload_stats(model, "decode").layers[engine.layers[0].name].lookups == 5
+    reset_offload_stats(model)
+    assert offload_stats(model).total.lookups == 0
+
+
+def test_zero_copy_decode_replays_graphs_and_equals_stock(caplog):
+    """With zero-copy, decode steps of up to zero_copy_max_tokens sequences replay graphs (CPU
+    stand-in here): tokens equal stock's, the offloaded experts' map no longer blocks graphs, and the
+    device counters keep counting. Larger batches, zero-copy switched off, or a static cache beyond
+    the budget's KV room decode eagerly, with the reason logged."""
+    model = _tiny_model("qwen3_moe")
+    prompt = random_sequences(model, 1, 6)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    stock = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    stock_batch = model.generate(random_sequences(model, 3, 6), **kwargs)
+    accelerate(model, gpu_memory="1GiB", cuda_graphs=False,
+               offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2, kv_cache_tokens=300))
+    assert not hasattr(model, GRAPHS_BLOCKED_ATTR) and getattr(model, GRAPH_STEP_CHECK_ATTR) is not None
+    enable_graph_decode(model, GraphBackend("cpu", stand_in_capture))
+    ours = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert torch.equal(ours, stock)
+    stats = graph_stats(model)
+    assert stats["captures"] == 1 and stats["replays"] == 4 and not stats["blocked_steps"]
+    assert offload_stats(model, "decode").total.lookups > 0
+    assert torch.equal(model.generate(random_sequences(model, 3, 6), **kwargs), stock_batch)  # batch 3 > 2: eager
+    assert graph_stats(model)["replays"] == 4
+    set_zero_copy(model, False)
+    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+        assert torch.equal(model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), stock)
+    assert graph_stats(model)["replays"] == 4 and "zero-copy decode off" in caplog.text
+    set_zero_copy(model, True)
+
+    class SwitchOffAtStep(StoppingCriteria):  # zero-copy switched off between two steps of one call
+        calls = 0
+
+        def __call__(self, input_ids, scores, **kw):
+            self.calls += 1
+            if self.calls == 2:
+                set_zero_copy(model, False)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    switched = model.generate(prompt, attention_mask=torch.ones_like(prompt), stopping_criteria=StoppingCriteriaList([SwitchOffAtStep()]), **kwargs)
+    assert torch.equal(switched, stock)
+    stats = graph_stats(model)
+    assert stats["replays"] == 4 + 1 and sum(stats["blocked_steps"].values()) == 3  # the steps after the switch: eager
+    set_zero_copy(model, True)
+    long_prompt = random_sequences(model, 1, 260)  # a 512-position cache: beyond kv_cache_tokens
+    assert model.generate(long_prompt, attention_mask=torch.ones_like(long_prompt), **kwargs).shape[1] == 265
+    assert graph_stats(model)["replays"] == 5 and "KV cache" in caplog.text
 
 
 def test_zero_copy_refuses_biased_experts_and_bad_sizes():

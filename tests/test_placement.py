@@ -154,7 +154,9 @@ def test_offload_fills_the_budget_with_expert_slots():
     half = with_memory(fixed + 2 * 5 * 1e6)  # and half of each layer's experts
     assert offload_memory_plan(SHAPE, half, ONE).reserve == reserve
     assert offload_slots_per_layer(SHAPE, half, ONE) == 5
-    offload = predict(SHAPE, half, Plan("offload", 1, False), ONE)
+    # Experts with biases: decode runs the expert cache (zero-copy reads experts without them).
+    biased = dataclasses.replace(SHAPE, expert_biases=True)
+    offload = predict(biased, half, Plan("offload", 1, False), ONE)
     assert offload.feasible and offload.memory_gib == pytest.approx(half.gpu_memory_gib)
     # Hit rate 1/2: one of the 2 touched experts misses per layer. Fetch 1 MB at 10 GB/s = 100 us, CPU 1 MB
     # at 10 GB/s = 100 us; both lanes run together, so the miss is split to end them at once, after the
@@ -173,6 +175,25 @@ def test_offload_fills_the_budget_with_expert_slots():
     assert everything.plan == Plan("offload", 1, False) and everything.step_ms == pytest.approx(single.step_ms)
     no_room = predict(SHAPE, with_memory(fixed * 0.9), Plan("offload", 1, False), ONE)
     assert not no_room.feasible and "too small" in no_room.reason and offload_slots_per_layer(SHAPE, with_memory(fixed * 0.9), ONE) == 0
+
+    # Zero-copy decode (no biases, batch <= 8): each of the 2 routed pairs per layer reads its expert,
+    # the half not cached from host memory at 0.8 x 10 GB/s: 2 layers x 1 pair x 1 MB = 250 us.
+    reads_s = 2 * 1e6 / (HARDWARE.zero_copy_share * 10e9)
+    zero_copy = predict(SHAPE, half, Plan("offload", 1, True), ONE)
+    assert zero_copy.parts_ms["zero_copy_reads"] / 1e3 == pytest.approx(reads_s)
+    assert "offload_round_trips" not in zero_copy.parts_ms and zero_copy.parts_ms["kernel_floor"] == pytest.approx(2 * 0.020)
+    # The cached pairs stream from HBM: 2 layers x 1 expert of 1 MB, beside the dense bytes and the
+    # static cache's 256-token bucket (as in test_single_gpu_step_by_hand).
+    weights = 4e6 + 1e6 + 2e6 + 1000 * 2
+    assert zero_copy.parts_ms["gpu"] / 1e3 == pytest.approx(_bytes_s(weights + 512000) + _bytes_s(2e6))
+    # Eager: nothing syncs, so the host's 2.5 ms of launches (2 layers x 1 ms + 0.5 ms) run ahead of the
+    # GPU's reads; the step is the longer of the two (here the host's).
+    eager = predict(SHAPE, half, Plan("offload", 1, False), ONE)
+    assert eager.step_ms / 1e3 == pytest.approx(2.5e-3)
+    slow_pcie = dataclasses.replace(half, pcie_gb_s=0.1)  # reads of 25 ms: now the reads bound the step
+    assert predict(SHAPE, slow_pcie, Plan("offload", 1, False), ONE).step_ms / 1e3 == pytest.approx(
+        2 * 1e6 / (0.8 * 0.1e9) + _bytes_s(weights + 90000) + _bytes_s(2e6))
+    assert "offload_round_trips" in predict(SHAPE, half, Plan("offload", 1, True), Workload(9, 10, 10)).parts_ms  # > 8: the cache
 
 
 def test_tensor_parallel_refuses_heads_that_do_not_split():
@@ -262,7 +283,7 @@ def test_plan_command_prints_and_writes_a_ranked_answer(tmp_path, capsys):
 def test_plan_command_options_and_errors(capsys):
     assert main(["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--gpu-memory", "16GiB", "--plans", "single,offload"]) == 0
     printed = capsys.readouterr().out
-    assert "16 GiB" in printed and "| 1 | offload (eager)" in printed
+    assert "16 GiB" in printed and "| offload |" in printed
     assert main(["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100x8", "--gpus", "2", "--plans", "ep"]) == 0
     assert "ep x2" in capsys.readouterr().out
     assert main(["plan", "--model", "no-such-model", "--hardware", "h100"]) == 2

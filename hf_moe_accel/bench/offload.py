@@ -3,9 +3,10 @@
 - "stock device_map": Transformers with accelerate's offloading device map for the same budget
   (what `from_pretrained(..., device_map="auto", max_memory={0: budget, "cpu": ...})` builds): the
   layers that don't fit are copied to the GPU at every forward.
-- "ours": `accelerate(model, gpu_memory=budget)`: expert cache, each miss on the CPU or fetched,
-  as the cost model says.
-- "ours fetch-every-miss": the same engine with every miss fetched into a slot.
+- "ours": `accelerate(model, gpu_memory=budget)`: expert cache; decode zero-copy in CUDA graphs
+  (OffloadOptions.zero_copy, on by default on a GPU), prefill and larger batches with each miss
+  on the CPU or fetched, as the cost model says.
+- "ours fetch-every-miss": the same engine with every miss fetched into a slot, zero-copy off.
 
 The model comes in on the CPU (loaded with `device_map="cpu"`, or built there) and leaves there.
 Stock runs first, on the weights as loaded (pageable memory, as a user has them); stock moves all
@@ -39,6 +40,7 @@ from ..placement.host_weights import PinnedArena, remove_hook_keeping_class_forw
 from ..placement.offload import (
     OffloadOptions,
     offload_miss_costs,
+    offload_options,
     offload_plan,
     offload_stats,
     plan_offload,
@@ -204,16 +206,16 @@ def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: l
     """Ours with the cost model, then fetch-every-miss, per workload; peak GPU memory since accelerate()."""
     _reset_peak(device)
     accelerate(model, gpu_memory=budget, offload=options)
-    plan, costs = offload_plan(model), offload_miss_costs(model)
+    plan, costs, zero_copy = offload_plan(model), offload_miss_costs(model), offload_options(model).zero_copy
     rows = []
     try:
         for workload in tqdm(workloads, desc=f"offload {base['model']}", unit="run"):
             input_ids = _prompt(model, workload, device, seed)
             # fetch-every-miss is our engine without the cost model and without zero-copy decode
-            for system, policy, zero_copy in (("ours", options.miss_policy, options.zero_copy),
-                                              ("ours fetch-every-miss", "fetch", False)):
+            for system, policy, zero_copy_on in (("ours", options.miss_policy, zero_copy),
+                                                 ("ours fetch-every-miss", "fetch", False)):
                 set_miss_policy(model, policy)
-                set_zero_copy(model, zero_copy)
+                set_zero_copy(model, zero_copy_on)
                 row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True, seed=seed)
                 rows.append({**base, "system": system, **workload.__dict__, **row, "slots_per_layer": list(plan.slots),
                              "miss_costs": costs and dataclasses.asdict(costs)})

@@ -25,18 +25,17 @@ _ROUTING_ARGUMENTS = ("top_k_index", "top_k_weights")
 
 
 @contextlib.contextmanager
-def uniform_routing(model: nn.Module, seed: int = 0) -> Iterator[None]:
-    """Within the block, each token's experts are k distinct ones drawn uniformly (seeded, per
-    device), each weighted 1/k, k the model's own; stock and accelerated models alike."""
+def uniform_routing(model: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Within the block, each token's experts are k distinct ones drawn uniformly, each weighted 1/k,
+    k the model's own; stock and accelerated models alike. The draws come from torch's default
+    generators (`torch.manual_seed(seed)` on entry when a seed is given): the ones a CUDA graph
+    registers, so replays draw afresh (a generator of our own would fail the capture)."""
     experts_modules = [m for m in model.modules() if is_experts_module(m)]
     if not experts_modules:
         raise ValueError(f"{type(model).__name__} has no Transformers experts modules to route")
-    generators: dict[torch.device, torch.Generator] = {}
 
     def draw(num_experts: int, index: torch.Tensor) -> torch.Tensor:
-        if index.device not in generators:
-            generators[index.device] = torch.Generator(device=index.device).manual_seed(seed)
-        scores = torch.rand(index.shape[0], num_experts, generator=generators[index.device], device=index.device)
+        scores = torch.rand(index.shape[0], num_experts, device=index.device)
         return scores.topk(index.shape[-1], dim=-1).indices.to(index.dtype)
 
     def hook_for(module: nn.Module):
@@ -60,6 +59,8 @@ def uniform_routing(model: nn.Module, seed: int = 0) -> Iterator[None]:
 
         return replace_routing
 
+    if seed is not None:
+        torch.manual_seed(seed)
     handles = [m.register_forward_pre_hook(hook_for(m), with_kwargs=True) for m in experts_modules]
     try:
         yield

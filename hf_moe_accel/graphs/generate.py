@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from ..patches.attention import DECODE_ATTENTION
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
-from .cache_pool import StaticCachePool, static_cache_blocker
+from .cache_pool import StaticCachePool, length_bucket, static_cache_blocker
 from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
 from .stop_check import deferred_stop_checks
 
@@ -48,6 +49,9 @@ _EAGER_MASK_CAPTURABLE = Version(transformers.__version__) >= Version("5.21")
 _MASK_IN_GRAPH_ATTENTION = ("sdpa", DECODE_ATTENTION, *(("eager",) if _EAGER_MASK_CAPTURABLE else ()))
 # Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
 GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
+# Set by placements whose decode steps are free of host work for some shapes only (zero-copy offload):
+# a callable (batch size, cache positions) -> why such steps can't replay graphs, or None.
+GRAPH_STEP_CHECK_ATTR = "_hf_moe_accel_graph_step_check"
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,10 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
         logger.info("hf_moe_accel: %s has no generate() to serve with graphs", type(model).__name__)
         return
     config = model.config.get_text_config(decoder=True)
-    pool = StaticCachePool(config)
-    runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None)
+    # An offloaded model's budget keeps KV room for one generation: one pooled cache at a time.
+    pool = StaticCachePool(config, max_entries=1 if hasattr(model, GRAPH_STEP_CHECK_ATTR) else 3)
+    runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
+                          step_blocker=functools.partial(_step_blocker, model))
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)
@@ -137,7 +143,8 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
     if getattr(model, GRAPHS_BLOCKED_ATTR, None):
         return getattr(model, GRAPHS_BLOCKED_ATTR)
     devices = set(getattr(model, "hf_device_map", {}).values())
-    if len(devices) > 1:
+    # A zero-copy offload's map has its experts on the CPU, where its kernels read them: its step check decides.
+    if len(devices) > 1 and getattr(model, GRAPH_STEP_CHECK_ATTR, None) is None:
         return f"the model is spread over several devices ({', '.join(sorted(map(str, devices)))})"
     if model.training:
         return "the model is in train() mode"
@@ -150,6 +157,9 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
         if kwargs.get(name):
             return f"{name} was given"
     config = _resolved_generation_config(model, kwargs)
+    batch = _batch_size(kwargs, config)
+    if batch is not None and (reason := _step_blocker(model, batch, 0)) is not None:
+        return reason  # the cache-length part of the check waits for _prepare_static_cache
     mode = config.get_generation_mode(kwargs.get("assistant_model"))
     if mode not in _SERVED_MODES:
         return f"{mode.value.replace('_', ' ')} is not served by graphs (greedy and sampling are)"
@@ -160,15 +170,22 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
     return None
 
 
+def _batch_size(kwargs: dict, config: GenerationConfig) -> int | None:
+    """The sequences a generate() call decodes (prompts x num_return_sequences), or None if not given as a tensor."""
+    inputs = next((kwargs[name] for name in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(name) is not None), None)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return None
+    return inputs.shape[0] * (config.num_return_sequences or 1)
+
+
 def _generate(self, *args, **kwargs):
     state: GraphDecodeState = getattr(self, STATE_ATTR)
     original = super(type(self), self).generate
-    named = {"generation_config": args[1], **kwargs} if len(args) > 1 else kwargs  # generate(inputs, generation_config, ...)
+    # generate(inputs, generation_config, ...) positionally
+    named = {**dict(zip(("inputs", "generation_config"), args)), **kwargs}
     reason = _eager_reason(self, state, named)
     if reason is not None:
-        if reason not in state.logged_reasons:
-            state.logged_reasons.add(reason)
-            logger.warning("hf_moe_accel: generate() decodes eagerly: %s", reason)
+        _log_eager_once(state, reason)
         return original(*args, **kwargs)
     kwargs["cache_implementation"] = "static"
     state.serving = True
@@ -190,9 +207,23 @@ def _returned_cache_field(output: object) -> str:
 
 def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):
     state: GraphDecodeState = getattr(self, STATE_ATTR)
-    if not state.serving:
+    reason = _step_blocker(self, batch_size, length_bucket(max_cache_len)) if state.serving else None
+    if reason is not None:  # a cache of the call's own, outside the pool: the runner runs its steps eagerly
+        _log_eager_once(state, reason)
+    if not state.serving or reason is not None:
         return super(type(self), self)._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
     return state.pool.get(batch_size, max_cache_len)
+
+
+def _step_blocker(model: nn.Module, batch_size: int, cache_tokens: int) -> str | None:
+    check = getattr(model, GRAPH_STEP_CHECK_ATTR, None)
+    return None if check is None else check(batch_size, cache_tokens)
+
+
+def _log_eager_once(state: GraphDecodeState, reason: str) -> None:
+    if reason not in state.logged_reasons:
+        state.logged_reasons.add(reason)
+        logger.warning("hf_moe_accel: generate() decodes eagerly: %s", reason)
 
 
 def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: GenerationConfig) -> bool:

@@ -36,6 +36,8 @@ Capture = Callable[[Callable[[], object], object], tuple[Callable[[], None], obj
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # A torch.compile backend: a name ("inductor", "aot_eager") or a callable.
 CompileBackend = str | Callable
+# (batch size, cache positions) -> why a decode step of that shape must run eagerly, or None.
+StepBlocker = Callable[[int, int], str | None]
 
 # Decode-step shapes (batch size x cache bucket x input layout) compiled per process before
 # compile_decode stops compiling new ones. Each is one dynamo cache entry of the model's forward that
@@ -66,6 +68,7 @@ class GraphStats:
     eager_steps: int = 0
     deferred_stop_checks: int = 0  # served generate() calls whose stop checks ran one step late (stop_check.py)
     failed_captures: dict[str, str] = field(default_factory=dict)
+    blocked_steps: dict[str, int] = field(default_factory=dict)  # eager steps a placement's step check refused, by reason
     failed_compiles: dict[str, str] = field(default_factory=dict)
 
     def count_deferred_stop_check(self) -> None:
@@ -97,8 +100,9 @@ class DecodeGraphs:
     """Callable standing in for `model(**inputs)` during decoding."""
 
     def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph,
-                 compile_backend: CompileBackend | None = None):
+                 compile_backend: CompileBackend | None = None, step_blocker: StepBlocker | None = None):
         self.model = model
+        self.step_blocker = step_blocker  # asked before every replay: a placement's state may change between steps
         self.pool = pool
         self.capture = capture
         self.compile_backend = compile_backend  # None: capture the model itself
@@ -113,7 +117,7 @@ class DecodeGraphs:
         cache_name = next((name for name in CACHE_ARGUMENTS if name in kwargs), "past_key_values")
         cache = kwargs.get(cache_name)
         input_ids = kwargs.get("input_ids")
-        if input_ids is None or input_ids.shape[-1] != 1 or not self.pool.owns(cache):
+        if input_ids is None or input_ids.shape[-1] != 1 or not self.pool.owns(cache) or self._blocked(input_ids, cache):
             self.stats.eager_steps += 1
             return self.model(**kwargs)
         inputs = {k: v for k, v in kwargs.items() if k != cache_name}
@@ -133,15 +137,33 @@ class DecodeGraphs:
         # Outputs live in graph memory that the next replay overwrites: hand out copies.
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, step.output)
 
+    def _blocked(self, input_ids: torch.Tensor, cache) -> bool:
+        if self.step_blocker is None:
+            return False
+        reason = self.step_blocker(input_ids.shape[0], max(layer.max_cache_len for layer in cache.layers))
+        if reason is not None and reason not in self.stats.blocked_steps:
+            logger.warning("hf_moe_accel: decode steps run eagerly: %s", reason)
+        if reason is not None:
+            self.stats.blocked_steps[reason] = self.stats.blocked_steps.get(reason, 0) + 1
+        return reason is not None
+
     def forget(self, cache) -> None:
         """Drop the graphs captured over `cache` (the pool evicted or released it)."""
         for key in [k for k in self._steps if k[0] == id(cache)]:
             del self._steps[key]
         self._failed = {k for k in self._failed if k[0] != id(cache)}
+        self._drop_pool_if_unused()
 
     def clear(self) -> None:
         self._steps.clear()
         self._failed.clear()
+        self._drop_pool_if_unused()
+
+    def _drop_pool_if_unused(self) -> None:
+        # With its last graph gone, the allocator releases the private pool: a capture into the old
+        # handle then fails an internal assert (seen on the H200 with a one-cache pool): take a new one.
+        if not self._steps:
+            self._memory_pool = None
 
     def _capture_step(self, key: tuple, cache_name: str, cache, leaves: list, spec) -> _Step | None:
         buffers = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

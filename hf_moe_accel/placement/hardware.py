@@ -28,7 +28,11 @@ GIB = 2**30
 # - offload_layer_host_us 1400: tiny-qwen3-moe (4 layers) with every expert cached decoded at
 #   74.9 tok/s (13.35 ms per step) against ~7.7 ms for the same 4 layers eagerly (calibrated
 #   2.4 ms per step + 1.34 ms per layer): 5.6 ms more, 1.4 ms per MoE layer.
-_GRAPH_AND_OFFLOAD = dict(graph_host_exposed_us=600.0, graph_layer_us=95.0, offload_layer_host_us=1400.0)
+# - zero_copy_share 0.8: H200 (2026-12-03, docs/BENCHMARKS.md "Zero-copy decode in CUDA graphs"): qwen3-30b-a3b
+#   at 16 GiB decoding zero-copy in graphs read 2.73-2.87 GB a token from pinned host memory at 42-44 GB/s
+#   (batch 1 and 8), where that host's copies ran at 55 GB/s.
+_GRAPH_AND_OFFLOAD = dict(graph_host_exposed_us=600.0, graph_layer_us=95.0, offload_layer_host_us=1400.0,
+                          zero_copy_share=0.8)
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,11 @@ class Hardware:
     graph_host_exposed_us the part of it the GPU waits for (before the replay is launched)
     graph_layer_us      GPU time per decoder layer of a graph replay beyond its bytes (kernel floors)
     offload_layer_host_us extra time per MoE layer of the offload engine's host round trip (all hits)
+    zero_copy_share     the rate of the fused kernels reading experts from pinned host memory (zero-copy
+                        decode), as a share of pcie_gb_s
 
-    The last three were added after the first calibrations: cache files without them read as the
-    defaults below (H100 figures, see _GRAPH_AND_OFFLOAD).
+    The last four were added after the first calibrations: cache files without them read as the
+    defaults below (H100 figures, and the H200's for zero_copy_share; see _GRAPH_AND_OFFLOAD).
     """
 
     name: str
@@ -74,6 +80,7 @@ class Hardware:
     graph_host_exposed_us: float = _GRAPH_AND_OFFLOAD["graph_host_exposed_us"]
     graph_layer_us: float = _GRAPH_AND_OFFLOAD["graph_layer_us"]
     offload_layer_host_us: float = _GRAPH_AND_OFFLOAD["offload_layer_host_us"]
+    zero_copy_share: float = _GRAPH_AND_OFFLOAD["zero_copy_share"]
     source: str = "preset"
 
     def with_gpus(self, count: int) -> Hardware:

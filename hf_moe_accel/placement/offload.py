@@ -12,6 +12,7 @@ experts run through the same code in tests without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..graphs.generate import GRAPH_STEP_CHECK_ATTR, GRAPHS_BLOCKED_ATTR
 from ..kernels.spec import Activation
 from ..kernels.tuning import interpreting
 from ..patches.experts import expert_weights, is_experts_module
@@ -28,7 +30,7 @@ from ..patches.swap import STATE_ATTR
 from .budget import MemoryPlan, parse_memory_size, plan_memory, reserve_bytes
 from .cpu_experts import CpuExpertsWorker
 from .eviction import PolicyFactory, policy_factory
-from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors
+from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors, unpack_lookups
 from .host_weights import WeightPlacement
 from .miss_cost import MISS_POLICIES, CopyLaneClock, CpuTimeCorrection, MissCostModel, MissPolicy, calibrate_miss_costs
 from .offload_layer import OffloadedLayer
@@ -38,8 +40,6 @@ from .transfers import DeviceLanes
 logger = logging.getLogger("hf_moe_accel")
 
 _ENGINE_ATTR = "_hf_moe_accel_offload"
-# Read by the CUDA-graph decode (graphs/): a reason string while decode can't be captured.
-GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,10 @@ class OffloadOptions:
     zero_copy: forwards of up to `zero_copy_max_tokens` tokens (decode) run every routed expert in the
         fused kernels on the GPU, reading cached experts from their slots and the others straight from
         pinned host memory over PCIe (unified virtual addressing): no routing to the host, no fetch, no
-        CPU expert, no sync. Larger forwards (prefill) run the cache as above and fill its slots.
-        Layouts without expert biases only. Experimental: not yet measured on a GPU.
+        CPU expert, no sync, so decode steps replay CUDA graphs (at up to `zero_copy_max_tokens`
+        sequences). Larger forwards (prefill) run the cache as above and fill its slots. Layouts
+        without expert biases only. None (default): on for a CUDA device and experts without biases
+        (on the H200, 2.7x fetching every miss at batch 1, 1.1x at batch 8; docs/BENCHMARKS.md).
     zero_copy_max_tokens: the largest forward `zero_copy` serves; each (token, expert) pair reads its
         expert's weights once, so an expert shared by several tokens is read as many times.
     """
@@ -82,7 +84,7 @@ class OffloadOptions:
     slots_per_layer: int | None = None
     device: str | torch.device | None = None
     cost_model: MissCostModel | None = field(default=None, compare=False)
-    zero_copy: bool = False
+    zero_copy: bool | None = None
     zero_copy_max_tokens: int = 8
 
     def validate(self) -> None:
@@ -98,6 +100,8 @@ class OffloadOptions:
         accuracy = self.prefetch_min_accuracy
         if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
             raise ValueError(f"prefetch_min_accuracy must be a number in [0, 1], got {accuracy!r}")
+        if self.zero_copy not in (None, True, False):
+            raise TypeError(f"zero_copy must be True, False or None (auto), got {self.zero_copy!r}")
         if self.cost_model is not None and not isinstance(self.cost_model, MissCostModel):
             raise TypeError(f"cost_model must be a MissCostModel, got {type(self.cost_model).__name__}")
 
@@ -174,8 +178,11 @@ def plan_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOption
                        [w.num_experts for w in layer_weights], options.slots_per_layer)
     if options.miss_policy == "fetch" and min(plan.slots) == 0:
         raise ValueError(f"miss_policy='fetch' needs at least one expert slot per layer; {plan.describe()}")
-    if options.zero_copy and any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights):
+    biased = any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights)
+    if options.zero_copy and biased:
         raise ValueError(f"zero_copy reads experts without biases; {type(model).__name__}'s experts have biases")
+    if options.zero_copy is None:  # auto: where its kernels run and it measured faster
+        options = dataclasses.replace(options, zero_copy=device.type == "cuda" and not biased)
     return OffloadSetup(plan, device, options, experts, names)
 
 
@@ -206,6 +213,9 @@ class OffloadEngine:
         self.copy_clock = CopyLaneClock(self.cost_model.fetch_s if self.cost_model is not None else math.inf)
         self.cpu_correction = CpuTimeCorrection()
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
+        # Zero-copy lookups and hits, packed (expert_cache.LOOKUP), per phase and layer, counted on the device.
+        self._zero_copy_counts = {phase: torch.zeros(len(self.layers), dtype=torch.int64, device=setup.device)
+                                  for phase in PHASES} if self.options.zero_copy else None
         self._warned_workload = False
 
     def _calibrate(self) -> MissCostModel:
@@ -218,17 +228,51 @@ class OffloadEngine:
     def layer_stats(self, index: int) -> LayerOffloadStats:
         return self._stats[self.phase][index]
 
+    def zero_copy_counter(self, index: int) -> torch.Tensor:
+        """Layer `index`'s packed zero-copy counter for the current phase (a device scalar to add to)."""
+        return self._zero_copy_counts[self.phase][index]
+
     def reset_stats(self) -> None:
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
+        if self._zero_copy_counts is not None:
+            for counts in self._zero_copy_counts.values():
+                counts.zero_()
+
+    def _phase_stats(self, phase: str) -> list[LayerOffloadStats]:
+        """The host's counters with the device's zero-copy ones folded in: each zero-copy lookup is a
+        routed pair, and each miss one expert read from host memory."""
+        if self._zero_copy_counts is None:
+            return self._stats[phase]
+        per_layer = []
+        for layer, host_stats, packed in zip(self.layers, self._stats[phase], self._zero_copy_counts[phase].tolist()):
+            lookups, hits = unpack_lookups(packed)
+            per_layer.append(host_stats + LayerOffloadStats(lookups=lookups, hits=hits,
+                                                            h2d_bytes=(lookups - hits) * layer.cache.expert_bytes))
+        return per_layer
 
     def stats(self, phase: str) -> OffloadStats:
         if phase == "all":
-            per_layer = [sum((self._stats[p][i] for p in PHASES), LayerOffloadStats()) for i in range(len(self.layers))]
+            phases = [self._phase_stats(p) for p in PHASES]
+            per_layer = [sum((stats[i] for stats in phases), LayerOffloadStats()) for i in range(len(self.layers))]
         elif phase in PHASES:
-            per_layer = self._stats[phase]
+            per_layer = self._phase_stats(phase)
         else:
             raise ValueError(f"phase must be 'all', {', '.join(repr(p) for p in PHASES)}; got {phase!r}")
         return OffloadStats(phase, {layer.name: s for layer, s in zip(self.layers, per_layer)})
+
+    def graph_decode_blocker(self, batch_size: int, cache_tokens: int) -> str | None:
+        """Why decode steps of `batch_size` sequences over a static cache of `cache_tokens` positions
+        can't replay CUDA graphs, or None: only zero-copy forwards are free of host work, and the
+        cache must fit the KV room the budget keeps."""
+        if not self.zero_copy:
+            return "expert offload with zero-copy decode off: each MoE layer exchanges routing with the host"
+        if batch_size > self.options.zero_copy_max_tokens:
+            return (f"expert offload at batch {batch_size}, above zero_copy_max_tokens={self.options.zero_copy_max_tokens}: "
+                    "decode runs the expert cache, which exchanges routing with the host")
+        if batch_size * cache_tokens > self.options.kv_cache_tokens:
+            return (f"a static cache of {batch_size} x {cache_tokens} positions is more than the "
+                    f"{self.options.kv_cache_tokens} tokens of KV cache the budget keeps room for (OffloadOptions.kv_cache_tokens)")
+        return None
 
     def next_layer(self, index: int) -> OffloadedLayer | None:
         return self.layers[index + 1] if index + 1 < len(self.layers) else None
@@ -295,7 +339,10 @@ def apply_offload(model: nn.Module, setup: OffloadSetup) -> None:
         engine.phase_hook = model.register_forward_pre_hook(engine.set_phase, with_kwargs=True)
         engine.saved_device_map = model.__dict__.get("hf_device_map")
         model.hf_device_map = {"": str(setup.device), **{name: "cpu" for name, _ in setup.experts}}
-        setattr(model, GRAPHS_BLOCKED_ATTR, "expert offload: each MoE layer exchanges routing and CPU results with the host")
+        if setup.options.zero_copy:  # decode steps free of host work: graphs may serve them
+            setattr(model, GRAPH_STEP_CHECK_ATTR, engine.graph_decode_blocker)
+        else:
+            setattr(model, GRAPHS_BLOCKED_ATTR, "expert offload: each MoE layer exchanges routing and CPU results with the host")
         setattr(model, _ENGINE_ATTR, engine)
     except BaseException:
         if engine is not None:
@@ -317,6 +364,7 @@ def _undo(model: nn.Module, engine: OffloadEngine) -> None:
         else:
             model.hf_device_map = engine.saved_device_map
     model.__dict__.pop(GRAPHS_BLOCKED_ATTR, None)
+    model.__dict__.pop(GRAPH_STEP_CHECK_ATTR, None)
     model.__dict__.pop(_ENGINE_ATTR, None)
     engine.lanes.synchronize()
     engine.cpu_worker.shutdown()
@@ -358,6 +406,11 @@ def offload_plan(model: nn.Module) -> MemoryPlan:
     return _engine(model).setup.plan
 
 
+def offload_options(model: nn.Module) -> OffloadOptions:
+    """The options the offload runs with, defaults resolved (zero_copy True or False)."""
+    return _engine(model).options
+
+
 def offload_miss_costs(model: nn.Module) -> MissCostModel | None:
     """The miss costs the engine decides with (measured at accelerate() time, or given)."""
     return _engine(model).cost_model
@@ -388,6 +441,7 @@ __all__ = [
     "apply_offload",
     "is_offloaded",
     "offload_miss_costs",
+    "offload_options",
     "offload_plan",
     "offload_stats",
     "plan_offload",

@@ -17,8 +17,11 @@ Per forward (all sizes on the host after one sync that brings the routing over):
 
 Zero-copy forwards (`OffloadOptions.zero_copy`, a few tokens) skip all of that: one fused-kernel call
 over the cache's address table reads every routed expert where it is, cached experts from their
-slots and the others from pinned host memory over PCIe. Nothing comes to the host, so the counters
-see the forward and its tokens, not its hits; the slots stay as the last larger forward left them.
+slots and the others from pinned host memory over PCIe. Nothing comes to the host: lookups and hits
+(one per routed pair: each pair reads its expert) are counted on the device, and the slots stay as
+the last larger forward left them. With no host work, a zero-copy forward can be captured in a CUDA
+graph: every other forward leaves its cache's address table current as it ends, since a replay
+runs none of this Python.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ class OffloadedLayer:
         self.pending_prediction: list[int] | None = None  # the experts prefetch picked for this layer's next forward
         self.prediction_accuracy = 1.0  # moving average; starts trusting the predictions
 
-    @torch.no_grad()  # inference only: slots and host copies never join an autograd graph
+    # Inference only: slots and host copies never join an autograd graph. Under torch.compile
+    # (compile_decode) the layer runs as it is: its host work and counters are Python.
+    @torch.compiler.disable
+    @torch.no_grad()
     def forward(self, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if module.training:
@@ -136,13 +142,28 @@ class OffloadedLayer:
             engine.cpu_correction.observe(cpu_calibrated_s, seconds)
             stats.h2d_bytes += cpu_out.numel() * cpu_out.element_size()
             out.index_add_(0, rows, engine.lanes.to_device(cpu_out))
+        if cache.by_address and cache.addresses_stale:  # current before any replay of a zero-copy graph reads it
+            engine.lanes.compute_wait(cache.ready)
+            cache.device_addresses()
         return out.to(hidden.dtype)
 
     def _run_zero_copy(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         cache, lanes = self.cache, self.engine.lanes
-        lanes.compute_wait(cache.ready)  # slots being filled are read only once their copies are in
-        out = kernels.fused_experts_at(hidden, cache.slots, cache.device_addresses(), top_k_index, top_k_weights)
-        cache.last_read = lanes.compute_mark()  # a later install waits for this read
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            # Replays run none of this: the tables must be current already (every other forward leaves
+            # them so), and events recorded outside a capture can't be waited on inside it.
+            if cache.addresses_stale:
+                raise RuntimeError(f"{self.name}: expert address table out of date at capture")
+            cache.read_by_graph = True
+        else:
+            lanes.compute_wait(cache.ready)  # slots being filled are read only once their copies are in
+        addresses = cache.device_addresses()
+        routed_pairs = top_k_index.remainder(cache.num_experts + 1)  # -1 (no expert) -> the table's 0 at E
+        self.engine.zero_copy_counter(self.index).add_(cache.lookup_values()[routed_pairs].sum())
+        out = kernels.fused_experts_at(hidden, cache.slots, addresses, top_k_index, top_k_weights)
+        if not capturing:
+            cache.last_read = lanes.compute_mark()  # a later install waits for this read
         return out
 
     def _start_cpu_work(self, hidden, hidden_host, ids, routing, on_cpu, stats):

@@ -10,11 +10,15 @@ PHASES = ("prefill", "decode")
 @dataclass
 class LayerOffloadStats:
     """One MoE layer's counters. A lookup is one expert routed to in one forward (however many
-    tokens chose it): a hit when it sat in a slot, else a miss, fetched or computed on the CPU."""
+    tokens chose it): a hit when it sat in a slot, else a miss, fetched or computed on the CPU. In
+    zero-copy forwards a lookup is one routed (token, expert) pair, each of which reads its expert:
+    a miss reads it from host memory (counted in h2d_bytes)."""
 
     forwards: int = 0
     tokens: int = 0
-    zero_copy_forwards: int = 0  # of `forwards`: run zero-copy (no lookups counted, no host round trip)
+    # Of `forwards`: run zero-copy (no host round trip). `forwards`, `tokens` and this count forwards the host
+    # ran; CUDA-graph replays of zero-copy decode steps add only to lookups, hits and h2d_bytes (device counters).
+    zero_copy_forwards: int = 0
     lookups: int = 0
     hits: int = 0
     fetched: int = 0
@@ -71,5 +75,6 @@ class OffloadStats:
             f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used; "
             f"predictions {100 * t.prediction_accuracy:.0f}% right, paused {t.prefetch_paused}x), "
             f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
-            + (f"; {t.zero_copy_forwards} of {t.forwards} layer forwards zero-copy (not in the counts)" if t.zero_copy_forwards else "")
+            + (f"; {t.zero_copy_forwards} of {t.forwards} eager layer forwards zero-copy (their lookups, and graph "
+               "replays', are routed pairs)" if t.zero_copy_forwards else "")
         )

@@ -17,7 +17,7 @@ def gpu_counts(total: int) -> list[int]:
 
 def candidate_plans(hardware: Hardware, kinds: tuple[str, ...] | None = None) -> list[Plan]:
     """Every plan this hardware can run (memory not yet checked), optionally of some kinds only."""
-    plans = [Plan("single", 1, True), Plan("single", 1, False), Plan("offload", 1, False)]
+    plans = [Plan("single", 1, True), Plan("single", 1, False), Plan("offload", 1, True)]  # offload: zero-copy decode in graphs
     for n in gpu_counts(hardware.gpu_count):
         plans.append(Plan("pp", n, False))
         for kind in ("ep", "tp", "dp"):

@@ -9,10 +9,13 @@ pays host time on top:
   (`graph_host_exposed_us`) adds to the replay, the rest runs while the GPU replays, so the step is
   max(host loop, exposed host + replay).
 - Eager decode: every layer's Python and launches (`eager_layer_host_us`) plus the GPU work.
-- Offload: eager, plus each MoE layer's host round trip (routing to the host, slot lookup, results
-  back: `offload_layer_host_us`), during which the GPU waits, and the misses' PCIe fetches or CPU
-  compute. A budget that holds every expert runs as the single-GPU plan (accelerate() places the
-  whole model then).
+- Offload, decode of up to ZERO_COPY_MAX_BATCH sequences: zero-copy (OffloadOptions' default on a
+  GPU): every routed (token, expert) pair reads its expert, from a slot or from pinned host memory
+  at `zero_copy_share` of the PCIe copy rate, in CUDA graphs (eager: the host's launches overlap
+  those reads, nothing syncs). Larger batches: the expert cache, eager, plus each MoE layer's host
+  round trip (routing to the host, slot lookup, results back: `offload_layer_host_us`), during
+  which the GPU waits, and the misses' PCIe fetches or CPU compute. A budget that holds every
+  expert runs as the single-GPU plan (accelerate() places the whole model then).
 Multi-GPU plans add their collectives.
 
 KV traffic follows the cache Transformers uses: eager decode's DynamicCache concatenates each new
@@ -58,6 +61,8 @@ COLLECTIVE_HOST_US = 30.0
 PIPELINE_HOOK_HOST_US = 80.0
 # CUDA context, cuBLAS workspace and allocator slack on each GPU.
 RESERVE_GIB = 1.0
+# Offload decode runs zero-copy up to this many sequences (OffloadOptions.zero_copy_max_tokens' default).
+ZERO_COPY_MAX_BATCH = 8
 # Expected maximum of n standard normals (load of the busiest expert-parallel rank).
 _MAX_OF_NORMALS = {1: 0.0, 2: 0.5642, 3: 0.8463, 4: 1.0294, 5: 1.1630, 6: 1.2672, 7: 1.3522, 8: 1.4236}
 
@@ -429,6 +434,8 @@ def _predict_offload(shape, hw, plan, workload) -> Prediction:
         reason = f"the offloaded experts need {host_needed / GIB:.0f} GiB of host memory, the host has {hw.host_memory_gib:.0f}"
         return _result(plan, workload, 1.0, 1.0, memory_plan.total, hw, {}, reason=reason)
     hit = workload.hit_rate if workload.hit_rate is not None else slots / shape.num_experts
+    if batch <= ZERO_COPY_MAX_BATCH and not shape.expert_biases:
+        return _predict_zero_copy(shape, hw, plan, workload, hit, memory_plan)
     touched = touched_experts(shape, batch)
     misses = touched * (1.0 - hit)
     # A miss is fetched over PCIe and run on the GPU, or run on the CPU where the weights live; the
@@ -448,6 +455,26 @@ def _predict_offload(shape, hw, plan, workload) -> Prediction:
         "host": _eager_host_s(shape, hw),
     }
     ttft = _prefill_s(shape, hw, workload, batch) + shape.moe_layers * misses * fetch
+    return _result(plan, workload, sum(parts.values()), ttft, memory_plan.total, hw, parts)
+
+
+def _predict_zero_copy(shape, hw, plan, workload, hit: float, memory_plan: MemoryPlan) -> Prediction:
+    batch = workload.batch
+    pairs = batch * shape.top_k  # each pair reads its expert: cached ones from HBM, the rest from host memory
+    kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
+    host_reads = shape.moe_layers * pairs * (1.0 - hit) * shape.expert_bytes
+    gpu = {
+        "gpu": _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, pairs * hit, pairs),
+        "zero_copy_reads": host_reads / (hw.zero_copy_share * hw.pcie_gb_s * 1e9),
+    }
+    if plan.cuda_graphs:
+        parts = _step_parts(shape, hw, True, gpu)
+    else:  # no sync in the step: the host's launches run ahead while the GPU reads
+        parts = {**gpu, "host": max(0.0, _eager_host_s(shape, hw) - sum(gpu.values()))}
+    # Prefill runs the expert cache: its misses fetched (about the touched experts less the cached share).
+    fetch = shape.expert_bytes / (hw.pcie_gb_s * 1e9)
+    prefill_misses = touched_experts(shape, batch * workload.prompt_len) * (1.0 - hit)
+    ttft = _prefill_s(shape, hw, workload, batch) + shape.moe_layers * prefill_misses * fetch
     return _result(plan, workload, sum(parts.values()), ttft, memory_plan.total, hw, parts)
 
 

@@ -29,6 +29,7 @@ class ModelShape:
     kv_bytes_per_token  KV cache bytes per token of context, summed over full-attention layers
     window_kv_bytes_per_token / sliding_window: the same for sliding-window layers, capped at the window
     qkvo_attention      every layer's attention is plain q/k/v/o projections (tensor parallel shards it)
+    expert_biases       the experts have bias vectors (zero-copy offload decode reads experts without them)
     """
 
     name: str
@@ -53,6 +54,7 @@ class ModelShape:
     window_kv_bytes_per_token: float
     sliding_window: int
     qkvo_attention: bool
+    expert_biases: bool = False
 
     @property
     def experts_total_bytes(self) -> float:
@@ -170,6 +172,7 @@ def shape_of_model(model: nn.Module, name: str | None = None) -> ModelShape:
         window_kv_bytes_per_token=window_kv,
         sliding_window=window if window_kv else 0,
         qkvo_attention=all(is_qkvo_attention(a) for a in attentions),
+        expert_biases=any(getattr(first, name, None) is not None for name in ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")),
     )
 
 
