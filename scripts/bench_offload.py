@@ -135,7 +135,9 @@ def fixture_sweep(path: Path, dtype: torch.dtype, device: torch.device, policies
     points = []
     for policy in policies:
         for slots in sorted({1, 2, experts // 4, experts // 2, 3 * experts // 4, experts}):
-            accelerate(model, gpu_memory="8GiB", offload=OffloadOptions(slots_per_layer=slots, eviction=policy, **fixed))
+            # zero-copy off: decode then runs the cache, whose eviction policies this sweep compares
+            accelerate(model, gpu_memory="8GiB",
+                       offload=OffloadOptions(slots_per_layer=slots, eviction=policy, zero_copy=False, **fixed))
             label = policy if prefetch_experts is None else f"{policy}, prefetch {prefetch_experts}"
             points.append({"model": f"{path.name} ({label})", **_decode_point(model, prompt, 64)})
             unpatch(model)

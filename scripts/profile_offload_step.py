@@ -68,7 +68,8 @@ def main() -> None:
 
     slots = max(1, round(args.cached * experts))
     accelerate(model, gpu_memory="70GiB" if cuda else "8GiB",
-               offload=OffloadOptions(slots_per_layer=slots, device=device, kv_cache_tokens=2048, prefill_tokens=1024))
+               offload=OffloadOptions(slots_per_layer=slots, device=device, kv_cache_tokens=2048, prefill_tokens=1024,
+                                      zero_copy=False))  # the expert cache's step, not zero-copy decode
     report["cached_fraction"] = sum(offload_plan(model).slots) / (experts * len(offload_plan(model).slots))
     report["offload_step_ms"] = _step_ms(model, ids, args.steps)
     if "resident_eager_step_ms" in report:

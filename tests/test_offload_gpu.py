@@ -81,7 +81,8 @@ def test_real_shape_layers_within_budget_and_match_gpu_resident():
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    accelerate(model, gpu_memory="4GiB", offload=OffloadOptions(kv_cache_tokens=2048, prefill_tokens=1024))
+    # zero_copy off: this checks the cache's decode split between CPU experts and fetches
+    accelerate(model, gpu_memory="4GiB", offload=OffloadOptions(kv_cache_tokens=2048, prefill_tokens=1024, zero_copy=False))
     with torch.no_grad():
         ours = model(prompt).logits[:, -1]
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16, do_sample=False)

@@ -311,7 +311,8 @@ def _offload_round_trip_us(model, eager_step_s: float, device: torch.device) -> 
     from .offload import OffloadOptions
 
     layers = model.config.num_hidden_layers
-    options = OffloadOptions(slots_per_layer=model.config.num_experts, kv_cache_tokens=256, prefill_tokens=64, device=device)
+    options = OffloadOptions(slots_per_layer=model.config.num_experts, kv_cache_tokens=256, prefill_tokens=64, device=device,
+                             zero_copy=False)  # the cache's round trip, which larger batches still take
     model = accelerate(model, gpu_memory="1GiB", offload=options)
     try:
         step = _decode_step_s(model, device)

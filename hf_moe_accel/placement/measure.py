@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..api import accelerate, unpatch
 from ..bench.routing import uniform_routing
 from ..bench.timing import time_generate
+from ..graphs.cache_pool import length_bucket
 from .distributed import distributed_world
 from .predictor import DISTRIBUTED_KINDS, Plan, Workload
 
@@ -79,10 +80,13 @@ class PlanMeasurer:
         elif plan.kind == "offload":
             from .offload import OffloadOptions
 
+            # KV room for the static cache graph decode allocates (its length bucket), so zero-copy decode replays graphs
             options = OffloadOptions(
-                kv_cache_tokens=workload.batch * workload.max_context, prefill_tokens=workload.batch * workload.prompt_len, device=self.device
+                kv_cache_tokens=workload.batch * length_bucket(workload.max_context),
+                prefill_tokens=workload.batch * workload.prompt_len, device=self.device,
             )
-            model = accelerate(self._model_on(torch.device("cpu")), gpu_memory=f"{gpu_memory_gib}GiB", offload=options)
+            model = accelerate(self._model_on(torch.device("cpu")), gpu_memory=f"{gpu_memory_gib}GiB", offload=options,
+                               cuda_graphs=plan.cuda_graphs)
         elif plan.kind == "pp":
             model = accelerate(self._model_on(torch.device("cpu")), devices=list(range(plan.gpus)), parallel="pp", cuda_graphs=False)
         else:
