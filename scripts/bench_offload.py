@@ -80,6 +80,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--no-zero-copy", action="store_true",
                         help="main part and preset sweep: ours without zero-copy decode (OffloadOptions(zero_copy=False): "
                              "the expert cache's host round trip every decode step, eagerly), as until 2026-12-03")
+    parser.add_argument("--zero-copy-refill-every", type=int, default=0,
+                        help="main part and preset sweep: OffloadOptions.zero_copy_refill_every (experimental; 0: off)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--routing", default="model", choices=["model", "uniform"],
                         help="the preset parts' routing: the random-weight model's own (nearly the same experts every "
@@ -87,8 +89,10 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _zero_copy(args: argparse.Namespace) -> bool | None:
-    return False if args.no_zero_copy else None  # None: OffloadOptions' default (on for CUDA, experts without biases)
+def _zero_copy(args: argparse.Namespace) -> dict:
+    """OffloadOptions' zero-copy fields for the preset parts."""
+    # zero_copy None: OffloadOptions' default (on for CUDA, experts without biases)
+    return {"zero_copy": False if args.no_zero_copy else None, "zero_copy_refill_every": args.zero_copy_refill_every}
 
 
 def _environment() -> dict:
@@ -149,7 +153,7 @@ def preset_sweep(model, name: str, slots: list[int], gpu_memory: str, args, devi
                               generator=torch.Generator().manual_seed(0)).to(device)
     points = []
     for count in slots:
-        accelerate(model, gpu_memory=gpu_memory, offload=OffloadOptions(slots_per_layer=count, zero_copy=_zero_copy(args)))
+        accelerate(model, gpu_memory=gpu_memory, offload=OffloadOptions(slots_per_layer=count, **_zero_copy(args)))
         label = f"{name} (random weights{', uniform routing' if args.routing == 'uniform' else ''}{', no zero-copy' if args.no_zero_copy else ''})"
         points.append({"model": label, **_decode_point(model, input_ids, 16, sample_seed=0)})
         unpatch(model)
@@ -218,7 +222,7 @@ def main() -> None:
 
         with preset_routing():
             rows = run_offload_bench(model, args.preset, args.gpu_memory, workloads, repeats=args.repeats,
-                                     stock_batches=args.stock_batches, options=OffloadOptions(zero_copy=_zero_copy(args)),
+                                     stock_batches=args.stock_batches, options=OffloadOptions(**_zero_copy(args)),
                                      on_row=keep)
         results["rows"] = rows
         results["timings_s"]["main"] = time.perf_counter() - start

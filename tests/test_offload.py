@@ -567,6 +567,54 @@ def test_zero_copy_decode_replays_graphs_and_equals_stock(caplog):
     assert graph_stats(model)["replays"] == 5 and "KV cache" in caplog.text
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_zero_copy_refill_between_decode_steps_equals_stock(graphs):
+    """Every 2 decode steps the most used uncached experts are copied into the least used slots (and the
+    address tables refreshed before the next step reads them): tokens still equal stock's, through graph
+    replays (CPU stand-in) and eagerly."""
+    model = _tiny_model("qwen3_moe")
+    prompt = random_sequences(model, 1, 6)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    stock = model.generate(prompt, **kwargs)
+    accelerate(model, gpu_memory="1GiB", cuda_graphs=False,
+               offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2, zero_copy_refill_every=2))
+    if graphs:
+        enable_graph_decode(model, GraphBackend("cpu", stand_in_capture))
+    assert torch.equal(model.generate(prompt, **kwargs), stock)
+    assert offload_stats(model, "decode").total.refilled > 0
+    if graphs:
+        assert graph_stats(model)["replays"] > 0
+    for layer in model._hf_moe_accel_offload.layers:  # the tables follow the refills
+        cache = layer.cache
+        for expert, slot in enumerate(cache.slot_of_expert.tolist()):
+            tensor, row = (cache.slots.gate_up, slot) if slot >= 0 else (cache.host.gate_up, expert)
+            assert cache.device_addresses().gate_up[expert] == tensor[row].data_ptr()
+
+
+def test_zero_copy_refill_swaps_used_experts_for_unused_ones():
+    model = _tiny_model("qwen3_moe")
+    accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_refill_every=3))
+    engine = model._hf_moe_accel_offload
+    with torch.no_grad():
+        model(random_sequences(model, 2, 9))  # fills the slots
+    cache = engine.layers[0].cache
+    cached = [e for e in range(8) if cache.slot_of_expert[e] >= 0]
+    uncached = [e for e in range(8) if cache.slot_of_expert[e] < 0]
+    use = engine.expert_use(0)
+    use[uncached[0]], use[uncached[1]], use[cached[0]], use[-1] = 9, 1, 5, 7  # the sentinel column (-1 ids) is ignored
+    engine.before_decode_step()
+    engine.before_decode_step()
+    assert cache.slot_of_expert[uncached[0]] < 0  # not yet: every 3 steps
+    engine.before_decode_step()
+    # The 3 most used (uncached[0], cached[0], uncached[1]) now all sit in slots; one of the unused cached went.
+    assert all(cache.slot_of_expert[e] >= 0 for e in (uncached[0], cached[0], uncached[1]))
+    assert sum(cache.slot_of_expert[e] >= 0 for e in cached[1:]) == 0
+    assert offload_stats(model, "decode").layers[engine.layers[0].name].refilled == 2
+    assert not cache.addresses_stale and int(engine.expert_use(0).sum()) == 0
+    with pytest.raises(ValueError, match="zero_copy_refill_every"):
+        OffloadOptions(zero_copy_refill_every=-1).validate()
+
+
 def test_zero_copy_refuses_biased_experts_and_bad_sizes():
     with pytest.raises(ValueError, match="biases"):
         accelerate(_tiny_model("gpt_oss"), gpu_memory="1GiB", offload=options(zero_copy=True))

@@ -113,14 +113,17 @@ def test_host_memory_never_holds_the_experts_twice():
     unpatch(model)
 
 
-def test_zero_copy_decode_replays_cuda_graphs_between_cache_changes(fixture_path):
+@pytest.mark.parametrize("refill_every", [0, 4])
+def test_zero_copy_decode_replays_cuda_graphs_between_cache_changes(fixture_path, refill_every):
     """Zero-copy decode in real CUDA graphs: each call's prefill moves experts in and out of the slots,
     and the replays (which run no Python) must read the address tables that prefill left. Tokens
     equal the same offload decoding eagerly over a static cache (the same kernels, so bit for bit),
-    over prompts of different text and batch sizes, and peak memory stays within the budget."""
+    over prompts of different text and batch sizes, and peak memory stays within the budget. With the
+    refill, slots also change between decode steps (not at the same steps on both paths: the experts'
+    weights are the same wherever they are read, so the tokens still are)."""
     texts = ["def main():\n    x = 1\n", "The quick brown fox", "import torch\nclass Model(nn.Module):", "Once upon a time, in"]
     batches = [[texts[0]], [texts[1]], texts[2:], [texts[3]], texts[:2]]
-    options = OffloadOptions(zero_copy=True, kv_cache_tokens=1024, prefill_tokens=512)
+    options = OffloadOptions(zero_copy=True, kv_cache_tokens=1024, prefill_tokens=512, zero_copy_refill_every=refill_every)
     outputs = {}
     for graphs in (True, False):
         model, tokenizer = load_fixture(fixture_path, dtype=torch.bfloat16, device="cpu")
@@ -141,6 +144,7 @@ def test_zero_copy_decode_replays_cuda_graphs_between_cache_changes(fixture_path
         assert peak <= budget
         assert decode.lookups > 0 and 0 < decode.hits < decode.lookups
         assert offload_stats(model, "prefill").total.fetched > 0
+        assert (decode.refilled > 0) == (refill_every > 0)
         if graphs:
             stats = graph_stats(model)
             assert stats["replays"] >= 5 * 30 and not stats["blocked_steps"] and not stats["failed_captures"]

@@ -52,6 +52,8 @@ GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 # Set by placements whose decode steps are free of host work for some shapes only (zero-copy offload):
 # a callable (batch size, cache positions) -> why such steps can't replay graphs, or None.
 GRAPH_STEP_CHECK_ATTR = "_hf_moe_accel_graph_step_check"
+# Set by placements with host work between decode steps (the zero-copy refill): called before each replay.
+GRAPH_BEFORE_REPLAY_ATTR = "_hf_moe_accel_before_replay"
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
     # An offloaded model's budget keeps KV room for one generation: one pooled cache at a time.
     pool = StaticCachePool(config, max_entries=1 if hasattr(model, GRAPH_STEP_CHECK_ATTR) else 3)
     runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
-                          step_blocker=functools.partial(_step_blocker, model))
+                          step_blocker=functools.partial(_step_blocker, model),
+                          before_replay=functools.partial(_before_replay, model))
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)
@@ -218,6 +221,12 @@ def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_
 def _step_blocker(model: nn.Module, batch_size: int, cache_tokens: int) -> str | None:
     check = getattr(model, GRAPH_STEP_CHECK_ATTR, None)
     return None if check is None else check(batch_size, cache_tokens)
+
+
+def _before_replay(model: nn.Module) -> None:
+    hook = getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None)
+    if hook is not None:
+        hook()
 
 
 def _log_eager_once(state: GraphDecodeState, reason: str) -> None:

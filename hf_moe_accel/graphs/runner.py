@@ -100,9 +100,11 @@ class DecodeGraphs:
     """Callable standing in for `model(**inputs)` during decoding."""
 
     def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph,
-                 compile_backend: CompileBackend | None = None, step_blocker: StepBlocker | None = None):
+                 compile_backend: CompileBackend | None = None, step_blocker: StepBlocker | None = None,
+                 before_replay: Callable[[], None] | None = None):
         self.model = model
         self.step_blocker = step_blocker  # asked before every replay: a placement's state may change between steps
+        self.before_replay = before_replay  # a placement's host work between steps (eager steps run the model's hooks)
         self.pool = pool
         self.capture = capture
         self.compile_backend = compile_backend  # None: capture the model itself
@@ -129,6 +131,8 @@ class DecodeGraphs:
         if step is None:
             self.stats.eager_steps += 1
             return self.model(**kwargs)
+        if self.before_replay is not None:
+            self.before_replay()
         for buffer, leaf in zip(step.inputs, leaves):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(leaf)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..graphs.generate import GRAPH_STEP_CHECK_ATTR, GRAPHS_BLOCKED_ATTR
+from ..graphs.generate import GRAPH_BEFORE_REPLAY_ATTR, GRAPH_STEP_CHECK_ATTR, GRAPHS_BLOCKED_ATTR
 from ..kernels.spec import Activation
 from ..kernels.tuning import interpreting
 from ..patches.experts import expert_weights, is_experts_module
@@ -71,6 +71,10 @@ class OffloadOptions:
         (on the H200, 2.7x fetching every miss at batch 1, 1.1x at batch 8; docs/BENCHMARKS.md).
     zero_copy_max_tokens: the largest forward `zero_copy` serves; each (token, expert) pair reads its
         expert's weights once, so an expert shared by several tokens is read as many times.
+    zero_copy_refill_every: every this many zero-copy decode steps, each layer's most used experts
+        that aren't cached (counted on the GPU, graph replays included) are copied into the slots of
+        its least used ones, at most top-k a layer; 0 (default): the slots stay as the last larger
+        forward left them. Experimental: tested on the CPU, not yet measured on a GPU.
     """
 
     eviction: str | PolicyFactory = "lfu"
@@ -86,6 +90,7 @@ class OffloadOptions:
     cost_model: MissCostModel | None = field(default=None, compare=False)
     zero_copy: bool | None = None
     zero_copy_max_tokens: int = 8
+    zero_copy_refill_every: int = 0
 
     def validate(self) -> None:
         policy_factory(self.eviction)
@@ -95,6 +100,9 @@ class OffloadOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        refill = self.zero_copy_refill_every
+        if isinstance(refill, bool) or not isinstance(refill, int) or refill < 0:
+            raise ValueError(f"zero_copy_refill_every must be an int >= 0, got {refill!r}")
         if self.prefetch_experts is not None and (not isinstance(self.prefetch_experts, int) or self.prefetch_experts < 0):
             raise ValueError(f"prefetch_experts must be an int >= 0 or None, got {self.prefetch_experts!r}")
         accuracy = self.prefetch_min_accuracy
@@ -216,6 +224,11 @@ class OffloadEngine:
         # Zero-copy lookups and hits, packed (expert_cache.LOOKUP), per phase and layer, counted on the device.
         self._zero_copy_counts = {phase: torch.zeros(len(self.layers), dtype=torch.int64, device=setup.device)
                                   for phase in PHASES} if self.options.zero_copy else None
+        # Zero-copy refill: routed pairs per expert (and a sentinel column) since the last refill, per layer.
+        refills = self.options.zero_copy and self.options.zero_copy_refill_every > 0
+        self._expert_use = torch.zeros(len(self.layers), self.layers[0].cache.num_experts + 1, dtype=torch.int64,
+                                       device=setup.device) if refills else None
+        self._steps_since_refill = 0
         self._warned_workload = False
 
     def _calibrate(self) -> MissCostModel:
@@ -231,6 +244,40 @@ class OffloadEngine:
     def zero_copy_counter(self, index: int) -> torch.Tensor:
         """Layer `index`'s packed zero-copy counter for the current phase (a device scalar to add to)."""
         return self._zero_copy_counts[self.phase][index]
+
+    def expert_use(self, index: int) -> torch.Tensor | None:
+        """Layer `index`'s per-expert use counter for the zero-copy refill ([E + 1] on the device), or None."""
+        return None if self._expert_use is None else self._expert_use[index]
+
+    def before_decode_step(self) -> None:
+        """Called before each decode step (the model's pre-hook for eager steps, the graph runner before a
+        replay): every `zero_copy_refill_every` steps, refill the slots from the use counted since."""
+        if self._expert_use is None or not self.zero_copy:
+            return
+        self._steps_since_refill += 1
+        if self._steps_since_refill >= self.options.zero_copy_refill_every:
+            self._steps_since_refill = 0
+            self._refill()
+
+    @torch.no_grad()  # slot copies of the host experts (parameters) never join an autograd graph
+    def _refill(self) -> None:
+        use = self._expert_use[:, :-1].to("cpu", copy=True)  # the one sync of a refill (a copy on the CPU stand-in too)
+        self._expert_use.zero_()
+        for layer, counts in zip(self.layers, use):
+            cache, stats = layer.cache, self._stats["decode"][layer.index]
+            touched = counts.nonzero().view(-1)
+            if cache.num_slots == 0 or touched.numel() == 0:
+                continue
+            cache.policy.record(touched, counts[touched], counts[touched].double())
+            ranked = touched[torch.argsort(counts[touched], descending=True, stable=True)]
+            hot = ranked[: cache.num_slots]
+            wanted = hot[cache.slot_of_expert[hot] < 0][: layer.top_k or None].tolist()
+            slots = cache.choose_slots(len(wanted), protect=set(hot.tolist()))  # victims: experts used less
+            if slots:
+                stats.h2d_bytes += layer._install(list(zip(slots, wanted[: len(slots)])))
+                stats.refilled += len(slots)
+                self.lanes.compute_wait(cache.ready)  # the next step reads the new slots and tables
+                cache.device_addresses()
 
     def reset_stats(self) -> None:
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
@@ -301,6 +348,9 @@ class OffloadEngine:
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         self.phase = "decode" if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 1 else "prefill"
+        capturing = tokens is not None and tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.phase == "decode" and not capturing:
+            self.before_decode_step()
 
 
 def _resolve(module: nn.Module, path: str):
@@ -341,6 +391,7 @@ def apply_offload(model: nn.Module, setup: OffloadSetup) -> None:
         model.hf_device_map = {"": str(setup.device), **{name: "cpu" for name, _ in setup.experts}}
         if setup.options.zero_copy:  # decode steps free of host work: graphs may serve them
             setattr(model, GRAPH_STEP_CHECK_ATTR, engine.graph_decode_blocker)
+            setattr(model, GRAPH_BEFORE_REPLAY_ATTR, engine.before_decode_step)
         else:
             setattr(model, GRAPHS_BLOCKED_ATTR, "expert offload: each MoE layer exchanges routing and CPU results with the host")
         setattr(model, _ENGINE_ATTR, engine)
@@ -365,6 +416,7 @@ def _undo(model: nn.Module, engine: OffloadEngine) -> None:
             model.hf_device_map = engine.saved_device_map
     model.__dict__.pop(GRAPHS_BLOCKED_ATTR, None)
     model.__dict__.pop(GRAPH_STEP_CHECK_ATTR, None)
+    model.__dict__.pop(GRAPH_BEFORE_REPLAY_ATTR, None)
     model.__dict__.pop(_ENGINE_ATTR, None)
     engine.lanes.synchronize()
     engine.cpu_worker.shutdown()

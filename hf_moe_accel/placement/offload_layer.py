@@ -161,6 +161,9 @@ class OffloadedLayer:
         addresses = cache.device_addresses()
         routed_pairs = top_k_index.remainder(cache.num_experts + 1)  # -1 (no expert) -> the table's 0 at E
         self.engine.zero_copy_counter(self.index).add_(cache.lookup_values()[routed_pairs].sum())
+        if (use := self.engine.expert_use(self.index)) is not None:  # for the refill between decode steps
+            flat = routed_pairs.view(-1)
+            use.index_add_(0, flat, torch.ones_like(flat))
         out = kernels.fused_experts_at(hidden, cache.slots, addresses, top_k_index, top_k_weights)
         if not capturing:
             cache.last_read = lanes.compute_mark()  # a later install waits for this read

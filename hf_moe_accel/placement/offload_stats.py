@@ -24,6 +24,7 @@ class LayerOffloadStats:
     fetched: int = 0
     cpu_experts: int = 0
     prefetched: int = 0
+    refilled: int = 0  # experts copied into slots between zero-copy decode steps (OffloadOptions.zero_copy_refill_every)
     prefetch_hits: int = 0  # hits on an expert prefetched for this layer and not used before
     # The experts prefetch picked for this layer (copied or not), and how many of them it was then routed to.
     predicted: int = 0
