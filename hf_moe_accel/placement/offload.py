@@ -226,8 +226,8 @@ class OffloadEngine:
                                   for phase in PHASES} if self.options.zero_copy else None
         # Zero-copy refill: routed pairs per expert (and a sentinel column) since the last refill, per layer.
         refills = self.options.zero_copy and self.options.zero_copy_refill_every > 0
-        self._expert_use = torch.zeros(len(self.layers), self.layers[0].cache.num_experts + 1, dtype=torch.int64,
-                                       device=setup.device) if refills else None
+        widest = max(layer.cache.num_experts for layer in self.layers) + 1  # a layer's -1 pairs land in its column E
+        self._expert_use = torch.zeros(len(self.layers), widest, dtype=torch.int64, device=setup.device) if refills else None
         self._steps_since_refill = 0
         self._warned_workload = False
 
@@ -261,10 +261,11 @@ class OffloadEngine:
 
     @torch.no_grad()  # slot copies of the host experts (parameters) never join an autograd graph
     def _refill(self) -> None:
-        use = self._expert_use[:, :-1].to("cpu", copy=True)  # the one sync of a refill (a copy on the CPU stand-in too)
+        use = self._expert_use.to("cpu", copy=True)  # the one sync of a refill (a copy on the CPU stand-in too)
         self._expert_use.zero_()
         for layer, counts in zip(self.layers, use):
             cache, stats = layer.cache, self._stats["decode"][layer.index]
+            counts = counts[: cache.num_experts]  # not the column of pairs without an expert
             touched = counts.nonzero().view(-1)
             if cache.num_slots == 0 or touched.numel() == 0:
                 continue
@@ -274,7 +275,7 @@ class OffloadEngine:
             wanted = hot[cache.slot_of_expert[hot] < 0][: layer.top_k or None].tolist()
             slots = cache.choose_slots(len(wanted), protect=set(hot.tolist()))  # victims: experts used less
             if slots:
-                stats.h2d_bytes += layer._install(list(zip(slots, wanted[: len(slots)])))
+                stats.h2d_bytes += layer.install(list(zip(slots, wanted[: len(slots)])))
                 stats.refilled += len(slots)
                 self.lanes.compute_wait(cache.ready)  # the next step reads the new slots and tables
                 cache.device_addresses()

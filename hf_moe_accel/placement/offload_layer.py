@@ -195,7 +195,7 @@ class OffloadedLayer:
                 table[hits] = cache.slot_of_expert[hits]
             table[wave] = torch.tensor(slots, dtype=torch.int64)
             slot_ids = lanes.to_device(table[ids])
-            stats.h2d_bytes += slot_ids.numel() * slot_ids.element_size() + self._install(list(zip(slots, wave)))
+            stats.h2d_bytes += slot_ids.numel() * slot_ids.element_size() + self.install(list(zip(slots, wave)))
             lanes.compute_wait(cache.ready)
             out += kernels.fused_experts(hidden, cache.slots, slot_ids, top_k_weights).float()
             cache.last_read = lanes.compute_mark()
@@ -211,7 +211,8 @@ class OffloadedLayer:
         stats.predicted_routed += right
         self.prediction_accuracy += _ACCURACY_SMOOTHING * (right / len(picked) - self.prediction_accuracy)
 
-    def _install(self, assignments: list[tuple[int, int]]) -> int:
+    def install(self, assignments: list[tuple[int, int]]) -> int:
+        """Copy each (slot, expert) into this layer's cache on the copy lane; returns the bytes copied."""
         self.engine.copy_clock.queued(len(assignments))
         return self.cache.install(self.engine.lanes, assignments)
 
@@ -241,6 +242,6 @@ class OffloadedLayer:
             return
         slots = cache.choose_slots(len(wanted), protect=set(self.pending_prediction))
         assignments = list(zip(slots, wanted))
-        stats.h2d_bytes += self._install(assignments)
+        stats.h2d_bytes += self.install(assignments)
         stats.prefetched += len(assignments)
         cache.prefetched_unused.update(e for _, e in assignments)
