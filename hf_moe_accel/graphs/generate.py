@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,9 +98,10 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
     config = model.config.get_text_config(decoder=True)
     # An offloaded model's budget keeps KV room for one generation: one pooled cache at a time.
     pool = StaticCachePool(config, max_entries=1 if hasattr(model, GRAPH_STEP_CHECK_ATTR) else 3)
+    # A placement's step check and hook are set before graph decode is (accelerate() applies it last).
     runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
-                          step_blocker=functools.partial(_step_blocker, model),
-                          before_replay=functools.partial(_before_replay, model))
+                          step_blocker=getattr(model, GRAPH_STEP_CHECK_ATTR, None),
+                          before_replay=getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None))
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)
@@ -221,12 +221,6 @@ def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_
 def _step_blocker(model: nn.Module, batch_size: int, cache_tokens: int) -> str | None:
     check = getattr(model, GRAPH_STEP_CHECK_ATTR, None)
     return None if check is None else check(batch_size, cache_tokens)
-
-
-def _before_replay(model: nn.Module) -> None:
-    hook = getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None)
-    if hook is not None:
-        hook()
 
 
 def _log_eager_once(state: GraphDecodeState, reason: str) -> None:

@@ -349,9 +349,9 @@ class OffloadEngine:
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         self.phase = "decode" if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 1 else "prefill"
-        capturing = tokens is not None and tokens.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.phase == "decode" and not capturing:
-            self.before_decode_step()
+        if self.phase == "decode" and self._expert_use is not None:
+            if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture runs no refill
+                self.before_decode_step()
 
 
 def _resolve(module: nn.Module, path: str):

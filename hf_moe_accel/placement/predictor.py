@@ -41,6 +41,7 @@ from transformers import PretrainedConfig
 from ..graphs.cache_pool import length_bucket
 from .budget import MemoryPlan, plan_memory, reserve_bytes
 from .hardware import GIB, Hardware
+from .offload import OffloadOptions
 from .shapes import ModelShape
 
 PlanKind = Literal["single", "pp", "ep", "tp", "dp", "offload"]
@@ -61,8 +62,8 @@ COLLECTIVE_HOST_US = 30.0
 PIPELINE_HOOK_HOST_US = 80.0
 # CUDA context, cuBLAS workspace and allocator slack on each GPU.
 RESERVE_GIB = 1.0
-# Offload decode runs zero-copy up to this many sequences (OffloadOptions.zero_copy_max_tokens' default).
-ZERO_COPY_MAX_BATCH = 8
+# Offload decode runs zero-copy up to this many sequences (OffloadOptions' default).
+ZERO_COPY_MAX_BATCH = OffloadOptions.zero_copy_max_tokens
 # Expected maximum of n standard normals (load of the busiest expert-parallel rank).
 _MAX_OF_NORMALS = {1: 0.0, 2: 0.5642, 3: 0.8463, 4: 1.0294, 5: 1.1630, 6: 1.2672, 7: 1.3522, 8: 1.4236}
 
