@@ -82,6 +82,11 @@ def _parse() -> argparse.Namespace:
                              "the expert cache's host round trip every decode step, eagerly), as until 2026-12-03")
     parser.add_argument("--zero-copy-refill-every", type=int, default=0,
                         help="main part and preset sweep: OffloadOptions.zero_copy_refill_every (experimental; 0: off)")
+    parser.add_argument("--with-round-trip", action="store_true",
+                        help="main part: also ours with zero-copy decode off, in the same run")
+    parser.add_argument("--zero-copy-max-tokens", type=int, default=OffloadOptions.zero_copy_max_tokens,
+                        help="main part and preset sweep: OffloadOptions.zero_copy_max_tokens, the largest decode batch "
+                             "zero-copy serves (larger ones run the expert cache eagerly)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--routing", default="model", choices=["model", "uniform"],
                         help="the preset parts' routing: the random-weight model's own (nearly the same experts every "
@@ -92,7 +97,8 @@ def _parse() -> argparse.Namespace:
 def _zero_copy(args: argparse.Namespace) -> dict:
     """OffloadOptions' zero-copy fields for the preset parts."""
     # zero_copy None: OffloadOptions' default (on for CUDA, experts without biases)
-    return {"zero_copy": False if args.no_zero_copy else None, "zero_copy_refill_every": args.zero_copy_refill_every}
+    return {"zero_copy": False if args.no_zero_copy else None, "zero_copy_refill_every": args.zero_copy_refill_every,
+            "zero_copy_max_tokens": args.zero_copy_max_tokens}
 
 
 def _environment() -> dict:
@@ -223,7 +229,7 @@ def main() -> None:
         with preset_routing():
             rows = run_offload_bench(model, args.preset, args.gpu_memory, workloads, repeats=args.repeats,
                                      stock_batches=args.stock_batches, options=OffloadOptions(**_zero_copy(args)),
-                                     on_row=keep)
+                                     on_row=keep, round_trip_row=args.with_round_trip)
         results["rows"] = rows
         results["timings_s"]["main"] = time.perf_counter() - start
         ours_1 = next((r for r in rows if r["system"] == "ours" and r["batch"] == 1), None)

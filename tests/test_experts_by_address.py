@@ -1,5 +1,5 @@
-"""`fused_experts_at`: the decode kernels reading each expert's weights at an address from a table
-(some experts in cache slots, the others in host memory), against the reference over all experts.
+"""`fused_experts_at`: the kernels of both paths reading each expert's weights at an address from a
+table (some experts in cache slots, the others in host memory), against the reference over all experts.
 
 On CPU both "slots" and "host" are CPU tensors and the kernels run in Triton's interpreter
 (conftest); on a GPU the host half is pinned memory read over PCIe (zero-copy), `-m gpu`.
@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_moe_accel.kernels import ExpertAddresses, fused_experts_at
+from hf_moe_accel.kernels import ExpertAddresses, address_path, fused_experts_at
 from hf_moe_accel.kernels.experts_reference import experts_reference
 from hf_moe_accel.kernels.spec import row_addresses
 
@@ -49,14 +49,31 @@ def split_by_address(case: Case, cached: list[int], host_device: str = "cpu", pi
     Case(tokens=2, top_k=2, dtype=torch.float16),
 ])
 @pytest.mark.parametrize("cached", [[], [1, 4], list(range(8))])
-def test_experts_by_address_match_the_reference(case, cached):
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_experts_by_address_match_the_reference(case, cached, path):
     weights, layout, addresses, _ = split_by_address(case, cached)
     x, ids, topk_weights = make_routing(case)
-    ids[0, -1] = -1  # "no expert": adds nothing, reads nothing (the down kernel must not follow a table row -1)
-    out = fused_experts_at(x, layout, addresses, ids, topk_weights)
+    ids[0, -1] = -1  # "no expert": adds nothing, reads nothing (no kernel may follow a table row -1)
+    out = fused_experts_at(x, layout, addresses, ids, topk_weights, path=path)
     ref = experts_reference(x, weights, ids, topk_weights)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert rel_error(out, ref) < TOLERANCE[case.dtype]
+
+
+def test_one_token_takes_the_decode_path_and_more_the_grouped_one():
+    """Several tokens may share an expert: the grouped path reads it once, not once per pair."""
+    assert address_path(1) == "decode"
+    assert [address_path(t) for t in (2, 8, 32, 4096)] == ["prefill"] * 4
+
+
+def test_shared_experts_over_more_tokens_than_a_block():
+    """Many tokens on few experts: each expert's pairs span several BLOCK_M blocks on the grouped path."""
+    case = Case(tokens=70, top_k=2, hidden=40, inter=24)
+    weights, layout, addresses, _ = split_by_address(case, [0, 3])
+    x, _, topk_weights = make_routing(case)
+    ids = torch.stack([torch.arange(70) % 2 * 3, torch.full((70,), 5)], dim=1).to(DEVICE)  # experts 0, 3 and 5
+    out = fused_experts_at(x, layout, addresses, ids, topk_weights)
+    assert rel_error(out, experts_reference(x, weights, ids, topk_weights)) < TOLERANCE[case.dtype]
 
 
 def test_a_table_change_moves_an_expert_without_touching_the_weights():
@@ -86,11 +103,12 @@ def test_biases_and_plain_cpu_tensors_are_refused(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cached", [[], [0, 5, 7]])
-def test_zero_copy_reads_pinned_host_memory_on_gpu(cached):
+@pytest.mark.parametrize("tokens, path", [(2, "decode"), (2, "prefill"), (37, "prefill")])
+def test_zero_copy_reads_pinned_host_memory_on_gpu(cached, tokens, path):
     """bf16 experts in pinned host memory, read by the CUDA kernels through their host addresses."""
-    case = Case(tokens=2, top_k=2, hidden=256, inter=192, dtype=torch.bfloat16)
+    case = Case(tokens=tokens, top_k=2, hidden=256, inter=192, dtype=torch.bfloat16)
     weights, layout, addresses, host = split_by_address(case, cached, pin=True)
     assert all(t.is_pinned() for t in host)
     x, ids, topk_weights = make_routing(case)
-    out = fused_experts_at(x, layout, addresses, ids, topk_weights)
+    out = fused_experts_at(x, layout, addresses, ids, topk_weights, path=path)
     assert rel_error(out, experts_reference(x, weights, ids, topk_weights)) < TOLERANCE[case.dtype]

@@ -380,6 +380,31 @@ def test_offload_bench_rows(fixture_path):
     assert not is_accelerated(model) and all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_offload_bench_round_trip_row():
+    """With zero-copy on, `round_trip_row` adds ours with it off (the cache's round trip), same run."""
+    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.offload import run_offload_bench
+
+    model = _tiny_model("qwen3_moe")
+    rows = run_offload_bench(model, "tiny", "1GiB", [Workload(1, 8, 3)], repeats=1, stock_batches=[],
+                             options=options(slots_per_layer=2, zero_copy=True), round_trip_row=True)
+    assert [r["system"] for r in rows] == ["ours", "ours, no zero-copy", "ours fetch-every-miss"]
+    assert rows[1]["cpu_experts_per_token"] + rows[1]["fetched_per_token"] > 0  # misses the cache served itself
+    assert rows[0]["cpu_experts_per_token"] == rows[0]["fetched_per_token"] == 0  # zero-copy reads them in place
+
+
+def test_offload_bench_sizes_the_reserve_for_its_largest_workload():
+    """Every run keeps to the budget: one accelerate() serves all workloads, its reserve sized for the
+    largest prefill and static cache among them (never below the options' own)."""
+    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.offload import _sized_for
+
+    small = _sized_for(OffloadOptions(), [Workload(1, 128, 16), Workload(8, 128, 16)])
+    assert (small.prefill_tokens, small.kv_cache_tokens) == (4096, 8192)  # the defaults hold them
+    large = _sized_for(OffloadOptions(), [Workload(1, 128, 16), Workload(128, 128, 200)])
+    assert (large.prefill_tokens, large.kv_cache_tokens) == (128 * 128, 128 * 512)  # 328 positions: bucket 512
+
+
 def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
     """`hf-moe-accel bench --model PATH --gpu-memory X`: the offload comparison, its table, per-layer JSON, plot."""
     from hf_moe_accel.cli import main
@@ -482,7 +507,8 @@ def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots)
                for seed, (batch, length) in enumerate(((1, 1), (2, 9), (2, 1), (3, 30), (1, 2), (3, 1)))]
     _offloaded_logits_equal_stock(model, prompts, options(slots_per_layer=slots, zero_copy=True, zero_copy_max_tokens=3))
     total = offload_stats(model).total
-    assert total.zero_copy_forwards == 4 * len(expert_modules(model))  # the four forwards of <= 3 tokens
+    # the three forwards of one new token a sequence, <= 3 sequences; not the 2-token prompt (prefill)
+    assert total.zero_copy_forwards == 3 * len(expert_modules(model))
     for layer in model._hf_moe_accel_offload.layers:  # cached experts are read from their slots
         cache = layer.cache
         table, slots = cache.device_addresses().gate_up, cache.slots.gate_up
@@ -492,9 +518,11 @@ def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots)
 
 
 def test_zero_copy_counts_routed_pairs_and_hits_on_the_device():
-    """Each zero-copy forward adds its routed pairs and those whose expert sits in a slot to device
-    counters (no host round trip); -1 pairs (no expert) count as neither. Every larger forward leaves
-    its cache's address table current, so a graph replay (which runs no Python) reads current tables."""
+    """Each zero-copy forward adds its routed pairs, those whose expert sits in a slot, and the experts
+    it reads from host memory to device counters (no host round trip): the grouped path (several
+    tokens) reads a shared expert once, the decode path (one token) once per pair; -1 pairs (no
+    expert) count as none. Every larger forward leaves its cache's address table current, so a graph
+    replay (which runs no Python) reads current tables."""
     model = _tiny_model("qwen3_moe")
     accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2))
     engine = model._hf_moe_accel_offload
@@ -515,8 +543,25 @@ def test_zero_copy_counts_routed_pairs_and_hits_on_the_device():
         counted = decode.layers[layer.name]
         assert counted.lookups == ids.numel() == 4
         assert counted.hits == int((layer.cache.slot_of_expert[ids] >= 0).sum())
-    engine.layers[0].forward(expert_modules(model)[0], torch.randn(1, 32), torch.tensor([[-1, 0]]), torch.ones(1, 2))
-    assert offload_stats(model, "decode").layers[engine.layers[0].name].lookups == 5
+        host_experts = {e for e in ids.view(-1).tolist() if layer.cache.slot_of_expert[e] < 0}
+        assert counted.h2d_bytes == len(host_experts) * layer.cache.expert_bytes
+
+    layer0, module0 = engine.layers[0], expert_modules(model)[0]
+    first, second = (int(e) for e in (layer0.cache.slot_of_expert < 0).nonzero()[:2])  # uncached experts
+
+    def counted() -> tuple[int, int, int]:
+        stats = offload_stats(model, "decode").layers[layer0.name]
+        return stats.lookups, stats.hits, stats.h2d_bytes // layer0.cache.expert_bytes
+
+    def counted_after(ids: list[list[int]]) -> tuple[int, int, int]:
+        layer0.forward(module0, torch.randn(len(ids), 32), torch.tensor(ids), torch.ones(len(ids), 2))
+        return counted()
+
+    start = counted()
+    # two tokens (grouped path): `first` shared by both pairs is read once
+    assert counted_after([[first, -1], [first, second]]) == (start[0] + 3, start[1], start[2] + 2)
+    # one token (decode path): -1 counts as nothing
+    assert counted_after([[-1, first]]) == (start[0] + 4, start[1], start[2] + 3)
     reset_offload_stats(model)
     assert offload_stats(model).total.lookups == 0
 

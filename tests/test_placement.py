@@ -20,6 +20,7 @@ from hf_moe_accel.placement.plans import best_plan, candidate_plans, rank_plans
 from hf_moe_accel.placement.predictor import (
     RESERVE_GIB,
     STREAM_EFFICIENCY,
+    ZERO_COPY_MAX_BATCH,
     Plan,
     Workload,
     kv_traffic_bytes,
@@ -176,7 +177,7 @@ def test_offload_fills_the_budget_with_expert_slots():
     no_room = predict(SHAPE, with_memory(fixed * 0.9), Plan("offload", 1, False), ONE)
     assert not no_room.feasible and "too small" in no_room.reason and offload_slots_per_layer(SHAPE, with_memory(fixed * 0.9), ONE) == 0
 
-    # Zero-copy decode (no biases, batch <= 8): each of the 2 routed pairs per layer reads its expert,
+    # Zero-copy decode (no biases, batch <= ZERO_COPY_MAX_BATCH), one token: each of the 2 routed pairs per layer reads its expert,
     # the half not cached from host memory at 0.8 x 10 GB/s: 2 layers x 1 pair x 1 MB = 250 us.
     reads_s = 2 * 1e6 / (HARDWARE.zero_copy_share * 10e9)
     zero_copy = predict(SHAPE, half, Plan("offload", 1, True), ONE)
@@ -193,7 +194,13 @@ def test_offload_fills_the_budget_with_expert_slots():
     slow_pcie = dataclasses.replace(half, pcie_gb_s=0.1)  # reads of 25 ms: now the reads bound the step
     assert predict(SHAPE, slow_pcie, Plan("offload", 1, False), ONE).step_ms / 1e3 == pytest.approx(
         2 * 1e6 / (0.8 * 0.1e9) + _bytes_s(weights + 90000) + _bytes_s(2e6))
-    assert "offload_round_trips" in predict(SHAPE, half, Plan("offload", 1, True), Workload(9, 10, 10)).parts_ms  # > 8: the cache
+    # Several tokens (the grouped kernels): each touched expert read once, 10 x (1 - 0.8^3) = 4.88 of
+    # them a layer at batch 3, half from host memory (a hit rate given: the batch's KV takes slots).
+    three = predict(SHAPE, half, Plan("offload", 1, True), Workload(3, 10, 10, hit_rate=0.5))
+    assert three.parts_ms["zero_copy_reads"] / 1e3 == pytest.approx(2 * 4.88 * 0.5 * 1e6 / (0.8 * 10e9))
+    above = Workload(ZERO_COPY_MAX_BATCH + 1, 1, 1)
+    roomy = with_memory(fixed + 10 * 1e6 + 2 * above.batch * 2 * 2000)  # the larger batch's KV beside half the experts
+    assert "offload_round_trips" in predict(SHAPE, roomy, Plan("offload", 1, True), above).parts_ms  # the cache
 
 
 def test_tensor_parallel_refuses_heads_that_do_not_split():

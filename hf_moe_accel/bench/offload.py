@@ -6,7 +6,11 @@
 - "ours": `accelerate(model, gpu_memory=budget)`: expert cache; decode zero-copy in CUDA graphs
   (OffloadOptions.zero_copy, on by default on a GPU), prefill and larger batches with each miss
   on the CPU or fetched, as the cost model says.
+- "ours, no zero-copy" (on request): the same engine with zero-copy off, the cache's round trip.
 - "ours fetch-every-miss": the same engine with every miss fetched into a slot, zero-copy off.
+
+One accelerate() serves every workload, its reserve sized for the largest of them (prefill tokens,
+and the static cache of graph decode), so that every run keeps to the budget.
 
 The model comes in on the CPU (loaded with `device_map="cpu"`, or built there) and leaves there.
 Stock runs first, on the weights as loaded (pageable memory, as a user has them); stock moves all
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..api import accelerate, unpatch
+from ..graphs.cache_pool import length_bucket
 from ..kernels.spec import Activation
 from ..patches.experts import expert_weights, is_experts_module
 from ..placement.budget import format_bytes, parse_memory_size
@@ -55,7 +60,7 @@ from .timing import timed_generate
 
 logger = logging.getLogger("hf_moe_accel")
 
-SYSTEMS = ("stock device_map", "ours", "ours fetch-every-miss")
+SYSTEMS = ("stock device_map", "ours", "ours, no zero-copy", "ours fetch-every-miss")
 
 
 def build_preset_on_host(name: str, dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, pin_experts: bool = True,
@@ -201,9 +206,19 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
     return rows
 
 
+def _sized_for(options: OffloadOptions, workloads: list[Workload]) -> OffloadOptions:
+    """`options` with room for the largest workload's prefill and static cache (graph decode's length bucket)."""
+    prefill = max((w.batch * w.prompt_len for w in workloads), default=0)
+    kv = max((w.batch * length_bucket(w.prompt_len + w.new_tokens) for w in workloads), default=0)
+    return dataclasses.replace(options, prefill_tokens=max(options.prefill_tokens, prefill),
+                               kv_cache_tokens=max(options.kv_cache_tokens, kv))
+
+
 def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: list[Workload], repeats: int,
-              options: OffloadOptions, seed: int, on_row: Callable[[dict], None] | None) -> list[dict]:
-    """Ours with the cost model, then fetch-every-miss, per workload; peak GPU memory since accelerate()."""
+              options: OffloadOptions, seed: int, on_row: Callable[[dict], None] | None,
+              round_trip_row: bool) -> list[dict]:
+    """Ours, then (`round_trip_row`, with zero-copy on) ours with zero-copy off, then fetch-every-miss, per
+    workload; peak GPU memory since accelerate()."""
     _reset_peak(device)
     accelerate(model, gpu_memory=budget, offload=options)
     plan, costs, zero_copy = offload_plan(model), offload_miss_costs(model), offload_options(model).zero_copy
@@ -212,8 +227,11 @@ def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: l
         for workload in tqdm(workloads, desc=f"offload {base['model']}", unit="run"):
             input_ids = _prompt(model, workload, device, seed)
             # fetch-every-miss is our engine without the cost model and without zero-copy decode
-            for system, policy, zero_copy_on in (("ours", options.miss_policy, zero_copy),
-                                                 ("ours fetch-every-miss", "fetch", False)):
+            systems = [("ours", options.miss_policy, zero_copy)]
+            if round_trip_row and zero_copy:
+                systems.append(("ours, no zero-copy", options.miss_policy, False))
+            systems.append(("ours fetch-every-miss", "fetch", False))
+            for system, policy, zero_copy_on in systems:
                 set_miss_policy(model, policy)
                 set_zero_copy(model, zero_copy_on)
                 row = _timed_runs(model, input_ids, workload.new_tokens, repeats, offloaded=True, seed=seed)
@@ -242,6 +260,7 @@ def run_offload_bench(
     options: OffloadOptions | None = None,
     seed: int = 0,
     on_row: Callable[[dict], None] | None = None,
+    round_trip_row: bool = False,
 ) -> list[dict]:
     """One row per (system, workload): decode tokens/s, TTFT, peak GPU memory, and for ours the
     decode hit rate, PCIe bytes, fetches and CPU experts per token, speedups against stock and
@@ -253,11 +272,12 @@ def run_offload_bench(
     `stock_batches` only (default: all). Without CUDA the CPU stands in for the GPU side (no
     speed-up; for checking the command) and "stock" is the plain model on the CPU. `on_row` sees
     each row as soon as it is measured (a long run that is cut off keeps what it measured).
+    `round_trip_row` adds ours with zero-copy decode off (the expert cache's round trip every step).
     """
     budget = parse_memory_size(gpu_memory)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    options = options or OffloadOptions(device=device)
+    options = _sized_for(options or OffloadOptions(device=device), workloads)
     if (setup := plan_offload(model, budget, options)).caches_every_expert:
         raise ValueError(f"{model_name} fits whole in {format_bytes(budget)} ({setup.plan.describe()}): nothing to "
                          "offload; give a smaller budget, or run the bench without --gpu-memory")
@@ -265,7 +285,7 @@ def run_offload_bench(
     stock_batches = sorted({w.batch for w in workloads}) if stock_batches is None else stock_batches
     stock_workloads = [w for w in workloads if w.batch in stock_batches]
     stock = _stock_rows(model, base, budget, device, stock_workloads, stock_new_tokens, seed, on_row)
-    rows = _our_rows(model, base, budget, device, workloads, repeats, options, seed, on_row)
+    rows = _our_rows(model, base, budget, device, workloads, repeats, options, seed, on_row, round_trip_row)
     for row in rows:
         stock_rate = next((s["decode_tokens_per_s"] for s in stock if s["batch"] == row["batch"]), None)
         fetch = next(r for r in rows if r["batch"] == row["batch"] and r["system"] == "ours fetch-every-miss")

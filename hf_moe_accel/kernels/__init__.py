@@ -12,7 +12,7 @@ import torch
 from .experts_reference import experts_reference
 from .routing_reference import route_reference
 from .spec import Activation, ExpertAddresses, ExpertWeights, RoutingSpec
-from .tuning import interpreting
+from .tuning import KernelPath, interpreting
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -22,6 +22,7 @@ __all__ = [
     "ExpertAddresses",
     "ExpertWeights",
     "RoutingSpec",
+    "address_path",
     "fused_experts",
     "fused_experts_at",
     "kernels_serve",
@@ -61,15 +62,25 @@ def fused_experts(
     return experts_reference(hidden_states, weights, topk_ids, topk_weights)
 
 
+def address_path(num_tokens: int) -> KernelPath:
+    """The kernel path `fused_experts_at` takes for a forward of `num_tokens` tokens: the decode path
+    (one program per pair, no sort) for one token, whose top-k experts are distinct; the grouped
+    prefill path above that, which reads an expert shared by several tokens once per forward
+    rather than once per pair (bytes over PCIe when the expert is in host memory)."""
+    return "decode" if num_tokens <= 1 else "prefill"
+
+
 def fused_experts_at(
     hidden_states: torch.Tensor, layout: ExpertWeights, addresses: ExpertAddresses, topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
+    topk_weights: torch.Tensor, path: KernelPath | None = None,
 ) -> torch.Tensor:
     """`fused_experts` with expert e's weights read at `addresses` (GPU memory or pinned host memory,
     zero-copy), in the per-expert layout of `layout`'s tensors; no biases. Ids as in `fused_experts`.
-    Triton only: CUDA tensors, or CPU tensors under Triton's interpreter (tests)."""
+    `path`: default `address_path(tokens)`. Triton only: CUDA tensors, or CPU tensors under Triton's
+    interpreter (tests)."""
     if not (kernels_serve(hidden_states, layout.gate_up, layout.down) or interpreting()):
         raise ValueError("experts by address run in the Triton kernels: CUDA tensors of a served dtype")
     from .experts_triton import fused_experts_at_triton
 
-    return fused_experts_at_triton(hidden_states, layout, addresses, topk_ids, topk_weights)
+    path = path or address_path(hidden_states.shape[0])
+    return fused_experts_at_triton(hidden_states, layout, addresses, topk_ids, topk_weights, path)

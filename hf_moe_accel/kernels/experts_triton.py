@@ -104,11 +104,16 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) -> torch.Tensor:
+def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
+             addresses: ExpertAddresses | None = None) -> torch.Tensor:
+    """The prefill path; with `addresses`, as `_decode` (each expert's weights read once per block of
+    its pairs, however many tokens share it)."""
     num_tokens, hidden = x.shape
     num_pairs, inter_size = ids.numel(), weights.intermediate_size
     block_m, gate_up, down = config["BLOCK_M"], config["gate_up"], config["down"]
-    sorted_pairs, block_experts = align_pairs(ids, weights.num_experts, block_m)
+    by_address = addresses is not None
+    num_experts = addresses.num_experts if by_address else weights.num_experts
+    sorted_pairs, block_experts = align_pairs(ids, num_experts, block_m)
     num_blocks = block_experts.numel()
     precision = _dot_precision(weights.gate_up.dtype)
 
@@ -116,6 +121,7 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) 
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gate_up["BLOCK_N"]),)](
         **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0),
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
+        w_table_ptr=addresses.gate_up if by_address else block_experts, BY_ADDRESS=by_address,
         TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **gate_up,
     )
     # One float32 row per (pair, K split), zero where no block writes (pairs with expert -1).
@@ -124,6 +130,7 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict) 
         **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
         out_ptr=partial, stride_ot=partial.stride(0), stride_on=partial.stride(1), topk_weights_ptr=routing,
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
+        w_table_ptr=addresses.down if by_address else block_experts, BY_ADDRESS=by_address,
         TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **down,
     )
     return partial.view(num_tokens, -1, hidden).sum(dim=1).to(x.dtype)
@@ -155,9 +162,10 @@ def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
 
 
 def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, addresses: ExpertAddresses,
-                            topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """`fused_experts_triton` with each expert's weights wherever `addresses` says (the decode path's
-    kernels, whatever the token count: one read of an expert's weights per (token, expert) pair)."""
+                            topk_ids: torch.Tensor, topk_weights: torch.Tensor, path: KernelPath) -> torch.Tensor:
+    """`fused_experts_triton` with each expert's weights wherever `addresses` says, on the given path:
+    "decode" reads an expert's weights once per (token, expert) pair, "prefill" once per block of its
+    pairs (once per forward below BLOCK_M tokens an expert)."""
     if layout.gate_up_bias is not None or layout.down_bias is not None:
         raise ValueError("experts by address take no biases")
     if not layout.has_gate and layout.activation.kind in CLAMPED_SWIGLUS:
@@ -166,9 +174,10 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
     top_k = topk_ids.shape[1]
-    config = get_config("decode", addresses.num_experts, layout.intermediate_size, hidden, num_tokens, top_k,
+    config = get_config(path, addresses.num_experts, layout.intermediate_size, hidden, num_tokens, top_k,
                         layout.gate_up.dtype, hidden_states.device, layout.transposed)
-    return _decode(hidden_states, layout, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config, addresses)
+    run = _decode if path == "decode" else _prefill
+    return run(hidden_states, layout, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config, addresses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +275,12 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # one compile for all token counts
 def _prefill_gate_up_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, sorted_ptr, block_expert_ptr, w_table_ptr,
     num_pairs, N, K, num_blocks,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op,
     alpha, limit,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """inter[pair, n-tile] = act(x[token] @ gate^T, x[token] @ up^T) for one block of an expert's pairs."""
@@ -286,7 +295,8 @@ def _prefill_gate_up_kernel(
     cols, col_mask = _gate_up_columns(pid_n, N, BLOCK_N, INTERLEAVED)
 
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + cols[None, :] * stride_wn \
+        + offs_k[:, None] * stride_wk
     up_offset = N * stride_wn
     acc = tl.zeros([BLOCK_M, cols.shape[0]], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -310,10 +320,10 @@ def _prefill_gate_up_kernel(
 
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # one compile for all token counts
 def _prefill_down_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr, topk_weights_ptr, sorted_ptr, block_expert_ptr,
+    a_ptr, w_ptr, bias_ptr, out_ptr, topk_weights_ptr, sorted_ptr, block_expert_ptr, w_table_ptr,
     num_pairs, N, K, num_blocks,
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -333,7 +343,8 @@ def _prefill_down_kernel(
     offs_k = k_start + tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + pairs.to(tl.int64)[:, None] * stride_ap + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + offs_n[None, :] * stride_wn \
+        + offs_k[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = offs_k < k_end - (k0 - k_start)

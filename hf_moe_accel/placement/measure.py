@@ -55,11 +55,18 @@ class PlanMeasurer:
         self.device = device or torch.device("cuda", 0)
         self.model = None
 
-    def _model_on(self, device: torch.device):
+    def _model_on(self, device: torch.device, one_process: bool = False):
         if self.model is None:
             from ..bench.presets import PRESETS, build_preset
 
-            if self.model_spec in PRESETS:  # every rank draws the same weights from the same seed
+            if self.model_spec in PRESETS and device.type == "cpu" and one_process and torch.cuda.is_available():
+                # Transformers' own init of a 30B model on the CPU takes many minutes; this draws the
+                # numbers on the GPU and pins the experts as it goes (where the offload wants them;
+                # not for the torchrun plans: every rank would pin a whole copy).
+                from ..bench.offload import build_preset_on_host
+
+                self.model = build_preset_on_host(self.model_spec, self.dtype, seed=self.seed)
+            elif self.model_spec in PRESETS:  # every rank draws the same weights from the same seed
                 self.model = build_preset(self.model_spec, device, self.dtype, seed=self.seed)
             elif Path(self.model_spec).is_dir():
                 from transformers import AutoModelForCausalLM
@@ -85,10 +92,11 @@ class PlanMeasurer:
                 kv_cache_tokens=workload.batch * length_bucket(workload.max_context),
                 prefill_tokens=workload.batch * workload.prompt_len, device=self.device,
             )
-            model = accelerate(self._model_on(torch.device("cpu")), gpu_memory=f"{gpu_memory_gib}GiB", offload=options,
-                               cuda_graphs=plan.cuda_graphs)
+            model = accelerate(self._model_on(torch.device("cpu"), one_process=True), gpu_memory=f"{gpu_memory_gib}GiB",
+                               offload=options, cuda_graphs=plan.cuda_graphs)
         elif plan.kind == "pp":
-            model = accelerate(self._model_on(torch.device("cpu")), devices=list(range(plan.gpus)), parallel="pp", cuda_graphs=False)
+            model = accelerate(self._model_on(torch.device("cpu"), one_process=True), devices=list(range(plan.gpus)),
+                               parallel="pp", cuda_graphs=False)
         else:
             model = accelerate(self._model_on(torch.device("cpu")), parallel=plan.kind, cuda_graphs=plan.cuda_graphs)
         # Data parallel: every replica decodes the busiest replica's share of the batch.

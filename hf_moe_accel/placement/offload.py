@@ -62,19 +62,19 @@ class OffloadOptions:
     slots_per_layer: fewer expert slots than the budget holds (for sweeps); more raises.
     device: the GPU side; default the current CUDA device, else the CPU (standing in, for tests).
     cost_model: the miss costs; default measured when the model is accelerated.
-    zero_copy: forwards of up to `zero_copy_max_tokens` tokens (decode) run every routed expert in the
+    zero_copy: decode steps of up to `zero_copy_max_tokens` sequences run every routed expert in the
         fused kernels on the GPU, reading cached experts from their slots and the others straight from
         pinned host memory over PCIe (unified virtual addressing): no routing to the host, no fetch, no
-        CPU expert, no sync, so decode steps replay CUDA graphs (at up to `zero_copy_max_tokens`
-        sequences). Larger forwards (prefill) run the cache as above and fill its slots. Layouts
-        without expert biases only. None (default): on for a CUDA device and experts without biases
-        (on the H200, 2.7x fetching every miss at batch 1, 1.1x at batch 8; docs/BENCHMARKS.md).
-    zero_copy_max_tokens: the largest forward `zero_copy` serves; each (token, expert) pair reads its
-        expert's weights once, so an expert shared by several tokens is read as many times.
+        CPU expert, no sync, so decode steps replay CUDA graphs. Prefill (and larger decode batches)
+        run the cache as above and fill its slots. Layouts without expert biases only. None (default):
+        on for a CUDA device and experts without biases (qwen3-30b-a3b shape at 16 GiB on the H200:
+        3.0x fetching every miss at batch 1, 1.2x at 8, 1.1x at 32; docs/BENCHMARKS.md).
+    zero_copy_max_tokens: the largest decode batch `zero_copy` serves. One token reads each of its
+        experts once; more tokens read each expert they share once (the grouped kernels).
     zero_copy_refill_every: every this many zero-copy decode steps, each layer's most used experts
         that aren't cached (counted on the GPU, graph replays included) are copied into the slots of
-        its least used ones, at most top-k a layer; 0 (default): the slots stay as the last larger
-        forward left them. Experimental: tested on the CPU, not yet measured on a GPU.
+        its least used ones, at most top-k a layer; 0 (default): the slots stay as the last prefill
+        forward left them. Experimental: tested on a GPU (tokens equal eager), its speed not yet measured.
     """
 
     eviction: str | PolicyFactory = "lfu"
@@ -89,7 +89,7 @@ class OffloadOptions:
     device: str | torch.device | None = None
     cost_model: MissCostModel | None = field(default=None, compare=False)
     zero_copy: bool | None = None
-    zero_copy_max_tokens: int = 8
+    zero_copy_max_tokens: int = 128
     zero_copy_refill_every: int = 0
 
     def validate(self) -> None:
@@ -221,8 +221,9 @@ class OffloadEngine:
         self.copy_clock = CopyLaneClock(self.cost_model.fetch_s if self.cost_model is not None else math.inf)
         self.cpu_correction = CpuTimeCorrection()
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
-        # Zero-copy lookups and hits, packed (expert_cache.LOOKUP), per phase and layer, counted on the device.
-        self._zero_copy_counts = {phase: torch.zeros(len(self.layers), dtype=torch.int64, device=setup.device)
+        # Zero-copy counters per phase and layer, counted on the device: [lookups and hits packed
+        # (expert_cache.LOOKUP), experts read from host memory].
+        self._zero_copy_counts = {phase: torch.zeros(len(self.layers), 2, dtype=torch.int64, device=setup.device)
                                   for phase in PHASES} if self.options.zero_copy else None
         # Zero-copy refill: routed pairs per expert (and a sentinel column) since the last refill, per layer.
         refills = self.options.zero_copy and self.options.zero_copy_refill_every > 0
@@ -242,7 +243,8 @@ class OffloadEngine:
         return self._stats[self.phase][index]
 
     def zero_copy_counter(self, index: int) -> torch.Tensor:
-        """Layer `index`'s packed zero-copy counter for the current phase (a device scalar to add to)."""
+        """Layer `index`'s zero-copy counters for the current phase, on the device: [packed lookups and
+        hits, experts read from host memory]."""
         return self._zero_copy_counts[self.phase][index]
 
     def expert_use(self, index: int) -> torch.Tensor | None:
@@ -288,14 +290,15 @@ class OffloadEngine:
 
     def _phase_stats(self, phase: str) -> list[LayerOffloadStats]:
         """The host's counters with the device's zero-copy ones folded in: each zero-copy lookup is a
-        routed pair, and each miss one expert read from host memory."""
+        routed pair, and each expert read from host memory its bytes over PCIe."""
         if self._zero_copy_counts is None:
             return self._stats[phase]
         per_layer = []
-        for layer, host_stats, packed in zip(self.layers, self._stats[phase], self._zero_copy_counts[phase].tolist()):
+        for layer, host_stats, (packed, reads) in zip(self.layers, self._stats[phase],
+                                                      self._zero_copy_counts[phase].tolist()):
             lookups, hits = unpack_lookups(packed)
             per_layer.append(host_stats + LayerOffloadStats(lookups=lookups, hits=hits,
-                                                            h2d_bytes=(lookups - hits) * layer.cache.expert_bytes))
+                                                            h2d_bytes=reads * layer.cache.expert_bytes))
         return per_layer
 
     def stats(self, phase: str) -> OffloadStats:
@@ -329,9 +332,10 @@ class OffloadEngine:
         return top_k if self.options.prefetch_experts is None else self.options.prefetch_experts
 
     def zero_copy_serves(self, hidden: torch.Tensor) -> bool:
-        """Whether this forward runs zero-copy (OffloadOptions.zero_copy): few enough tokens, and the
-        kernels there to run it (a GPU, or Triton's interpreter standing in on CPU tensors)."""
-        return (self.zero_copy and hidden.shape[0] <= self.options.zero_copy_max_tokens
+        """Whether this forward runs zero-copy (OffloadOptions.zero_copy): a decode step (prefill, however
+        short, runs the cache and so fills its slots) of few enough tokens, and the kernels there to
+        run it (a GPU, or Triton's interpreter standing in on CPU tensors)."""
+        return (self.zero_copy and self.phase == "decode" and hidden.shape[0] <= self.options.zero_copy_max_tokens
                 and (hidden.is_cuda or interpreting()))
 
     def check_workload(self, num_tokens: int) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from .cpu_experts import plan_cpu_job
-from .expert_cache import ExpertCache
+from .expert_cache import LOOKUP, ExpertCache
 from .miss_cost import split_misses
 
 if TYPE_CHECKING:
@@ -159,15 +159,27 @@ class OffloadedLayer:
         else:
             lanes.compute_wait(cache.ready)  # slots being filled are read only once their copies are in
         addresses = cache.device_addresses()
-        routed_pairs = top_k_index.remainder(cache.num_experts + 1)  # -1 (no expert) -> the table's 0 at E
-        self.engine.zero_copy_counter(self.index).add_(cache.lookup_values()[routed_pairs].sum())
+        path = kernels.address_path(hidden.shape[0])
+        routed_pairs = top_k_index.remainder(cache.num_experts + 1).view(-1)  # -1 (no expert) -> the table's 0 at E
+        self._count_zero_copy(routed_pairs, per_pair=path == "decode")
         if (use := self.engine.expert_use(self.index)) is not None:  # for the refill between decode steps
-            flat = routed_pairs.view(-1)
-            use.index_add_(0, flat, torch.ones_like(flat))
-        out = kernels.fused_experts_at(hidden, cache.slots, addresses, top_k_index, top_k_weights)
+            use.index_add_(0, routed_pairs, torch.ones_like(routed_pairs))
+        out = kernels.fused_experts_at(hidden, cache.slots, addresses, top_k_index, top_k_weights, path=path)
         if not capturing:
             cache.last_read = lanes.compute_mark()  # a later install waits for this read
         return out
+
+    def _count_zero_copy(self, routed_pairs: torch.Tensor, per_pair: bool) -> None:
+        """Add a zero-copy forward's lookups, hits and experts read from host memory to the device
+        counters: the decode path reads a missed expert once per pair, the grouped one once per forward
+        (strictly, once per BLOCK_M of its pairs: a decode batch seldom routes a block's worth to one)."""
+        values = self.cache.lookup_values()  # LOOKUP (+ 1 if cached) per expert, 0 at the sentinel E
+        pair_values = values[routed_pairs]
+        counter = self.engine.zero_copy_counter(self.index)
+        counter[0].add_(pair_values.sum())
+        # grouped: each touched expert's value once (pairs sharing an expert write the same value)
+        read = pair_values if per_pair else torch.zeros_like(values).scatter_(0, routed_pairs, pair_values)
+        counter[1].add_((read == LOOKUP).sum())
 
     def _start_cpu_work(self, hidden, hidden_host, ids, routing, on_cpu, stats):
         job = plan_cpu_job(ids, routing, on_cpu)

@@ -10,8 +10,9 @@ pays host time on top:
   max(host loop, exposed host + replay).
 - Eager decode: every layer's Python and launches (`eager_layer_host_us`) plus the GPU work.
 - Offload, decode of up to ZERO_COPY_MAX_BATCH sequences: zero-copy (OffloadOptions' default on a
-  GPU): every routed (token, expert) pair reads its expert, from a slot or from pinned host memory
-  at `zero_copy_share` of the PCIe copy rate, in CUDA graphs (eager: the host's launches overlap
+  GPU): the fused kernels read every routed expert, from a slot or from pinned host memory at
+  `zero_copy_share` of the PCIe copy rate (one token: once per pair; more: each touched expert once,
+  kernels.address_path), in CUDA graphs (eager: the host's launches overlap
   those reads, nothing syncs). Larger batches: the expert cache, eager, plus each MoE layer's host
   round trip (routing to the host, slot lookup, results back: `offload_layer_host_us`), during
   which the GPU waits, and the misses' PCIe fetches or CPU compute. A budget that holds every
@@ -461,11 +462,13 @@ def _predict_offload(shape, hw, plan, workload) -> Prediction:
 
 def _predict_zero_copy(shape, hw, plan, workload, hit: float, memory_plan: MemoryPlan) -> Prediction:
     batch = workload.batch
-    pairs = batch * shape.top_k  # each pair reads its expert: cached ones from HBM, the rest from host memory
+    pairs = batch * shape.top_k
+    # cached experts read from HBM, the rest from host memory: once per pair for one token, else once each
+    experts_read = pairs if batch == 1 else touched_experts(shape, batch)
     kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
-    host_reads = shape.moe_layers * pairs * (1.0 - hit) * shape.expert_bytes
+    host_reads = shape.moe_layers * experts_read * (1.0 - hit) * shape.expert_bytes
     gpu = {
-        "gpu": _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, pairs * hit, pairs),
+        "gpu": _dense_s(shape, hw, batch, kv) + _moe_s(shape, hw, experts_read * hit, pairs),
         "zero_copy_reads": host_reads / (hw.zero_copy_share * hw.pcie_gb_s * 1e9),
     }
     if plan.cuda_graphs:
