@@ -60,8 +60,6 @@ from .timing import timed_generate
 
 logger = logging.getLogger("hf_moe_accel")
 
-SYSTEMS = ("stock device_map", "ours", "ours, no zero-copy", "ours fetch-every-miss")
-
 
 def build_preset_on_host(name: str, dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, pin_experts: bool = True,
                          overrides: dict | None = None) -> nn.Module:

@@ -15,11 +15,12 @@ Per forward (all sizes on the host after one sync that brings the routing over):
    take the lane from demand fetches and a slot from a cached expert for nothing.
 5. The CPU result is added in; the output is summed in float32 and cast once.
 
-Zero-copy forwards (`OffloadOptions.zero_copy`, a few tokens) skip all of that: one fused-kernel call
+Zero-copy forwards (`OffloadOptions.zero_copy`, decode steps) skip all of that: one fused-kernel call
 over the cache's address table reads every routed expert where it is, cached experts from their
-slots and the others from pinned host memory over PCIe. Nothing comes to the host: lookups and hits
-(one per routed pair: each pair reads its expert) are counted on the device, and the slots stay as
-the last larger forward left them. With no host work, a zero-copy forward can be captured in a CUDA
+slots and the others from pinned host memory over PCIe (one token: once per pair; several: each
+expert they share once, `kernels.address_path`). Nothing comes to the host: lookups and hits (one
+per routed pair) and the experts read from host memory are counted on the device, and the slots
+stay as the last prefill left them. With no host work, a zero-copy forward can be captured in a CUDA
 graph: every other forward leaves its cache's address table current as it ends, since a replay
 runs none of this Python.
 """

@@ -11,8 +11,8 @@ PHASES = ("prefill", "decode")
 class LayerOffloadStats:
     """One MoE layer's counters. A lookup is one expert routed to in one forward (however many
     tokens chose it): a hit when it sat in a slot, else a miss, fetched or computed on the CPU. In
-    zero-copy forwards a lookup is one routed (token, expert) pair, each of which reads its expert:
-    a miss reads it from host memory (counted in h2d_bytes)."""
+    zero-copy forwards a lookup is one routed (token, expert) pair, and h2d_bytes counts the experts
+    read from host memory (once per missed pair for one token, once per missed expert for several)."""
 
     forwards: int = 0
     tokens: int = 0

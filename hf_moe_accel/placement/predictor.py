@@ -40,6 +40,7 @@ import torch
 from transformers import PretrainedConfig
 
 from ..graphs.cache_pool import length_bucket
+from ..kernels import address_path
 from .budget import MemoryPlan, plan_memory, reserve_bytes
 from .hardware import GIB, Hardware
 from .offload import OffloadOptions
@@ -464,7 +465,7 @@ def _predict_zero_copy(shape, hw, plan, workload, hit: float, memory_plan: Memor
     batch = workload.batch
     pairs = batch * shape.top_k
     # cached experts read from HBM, the rest from host memory: once per pair for one token, else once each
-    experts_read = pairs if batch == 1 else touched_experts(shape, batch)
+    experts_read = pairs if address_path(batch) == "decode" else touched_experts(shape, batch)
     kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
     host_reads = shape.moe_layers * experts_read * (1.0 - hit) * shape.expert_bytes
     gpu = {
