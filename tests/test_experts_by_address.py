@@ -64,6 +64,11 @@ def test_one_token_takes_the_decode_path_and_more_the_grouped_one():
     """Several tokens may share an expert: the grouped path reads it once, not once per pair."""
     assert address_path(1) == "decode"
     assert [address_path(t) for t in (2, 8, 32, 4096)] == ["prefill"] * 4
+    case = Case(tokens=2, top_k=2)
+    _, layout, addresses, _ = split_by_address(case, [1])
+    x, ids, topk_weights = make_routing(case)
+    with pytest.raises(ValueError, match="path must be 'decode' or 'prefill'"):
+        fused_experts_at(x, layout, addresses, ids, topk_weights, path="fast")
 
 
 def test_shared_experts_over_more_tokens_than_a_block():

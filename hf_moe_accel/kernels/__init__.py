@@ -83,4 +83,6 @@ def fused_experts_at(
     from .experts_triton import fused_experts_at_triton
 
     path = path or address_path(hidden_states.shape[0])
+    if path not in ("decode", "prefill"):
+        raise ValueError(f"path must be 'decode' or 'prefill' (or None: address_path decides), got {path!r}")
     return fused_experts_at_triton(hidden_states, layout, addresses, topk_ids, topk_weights, path)
