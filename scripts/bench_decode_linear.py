@@ -38,6 +38,10 @@ SHAPES = {
 }
 GRID = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for n, k, w in itertools.product((8, 16), (128, 256, 512), (4, 8))
         if n * k <= 4096 or w == 8]
+# --wide: narrow, long tiles (fewer K steps, more bytes in flight per program) and deeper pipelining.
+WIDE_GRID = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for n, k, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
+             if n * k <= 16384] + [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": 8, "num_stages": s}
+                                   for n, k, s in itertools.product((4, 8), (256, 512), (1, 4))]
 
 
 def main() -> None:
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--linears", default="qkv,router")
     parser.add_argument("--out", default=".")
     parser.add_argument("--write", action="store_true", help="merge the winners into the device's config file")
+    parser.add_argument("--wide", action="store_true", help="also time WIDE_GRID's configs")
     args = parser.parse_args()
     tuned: dict[str, dict] = {}
     results = []
@@ -63,7 +68,7 @@ def main() -> None:
                 reference = [F.linear(x.float(), w.float()) for w in copies[0]]
                 cublas, _ = time_graph([lambda ws=ws, x=x: [F.linear(x, w) for w in ws] for ws in copies])
                 timings = {}
-                for config in [DEFAULT_CONFIG, *GRID]:
+                for config in [DEFAULT_CONFIG, *GRID, *(WIDE_GRID if args.wide else [])]:
                     key = json.dumps(config, sort_keys=True)
                     if key in timings:
                         continue

@@ -67,9 +67,11 @@ def default_config(layer: Layer, path: str) -> dict:
     return tuning.heuristic_config(path, s["E"], s["I"], s["H"], layer.tokens, s["k"], "cuda", s["transposed"])
 
 
-def decode_grid() -> list[dict]:
+def decode_grid(wide: bool = False) -> list[dict]:
+    """Tiles of the decode kernels; `wide` adds narrow, long tiles (fewer K steps, more bytes in flight)."""
+    block_ns, block_ks = ((4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048)) if wide else ((8, 16, 32, 64), (128, 256, 512))
     grid = []
-    for block_n, block_k, warps in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
+    for block_n, block_k, warps in itertools.product(block_ns, block_ks, (4, 8)):
         if block_n * block_k <= 16384:
             grid.append({"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 2})
     return grid
@@ -103,11 +105,11 @@ def tune_part(layer: Layer, base: dict, part: str, grid: list[dict], changes: li
     return min(ranked, key=lambda e: e[0])
 
 
-def tune_decode(layer: Layer) -> tuple[float, dict]:
+def tune_decode(layer: Layer, wide: bool = False) -> tuple[float, dict]:
     config = default_config(layer, "decode")
     changes = [{"num_stages": 1}, {"num_stages": 3}, {"num_warps": 2}]
     for part in ("gate_up", "down"):
-        _, config[part] = tune_part(layer, config, part, decode_grid(), changes, top=2)
+        _, config[part] = tune_part(layer, config, part, decode_grid(wide), changes, top=2)
     return layer.time(config), config
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="tune the decode path alone: the prefill path keeps the heuristic, and which path a token "
                              "count takes keeps its default rule (no prefill timings to compare against)")
+    parser.add_argument("--wide", action="store_true", help="a wider decode grid: BLOCK_N down to 4, BLOCK_K up to 2048")
     args = parser.parse_args()
     token_counts = sorted(int(t) for t in args.tokens.split(","))
     s = SHAPES[args.shape]
@@ -177,7 +180,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {args.shape} tokens={tokens}", flush=True)
         results = {} if args.decode_only else {"prefill": checked(layer, "prefill", tune_prefill(layer))}
         if tokens <= args.decode_max:
-            results["decode"] = checked(layer, "decode", tune_decode(layer))
+            results["decode"] = checked(layer, "decode", tune_decode(layer, args.wide))
         for path, result in results.items():
             if result is not None:
                 entry[path][str(tokens)] = result[1]

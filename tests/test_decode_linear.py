@@ -104,8 +104,9 @@ def served_on_cpu(monkeypatch, launches) -> list[int]:
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_decode_steps_project_in_one_launch_and_match_stock(model_type, served_on_cpu):
-    """Per layer at a decode step: q/k/v in one launch, the router in one (gpt-oss: with biases);
-    logits equal stock's; the prompt's step (8 tokens) keeps stock's forward; unpatch restores every projection."""
+    """Per layer at a decode step: q/k/v in one launch, o_proj in one (served: the interpreter's default
+    config stands in for tuned data), the router in one (gpt-oss: with biases); logits equal stock's; the
+    prompt's step (8 tokens) keeps stock's forward; unpatch restores every projection."""
     stock, model = _tiny(model_type), _tiny(model_type)
     accelerate(model, cuda_graphs=False)
     assert len(patch_report(model).projections) == 2
@@ -116,7 +117,7 @@ def test_decode_steps_project_in_one_launch_and_match_stock(model_type, served_o
         prompt_stock = stock(ids[:, :8], use_cache=True)
         step_ours = model(ids[:, 8:], past_key_values=prompt_ours.past_key_values).logits
         step_stock = stock(ids[:, 8:], past_key_values=prompt_stock.past_key_values).logits
-    assert served_on_cpu == [3, 1] * 2
+    assert served_on_cpu == [3, 1, 1] * 2
     torch.testing.assert_close(step_ours, step_stock, rtol=1e-4, atol=1e-4)
     unpatch(model)
     assert not any(is_swapped(m) for m in model.modules())
@@ -135,6 +136,22 @@ def test_a_follower_given_another_input_computes_its_own(served_on_cpu):
         attention.q_proj(other)
         torch.testing.assert_close(attention.k_proj(other), F.linear(other, attention.k_proj.weight), rtol=1e-5, atol=1e-5)
     assert served_on_cpu == [3, 1, 3]
+
+
+def test_o_proj_without_tuned_data_keeps_cublas(monkeypatch, launches):
+    """On CUDA o_proj takes the kernel only where the device's data has its shape: here none has, so a
+    decode step launches q/k/v and the router only, and o_proj's output is F.linear's."""
+    monkeypatch.setattr(decode_linear, "SERVE_CPU_TENSORS", True)
+    monkeypatch.setattr(decode_linear, "decode_linear_config",
+                        lambda sizes, K, rows, device: None if len(sizes) == 1 and sizes[0] == 64 else decode_linear.DEFAULT_CONFIG)
+    model = _tiny("qwen3_moe")
+    accelerate(model, cuda_graphs=False)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(o_proj(x), F.linear(x, o_proj.weight))
+        model(torch.randint(0, 128, (1, 1)))
+    assert launches == [3, 1] * 2  # the routers (4 experts: N=4) have "data"; o_proj (N=64) none
 
 
 def test_training_and_gradients_keep_stock(served_on_cpu):
@@ -156,7 +173,7 @@ def test_compiled_decode_step_uses_the_opaque_op(served_on_cpu):
         served_on_cpu.clear()
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager", dynamic=False)(ids).logits
-    assert served_on_cpu == [3, 1] * 2
+    assert served_on_cpu == [3, 1, 1] * 2
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -197,7 +214,7 @@ def test_router_logits_at_each_precision(precision, served_on_cpu):
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_decode_step_on_gpu_matches_stock(model_type, monkeypatch, launches):
     """bf16 on CUDA: a decode step's logits through the launches against stock's (same weights), and the
-    launches really ran (q/k/v and router per layer; the tiny shapes have no tuned data: the default config)."""
+    launches really ran (q/k/v, o and router per layer; the tiny shapes have no tuned data: the default config)."""
     monkeypatch.setattr(decode_linear, "decode_linear_config", lambda *args: decode_linear.DEFAULT_CONFIG)
     stock, model = _tiny(model_type).to("cuda", torch.bfloat16), _tiny(model_type).to("cuda", torch.bfloat16)
     accelerate(model, cuda_graphs=False)
@@ -207,7 +224,7 @@ def test_decode_step_on_gpu_matches_stock(model_type, monkeypatch, launches):
         assert launches == []  # 8 rows: stock
         step_ours = model(ids[:, 8:], past_key_values=prompt_ours.past_key_values).logits.float()
         step_stock = stock(ids[:, 8:], past_key_values=prompt_stock.past_key_values).logits.float()
-    assert launches == [3, 1] * 2
+    assert launches == [3, 1, 1] * 2
     assert (step_ours - step_stock).abs().max() <= 0.05 * step_stock.abs().max()
 
 

@@ -23,10 +23,12 @@ from hf_moe_accel.placement.predictor import (
     ZERO_COPY_MAX_BATCH,
     Plan,
     Workload,
+    expert_tiles,
     kv_traffic_bytes,
     offload_memory_plan,
     offload_slots_per_layer,
     predict,
+    touched_experts,
 )
 from hf_moe_accel.placement.shapes import ModelShape, load_shape
 
@@ -484,3 +486,21 @@ def test_cpu_expert_rate_is_timed_on_cold_weights():
     assert [float(run()[0, 0]) for _ in range(4)] == [0.0, 3.0, 6.0, 0.0]
     rates = calibrate._cpu_rates(None, hidden=64, inner=64, matrices=2)
     assert rates["cpu_gb_s"] > 0 and rates["cpu_tflops"] > 0
+
+
+@pytest.mark.parametrize("name,tokens,block_m", [("olmoe-1b-7b", 128, 16), ("qwen3-30b-a3b", 128, 16), ("olmoe-1b-7b", 32, 16)])
+def test_expert_tiles_match_a_simulation_of_uniform_routing(name, tokens, block_m):
+    """The grouped kernels read an expert once per BLOCK_M tile of its pairs: the expected tile count over
+    a layer's experts against drawn routings (k distinct experts per token, as bench.routing draws them)."""
+    shape = load_shape(name)
+    generator = torch.Generator().manual_seed(0)
+    draws = 400
+    counts = torch.zeros(draws, shape.num_experts)
+    for draw in range(draws):
+        ids = torch.rand(tokens, shape.num_experts, generator=generator).topk(shape.top_k, dim=-1).indices
+        counts[draw] = torch.bincount(ids.flatten(), minlength=shape.num_experts).float()
+    simulated = torch.ceil(counts / block_m).sum(dim=1).mean().item()
+    assert expert_tiles(shape, tokens, block_m) == pytest.approx(simulated, rel=0.02)
+    # Never fewer than the touched experts; equal when a tile holds every token.
+    assert expert_tiles(shape, tokens, block_m) >= touched_experts(shape, tokens) - 1e-9
+    assert expert_tiles(shape, tokens, tokens) == pytest.approx(touched_experts(shape, tokens))

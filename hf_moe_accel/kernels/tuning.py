@@ -144,9 +144,14 @@ def _decode_heuristic(transposed: bool) -> dict:
     return {"gate_up": dict(tile), "down": dict(tile)}
 
 
-def _prefill_heuristic(num_experts: int, intermediate: int, hidden: int, num_pairs: int, device) -> dict:
+def prefill_block_m(num_pairs: int, num_experts: int) -> int:
+    """The untuned prefill path's BLOCK_M: the rows of one expert's tile (each tile reads the expert's weights)."""
     rows_per_expert = num_pairs / num_experts
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
+    return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
+
+
+def _prefill_heuristic(num_experts: int, intermediate: int, hidden: int, num_pairs: int, device) -> dict:
+    block_m = prefill_block_m(num_pairs, num_experts)
     block_n = 64 if block_m <= 32 else 128
     warps = 4 if block_m * block_n <= 64 * 64 else 8
     gemm = {"BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}

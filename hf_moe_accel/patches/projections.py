@@ -1,4 +1,4 @@
-"""Attention projections at decode steps: q, k and v in one launch.
+"""Attention projections at decode steps: q, k and v in one launch, o_proj on the same kernel where tuned.
 
 At a decode step's few tokens each projection is a matrix-vector product whose fixed launch cost
 rivals its weight's read time (`kernels.decode_linear`). An attention module's q_proj, k_proj and
@@ -6,8 +6,9 @@ v_proj read the same hidden states one after the other, so q_proj computes all t
 launch and hands k and v to the next two calls, which check that they get the very tensor q_proj
 got (else they compute their own). The modules keep their parameters (nothing copied or
 concatenated: state dicts, `.to()`, weight updates all stay as they were). Training, larger
-inputs and anything the kernel doesn't take run the stock forward. o_proj keeps cuBLAS: alone, it
-has no launches to save, and cuBLAS read it as fast or faster (H200, scripts/bench_decode_linear.py).
+inputs and anything the kernel doesn't take run the stock forward. o_proj alone has no launches to
+save: it takes the kernel only where the device's tuned data has a config for its shape (the kernel
+read it faster than cuBLAS, scripts/bench_decode_linear.py), else cuBLAS.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ProjectionGroup:
 @dataclass(frozen=True, eq=False)
 class ProjectionState:
     original_forward: object
-    role: str  # "q_proj" (leads its group), "k_proj" or "v_proj"
+    role: str  # "q_proj" (leads its group), "k_proj", "v_proj", or "o_proj" (alone)
     group: ProjectionGroup
     followers: tuple[nn.Linear, ...] = ()  # q_proj's: k_proj and v_proj
 
@@ -80,13 +81,21 @@ def follower_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     return _launch(x, (self,))[0]
 
 
+def solo_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """o_proj: one linear on the kernel where it serves (tuned data for the shape), else the stock forward."""
+    state: ProjectionState = getattr(self, STATE_ATTR)
+    if not _served(x, (self,)):
+        return state.original_forward(self, x)
+    return _launch(x, (self,))[0]
+
+
 def _linear(module: nn.Module | None) -> bool:
     return type(module) is nn.Linear  # not a subclass: LoRA, quantized and other linears keep their forward
 
 
 def patch_projections(model: nn.Module) -> list[str]:
-    """Swap the q/k/v projections of every module with q_proj, k_proj and v_proj nn.Linear children
-    reading one hidden size; returns those modules' names."""
+    """Swap the q/k/v projections (and o_proj) of every module with q_proj, k_proj and v_proj nn.Linear
+    children reading one hidden size; returns those modules' names."""
     patched = []
     for name, module in model.named_modules():
         grouped = [getattr(module, role, None) for role in _GROUPED]
@@ -97,5 +106,7 @@ def patch_projections(model: nn.Module) -> list[str]:
         swap_forward(q, lead_projection_forward, ProjectionState(nn.Linear.forward, "q_proj", group, (k, v)))
         for role, follower in (("k_proj", k), ("v_proj", v)):
             swap_forward(follower, follower_projection_forward, ProjectionState(nn.Linear.forward, role, group))
+        if _linear(getattr(module, "o_proj", None)):
+            swap_forward(module.o_proj, solo_projection_forward, ProjectionState(nn.Linear.forward, "o_proj", ProjectionGroup()))
         patched.append(name)
     return patched

@@ -234,17 +234,32 @@ def _copy_lane_busy(device: torch.device | None, nbytes: int = 256 << 20, copies
         stream.synchronize()
 
 
-def _tiny_model(layers: int, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
+# Tiny configs per family (hidden 256: their bytes are negligible, what's timed is overhead).
+_TINY = {
+    "qwen3_moe": dict(moe_intermediate_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, num_experts=16, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_experts=16,
+                  num_experts_per_tok=4, eos_token_id=None),
+    "mixtral": dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                    num_experts_per_tok=2),
+}
 
-    config = AutoConfig.for_model(
-        "qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
-        vocab_size=1024, decoder_sparse_step=1, mlp_only_layers=[],
-    )
+
+def tiny_config(family: str, layers: int):
+    """A tiny config of model type `family` (one of _TINY) with `layers` decoder layers."""
+    from transformers import AutoConfig
+
+    if family not in _TINY:
+        raise ValueError(f"no tiny config for {family!r}; families: {', '.join(_TINY)}")
+    return AutoConfig.for_model(family, hidden_size=256, num_hidden_layers=layers, vocab_size=1024, **_TINY[family])
+
+
+def _tiny_model(layers: int, device: torch.device, family: str = "qwen3_moe"):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.bfloat16).eval()
 
 
 def _decode_step_s(model, device: torch.device, steps: int = 24) -> float:
@@ -266,25 +281,32 @@ def _decode_step_s(model, device: torch.device, steps: int = 24) -> float:
     return statistics.median((run(steps) - run(1)) / (steps - 1) for _ in range(3))
 
 
+# Layer counts of the two tiny models whose eager steps give the host time per layer.
+EAGER_LEVER = (2, 24)
+
+
 def _host_overheads(device: torch.device) -> dict:
     """Decode-step overheads of our path, from tiny models whose GPU bytes are negligible.
 
-    Eager: 1- and 3-layer models give the host time per layer and per step. Graphs: a 3-layer model
+    Eager: 2- and 24-layer models give the host time per layer and per step (a short lever, 1 to 3
+    layers, read 0.98 ms a layer on an H200 host where 48-layer models took 1.8: the time per layer
+    grows past a few layers, so the lever spans a real model's depth). Graphs: a 3-layer model
     is host-bound (its replay hides behind generate()'s loop): the loop's time. 24- and 64-layer
     models are replay-bound: their slope is the GPU floor per layer, the intercept the host time
-    the replay waits for. Offload: the 3-layer model with every expert in a slot, against eager.
+    the replay waits for. Offload: the 24-layer model with every expert in a slot, against eager.
     """
     from ..api import accelerate, unpatch
     from ..graphs import graph_stats
 
-    one, three = _tiny_model(1, device), _tiny_model(3, device)
-    accelerate(one, cuda_graphs=False)
-    accelerate(three, cuda_graphs=False)
-    step_one, step_three = _decode_step_s(one, device), _decode_step_s(three, device)
-    per_layer = max((step_three - step_one) / 2, 0.0)
-    result = {"eager_layer_host_us": 1e6 * per_layer, "eager_step_host_us": 1e6 * max(step_one - per_layer, 0.0)}
-    result.update(_offload_round_trip_us(unpatch(three).cpu(), step_three, device))
-    del one, three
+    short, deep = _tiny_model(EAGER_LEVER[0], device), _tiny_model(EAGER_LEVER[1], device)
+    accelerate(short, cuda_graphs=False)
+    accelerate(deep, cuda_graphs=False)
+    step_short, step_deep = _decode_step_s(short, device), _decode_step_s(deep, device)
+    per_layer = max((step_deep - step_short) / (EAGER_LEVER[1] - EAGER_LEVER[0]), 0.0)
+    result = {"eager_layer_host_us": 1e6 * per_layer,
+              "eager_step_host_us": 1e6 * max(step_short - EAGER_LEVER[0] * per_layer, 0.0)}
+    result.update(_offload_round_trip_us(unpatch(deep).cpu(), step_deep, device))
+    del short, deep
 
     graphed = {}
     for layers in (3, 24, 64):

@@ -11,8 +11,8 @@ pays host time on top:
 - Eager decode: every layer's Python and launches (`eager_layer_host_us`) plus the GPU work.
 - Offload, decode of up to ZERO_COPY_MAX_BATCH sequences: zero-copy (OffloadOptions' default on a
   GPU): the fused kernels read every routed expert, from a slot or from pinned host memory at
-  `zero_copy_share` of the PCIe copy rate (one token: once per pair; more: each touched expert once,
-  kernels.address_path), in CUDA graphs (eager: the host's launches overlap
+  `zero_copy_share` of the PCIe copy rate (one token: once per pair; more: once per BLOCK_M tile of an
+  expert's pairs, `expert_tiles`, kernels.address_path), in CUDA graphs (eager: the host's launches overlap
   those reads, nothing syncs). Larger batches: the expert cache, eager, plus each MoE layer's host
   round trip (routing to the host, slot lookup, results back: `offload_layer_host_us`), during
   which the GPU waits, and the misses' PCIe fetches or CPU compute. A budget that holds every
@@ -41,6 +41,7 @@ from transformers import PretrainedConfig
 
 from ..graphs.cache_pool import length_bucket
 from ..kernels import address_path
+from ..kernels.tuning import prefill_block_m
 from .budget import MemoryPlan, plan_memory, reserve_bytes
 from .hardware import GIB, Hardware
 from .offload import OffloadOptions
@@ -171,6 +172,21 @@ class Prediction:
 def touched_experts(shape: ModelShape, tokens: int) -> float:
     """Expected distinct experts one layer reads for `tokens` tokens, under uniform routing."""
     return shape.num_experts * (1.0 - (1.0 - shape.top_k / shape.num_experts) ** tokens)
+
+
+def expert_tiles(shape: ModelShape, tokens: int, block_m: int) -> float:
+    """Expected row tiles of `block_m` pairs over one layer's experts for `tokens` tokens, under uniform
+    routing: each tile reads its expert's weights, so an expert with more pairs than a tile is read
+    again (an expert's pairs are Binomial(tokens, k/E)). At most touched_experts when block_m >= tokens."""
+    p = shape.top_k / shape.num_experts
+    if p >= 1.0:
+        return shape.num_experts * math.ceil(tokens / block_m)
+    log_p, log_q = math.log(p), math.log1p(-p)
+    expected = 0.0
+    for pairs in range(1, tokens + 1):
+        log_pmf = math.lgamma(tokens + 1) - math.lgamma(pairs + 1) - math.lgamma(tokens - pairs + 1) + pairs * log_p + (tokens - pairs) * log_q
+        expected += math.exp(log_pmf) * math.ceil(pairs / block_m)
+    return shape.num_experts * expected
 
 
 def _busiest_share(count: float, n: int) -> float:
@@ -464,8 +480,12 @@ def _predict_offload(shape, hw, plan, workload) -> Prediction:
 def _predict_zero_copy(shape, hw, plan, workload, hit: float, memory_plan: MemoryPlan) -> Prediction:
     batch = workload.batch
     pairs = batch * shape.top_k
-    # cached experts read from HBM, the rest from host memory: once per pair for one token, else once each
-    experts_read = pairs if address_path(batch) == "decode" else touched_experts(shape, batch)
+    # cached experts read from HBM, the rest from host memory: once per pair for one token, else once per
+    # tile of the grouped kernels (an expert with more pairs than BLOCK_M rows is read again)
+    if address_path(batch) == "decode":
+        experts_read = pairs
+    else:
+        experts_read = expert_tiles(shape, batch, prefill_block_m(pairs, shape.num_experts))
     kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
     host_reads = shape.moe_layers * experts_read * (1.0 - hit) * shape.expert_bytes
     gpu = {
