@@ -12,7 +12,8 @@ OUT/profile_decode_step.json.
 `--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
 functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
 GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
-`--attention`: "ours" as accelerate() sets it (patches/attention.py); "transformers" keeps
+`--decode-linear-data FILE`: the decode linears' tuned data from FILE (an A/B of two config files, each
+in its own process on the same machine: compare their bare replays). `--attention`: "ours" as accelerate() sets it (patches/attention.py); "transformers" keeps
 Transformers' own "sdpa"; "folded" keeps the Triton decode kernel off (grouped heads folded onto their
 KV head in SDPA, as before the kernel was on).
 """
@@ -31,6 +32,7 @@ import torch
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.kernels import decode_linear
 from hf_moe_accel.patches import attention, registry
 from hf_moe_accel.patches.swap import STATE_ATTR
 
@@ -84,6 +86,14 @@ def _select_attention(choice: str) -> None:
         attention.DECODE_KERNEL = "never"
 
 
+def _use_decode_linear_data(file: Path) -> None:
+    """Make the decode linears read their launch data from `file` (the experts keep the device's)."""
+    if not file.is_file():
+        raise SystemExit(f"--decode-linear-data: no file {file}")
+    decode_linear.device_config_file = lambda device: file
+    decode_linear._tuned_config.cache_clear()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="olmoe-1b-7b")
@@ -97,8 +107,13 @@ def main() -> None:
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     parser.add_argument("--skip-variants", action="store_true", help="skip the stop-check and host-mask variants")
     parser.add_argument("--attention", choices=("ours", "transformers", "folded"), default="ours")
+    parser.add_argument("--decode-linear-data", type=Path, default=None,
+                        help="take the decode linears' launch data from this config file (e.g. an earlier "
+                             "NVIDIA_H200.json) instead of the device's: A/B of tuned data on one machine")
     args = parser.parse_args()
     _select_attention(args.attention)
+    if args.decode_linear_data is not None:
+        _use_decode_linear_data(args.decode_linear_data)
     model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
     state = getattr(model, STATE_ATTR)
     runner = state.runner
