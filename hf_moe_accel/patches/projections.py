@@ -76,13 +76,12 @@ def follower_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
         if not group.waiting:
             group.clear()
         return out
-    if not _served(x, (self,)):
-        return state.original_forward(self, x)
-    return _launch(x, (self,))[0]
+    return solo_projection_forward(self, x)
 
 
 def solo_projection_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """o_proj: one linear on the kernel where it serves (tuned data for the shape), else the stock forward."""
+    """o_proj (and a follower on its own): one linear on the kernel where it serves (tuned data for the
+    shape), else the stock forward."""
     state: ProjectionState = getattr(self, STATE_ATTR)
     if not _served(x, (self,)):
         return state.original_forward(self, x)

@@ -288,9 +288,9 @@ EAGER_LEVER = (2, 24)
 def _host_overheads(device: torch.device) -> dict:
     """Decode-step overheads of our path, from tiny models whose GPU bytes are negligible.
 
-    Eager: 2- and 24-layer models give the host time per layer and per step (a short lever, 1 to 3
-    layers, read 0.98 ms a layer on an H200 host where 48-layer models took 1.8: the time per layer
-    grows past a few layers, so the lever spans a real model's depth). Graphs: a 3-layer model
+    Eager: 2- and 24-layer models give the host time per layer and per step. (A 1-to-3-layer lever
+    read 0.98 ms a layer on an H200 host where a 48-layer qwen3 took about 1.8 on the same machine: a
+    lever spanning a real model's depth prices deep models closer.) Graphs: a 3-layer model
     is host-bound (its replay hides behind generate()'s loop): the loop's time. 24- and 64-layer
     models are replay-bound: their slope is the GPU floor per layer, the intercept the host time
     the replay waits for. Offload: the 24-layer model with every expert in a slot, against eager.

@@ -177,14 +177,15 @@ def touched_experts(shape: ModelShape, tokens: int) -> float:
 def expert_tiles(shape: ModelShape, tokens: int, block_m: int) -> float:
     """Expected row tiles of `block_m` pairs over one layer's experts for `tokens` tokens, under uniform
     routing: each tile reads its expert's weights, so an expert with more pairs than a tile is read
-    again (an expert's pairs are Binomial(tokens, k/E)). At most touched_experts when block_m >= tokens."""
+    again (an expert's pairs are Binomial(tokens, k/E)). At least touched_experts; equal to it when
+    block_m >= tokens. Log-space terms: the binomial coefficients overflow a float past ~1000 tokens."""
     p = shape.top_k / shape.num_experts
     if p >= 1.0:
         return shape.num_experts * math.ceil(tokens / block_m)
-    log_p, log_q = math.log(p), math.log1p(-p)
+    log_p, log_q, log_all = math.log(p), math.log1p(-p), math.lgamma(tokens + 1)
     expected = 0.0
     for pairs in range(1, tokens + 1):
-        log_pmf = math.lgamma(tokens + 1) - math.lgamma(pairs + 1) - math.lgamma(tokens - pairs + 1) + pairs * log_p + (tokens - pairs) * log_q
+        log_pmf = log_all - math.lgamma(pairs + 1) - math.lgamma(tokens - pairs + 1) + pairs * log_p + (tokens - pairs) * log_q
         expected += math.exp(log_pmf) * math.ceil(pairs / block_m)
     return shape.num_experts * expected
 
