@@ -636,6 +636,53 @@ def test_zero_copy_refill_between_decode_steps_equals_stock(graphs):
             assert cache.device_addresses().gate_up[expert] == tensor[row].data_ptr()
 
 
+def _stand_in_without_host_steps(engine):
+    """The CPU stand-in capture, with replays that, like a CUDA graph's, run none of the engine's host
+    work per step (the stand-in re-runs the forward, hooks and all; the runner's before_replay is that
+    work): device counters still count."""
+
+    def capture(forward, pool):
+        replay, output = stand_in_capture(forward, pool)
+
+        def replay_device_work_only() -> None:
+            engine._rehearsing = True
+            try:
+                replay()
+            finally:
+                engine._rehearsing = False
+
+        return replay_device_work_only, output
+
+    return capture
+
+
+def test_graph_decode_counts_and_refills_as_eager_decode():
+    """A capture's warm-up and the capture run a step that the replay repeats: they count no step and
+    leave the device counters as they were. So graph decoding refills the same experts at the same
+    steps as eager decoding and counts the same lookups and hits, over calls of different prompts and
+    batch sizes (each size a new capture). Misses are fetched: the "auto" split of prefill's misses weighs
+    the copy lane's measured backlog, which differs from run to run."""
+    opts = options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2, zero_copy_refill_every=3, miss_policy="fetch")
+    models = {}
+    for graphs in (True, False):
+        models[graphs] = _tiny_model("qwen3_moe")
+        accelerate(models[graphs], gpu_memory="1GiB", cuda_graphs=False, offload=opts)
+    engine = models[True]._hf_moe_accel_offload
+    enable_graph_decode(models[True], GraphBackend("cpu", _stand_in_without_host_steps(engine)))
+    for call, (batch, length) in enumerate([(1, 6), (2, 9), (1, 4)]):
+        prompt = random_sequences(models[True], batch, length, seed=call)
+        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        tokens = {graphs: model.generate(prompt, **kwargs) for graphs, model in models.items()}
+        assert torch.equal(tokens[True], tokens[False]), call
+        stats = {graphs: offload_stats(model, "decode").total for graphs, model in models.items()}
+        assert (stats[True].lookups, stats[True].hits, stats[True].refilled) == \
+            (stats[False].lookups, stats[False].hits, stats[False].refilled), call
+        for graph_layer, eager_layer in zip(engine.layers, models[False]._hf_moe_accel_offload.layers):
+            assert torch.equal(graph_layer.cache.slot_of_expert, eager_layer.cache.slot_of_expert), call
+    assert stats[True].refilled > 0
+    assert graph_stats(models[True])["captures"] >= 2 and graph_stats(models[True])["replays"] == 3 * 7
+
+
 def test_zero_copy_refill_swaps_used_experts_for_unused_ones():
     model = _tiny_model("qwen3_moe")
     accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_refill_every=3))

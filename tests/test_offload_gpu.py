@@ -119,11 +119,14 @@ def test_zero_copy_decode_replays_cuda_graphs_between_cache_changes(fixture_path
     and the replays (which run no Python) must read the address tables that prefill left. Tokens
     equal the same offload decoding eagerly over a static cache (the same kernels, so bit for bit),
     over prompts of different text and batch sizes, and peak memory stays within the budget. With the
-    refill, slots also change between decode steps (not at the same steps on both paths: the experts'
-    weights are the same wherever they are read, so the tokens still are)."""
+    refill, slots also change between decode steps, at the same steps on both paths (a capture's warm-up
+    counts no step, test_offload.py checks the counts), so each call's prefill finds the slots the other
+    path's did: its waves, and so its sums' order, follow which experts are cached. Misses are fetched
+    ("auto" weighs the copy lane's measured backlog, which differs from run to run)."""
     texts = ["def main():\n    x = 1\n", "The quick brown fox", "import torch\nclass Model(nn.Module):", "Once upon a time, in"]
     batches = [[texts[0]], [texts[1]], texts[2:], [texts[3]], texts[:2]]
-    options = OffloadOptions(zero_copy=True, kv_cache_tokens=1024, prefill_tokens=512, zero_copy_refill_every=refill_every)
+    options = OffloadOptions(zero_copy=True, kv_cache_tokens=1024, prefill_tokens=512, zero_copy_refill_every=refill_every,
+                             miss_policy="fetch")
     outputs = {}
     for graphs in (True, False):
         model, tokenizer = load_fixture(fixture_path, dtype=torch.bfloat16, device="cpu")

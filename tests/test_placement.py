@@ -419,7 +419,8 @@ def test_calibration_is_quick_and_reused(tmp_path, monkeypatch):
     assert 0.5 < measured.hbm_tb_s < 10 and measured.gemm_tflops > 10 and measured.pcie_gb_s > 1
     assert math.isfinite(measured.eager_layer_host_us) and measured.eager_layer_host_us > 0
     # Figures of the tiny models: a graph layer costs some us of GPU time, the offload round trip more.
-    assert 1 < measured.graph_layer_us < 1000 and 0 < measured.graph_host_exposed_us <= measured.graph_step_host_us * 1.5
+    # The host's exposed part may come out 0 (every H200 calibration so far): the 24-layer step is its layers.
+    assert 1 < measured.graph_layer_us < 1000 and 0 <= measured.graph_host_exposed_us <= measured.graph_step_host_us * 1.5
     assert 10 < measured.offload_layer_host_us < 20000
 
 

@@ -53,6 +53,10 @@ GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
 GRAPH_STEP_CHECK_ATTR = "_hf_moe_accel_graph_step_check"
 # Set by placements with host work between decode steps (the zero-copy refill): called before each replay.
 GRAPH_BEFORE_REPLAY_ATTR = "_hf_moe_accel_before_replay"
+# Set by placements that keep per-step bookkeeping (the zero-copy counters, the refill's step count): a
+# context manager factory, entered around each run of a step that its replay repeats (a capture's warm-up,
+# the capture), so that the placement counts the step once, as eager decoding does.
+GRAPH_REHEARSAL_ATTR = "_hf_moe_accel_graph_rehearsal"
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
     # A placement's step check and hook are set before graph decode is (accelerate() applies it last).
     runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
                           step_blocker=getattr(model, GRAPH_STEP_CHECK_ATTR, None),
-                          before_replay=getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None))
+                          before_replay=getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None),
+                          rehearsal=getattr(model, GRAPH_REHEARSAL_ATTR, None))
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
     swap_methods(model, _METHODS, state)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -101,10 +102,14 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph,
                  compile_backend: CompileBackend | None = None, step_blocker: StepBlocker | None = None,
-                 before_replay: Callable[[], None] | None = None):
+                 before_replay: Callable[[], None] | None = None,
+                 rehearsal: Callable[[], AbstractContextManager] | None = None):
         self.model = model
         self.step_blocker = step_blocker  # asked before every replay: a placement's state may change between steps
         self.before_replay = before_replay  # a placement's host work between steps (eager steps run the model's hooks)
+        # Entered around the runs of a step that its replay repeats (warm-up, capture): a placement's
+        # bookkeeping counts the step once (generate.GRAPH_REHEARSAL_ATTR).
+        self.rehearsal = rehearsal or contextlib.nullcontext
         self.pool = pool
         self.capture = capture
         self.compile_backend = compile_backend  # None: capture the model itself
@@ -234,7 +239,7 @@ class DecodeGraphs:
             torch.cuda.empty_cache()
             memory_before = torch.cuda.memory_reserved()
         # The compiled code is in dynamo's cache now: a recompile here (inside a capture) is an error.
-        with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext():
+        with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext(), self.rehearsal():
             replay, output = self.capture(forward, self._memory_pool)
         roll_back()  # a CUDA capture runs nothing; a backend that runs the forward to capture it does
         if cuda:
@@ -267,17 +272,18 @@ class DecodeGraphs:
         logger.warning("hf_moe_accel: the torch.compile'd decode step failed; capturing the uncompiled step from now on (%s)", reason)
 
     def _warm_up(self, forward: Callable[[], object], cuda: bool) -> None:
-        if not cuda:
-            forward()
-            return
-        # One side stream for every warm-up: cuBLAS keeps a workspace per stream for the life of
-        # the process, so a new stream per capture would grow memory by that much each time.
-        if self._warm_up_stream is None:
-            self._warm_up_stream = torch.cuda.Stream()
-        stream = self._warm_up_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(stream):
+        with self.rehearsal():  # the replay repeats this run: a placement's bookkeeping leaves it out
+            if not cuda:
                 forward()
-        finally:  # a failed warm-up (a compile error) is rolled back on the current stream: order it after
-            torch.cuda.current_stream().wait_stream(stream)
+                return
+            # One side stream for every warm-up: cuBLAS keeps a workspace per stream for the life of
+            # the process, so a new stream per capture would grow memory by that much each time.
+            if self._warm_up_stream is None:
+                self._warm_up_stream = torch.cuda.Stream()
+            stream = self._warm_up_stream
+            stream.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(stream):
+                    forward()
+            finally:  # a failed warm-up (a compile error) is rolled back on the current stream: order it after
+                torch.cuda.current_stream().wait_stream(stream)

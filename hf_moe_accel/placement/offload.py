@@ -12,16 +12,18 @@ experts run through the same code in tests without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..graphs.generate import GRAPH_BEFORE_REPLAY_ATTR, GRAPH_STEP_CHECK_ATTR, GRAPHS_BLOCKED_ATTR
+from ..graphs.generate import GRAPH_BEFORE_REPLAY_ATTR, GRAPH_REHEARSAL_ATTR, GRAPH_STEP_CHECK_ATTR, GRAPHS_BLOCKED_ATTR
 from ..kernels.spec import Activation
 from ..kernels.tuning import interpreting
 from ..patches.experts import expert_weights, is_experts_module
@@ -230,6 +232,7 @@ class OffloadEngine:
         widest = max(layer.cache.num_experts for layer in self.layers) + 1  # a layer's -1 pairs land in its column E
         self._expert_use = torch.zeros(len(self.layers), widest, dtype=torch.int64, device=setup.device) if refills else None
         self._steps_since_refill = 0
+        self._rehearsing = False  # inside `rehearsal()`
         self._warned_workload = False
 
     def _calibrate(self) -> MissCostModel:
@@ -260,6 +263,22 @@ class OffloadEngine:
         if self._steps_since_refill >= self.options.zero_copy_refill_every:
             self._steps_since_refill = 0
             self._refill()
+
+    @contextlib.contextmanager
+    def rehearsal(self) -> Iterator[None]:
+        """Around a run of a decode step that its graph replay then repeats (a capture's warm-up, the capture):
+        the step counts once, as its replay, so graph decoding refills at the same steps as eager decoding.
+        No refill is due in it, and the device counters it adds to (lookups and hits, expert use) are put
+        back after it (a CUDA capture adds nothing: its counting runs in the replays)."""
+        counters = [*(self._zero_copy_counts or {}).values(), *([] if self._expert_use is None else [self._expert_use])]
+        saved = [counter.clone() for counter in counters]
+        self._rehearsing = True
+        try:
+            yield
+        finally:
+            self._rehearsing = False
+            for counter, before in zip(counters, saved):
+                counter.copy_(before)
 
     @torch.no_grad()  # slot copies of the host experts (parameters) never join an autograd graph
     def _refill(self) -> None:
@@ -354,7 +373,8 @@ class OffloadEngine:
             tokens = kwargs.get("inputs_embeds")
         self.phase = "decode" if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 1 else "prefill"
         if self.phase == "decode" and self._expert_use is not None:
-            if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture runs no refill
+            # a rehearsal (and any capture) is not a step of its own: the replay after it is
+            if not (self._rehearsing or (tokens.is_cuda and torch.cuda.is_current_stream_capturing())):
                 self.before_decode_step()
 
 
@@ -397,6 +417,7 @@ def apply_offload(model: nn.Module, setup: OffloadSetup) -> None:
         if setup.options.zero_copy:  # decode steps free of host work: graphs may serve them
             setattr(model, GRAPH_STEP_CHECK_ATTR, engine.graph_decode_blocker)
             setattr(model, GRAPH_BEFORE_REPLAY_ATTR, engine.before_decode_step)
+            setattr(model, GRAPH_REHEARSAL_ATTR, engine.rehearsal)
         else:
             setattr(model, GRAPHS_BLOCKED_ATTR, "expert offload: each MoE layer exchanges routing and CPU results with the host")
         setattr(model, _ENGINE_ATTR, engine)
@@ -422,6 +443,7 @@ def _undo(model: nn.Module, engine: OffloadEngine) -> None:
     model.__dict__.pop(GRAPHS_BLOCKED_ATTR, None)
     model.__dict__.pop(GRAPH_STEP_CHECK_ATTR, None)
     model.__dict__.pop(GRAPH_BEFORE_REPLAY_ATTR, None)
+    model.__dict__.pop(GRAPH_REHEARSAL_ATTR, None)
     model.__dict__.pop(_ENGINE_ATTR, None)
     engine.lanes.synchronize()
     engine.cpu_worker.shutdown()
