@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
 
 from hf_moe_accel import accelerate
-from hf_moe_accel.bench.presets import PRESETS
+from hf_moe_accel.bench.presets import PRESETS, build_preset
 from hf_moe_accel.bench.routing import uniform_routing
 
 # Host calls that make the host wait (for the GPU, or for memory), counted per step.
@@ -106,17 +105,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    config = PRESETS[args.preset]()
-    if args.layers:
-        config.num_hidden_layers = args.layers
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model = build_preset(args.preset, device, torch.bfloat16, overrides={"num_hidden_layers": args.layers} if args.layers else None)
     accelerate(model, cuda_graphs=False)
     rows = []
     with uniform_routing(model, seed=0):
         for batch in (int(b) for b in args.batch.split(",")):
-            rows.append({"preset": args.preset, "layers": config.num_hidden_layers,
+            rows.append({"preset": args.preset, "layers": model.config.num_hidden_layers,
                          **profile_batch(model, batch, args.prompt_len, args.new_tokens, device)})
             print(json.dumps(rows[-1]), flush=True)
             (out / "profile_eager_batch.json").write_text(json.dumps(rows, indent=2))

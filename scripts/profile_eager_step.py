@@ -22,26 +22,20 @@ import pstats
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from hf_moe_accel import accelerate
-from hf_moe_accel.bench.presets import PRESETS
+from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.bench.routing import uniform_routing
-from hf_moe_accel.placement.calibrate import _decode_step_s, tiny_config
+from hf_moe_accel.placement.calibrate import _decode_step_s, _tiny_model
 
 REAL = {"olmoe": "olmoe-1b-7b", "qwen3_moe": "qwen3-30b-a3b", "mixtral": "mixtral-8x7b"}
 
 
-def _config(family: str, width: str, layers: int):
-    config = tiny_config(family, layers) if width == "tiny" else PRESETS[REAL[family]]()
-    config.num_hidden_layers = layers
-    return config
-
-
-def _model(config, device: torch.device):
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+def _model(family: str, width: str, layers: int, device: torch.device):
+    """The tiny model calibration times, or the family's preset at its real widths, of `layers` layers."""
+    if width == "tiny":
+        return _tiny_model(layers, device, family)
+    return build_preset(REAL[family], device, torch.bfloat16, overrides={"num_hidden_layers": layers})
 
 
 def _profile(model, device: torch.device) -> str:
@@ -91,7 +85,7 @@ def main() -> None:
     for family in args.families.split(","):
         for width in args.widths.split(","):
             for layers in counts:
-                model = _model(_config(family, width, layers), device)
+                model = _model(family, width, layers, device)
                 row = {"family": family, "width": width, "layers": layers}
                 if not args.no_stock:
                     row["stock"] = _decode_step_s(model, device)

@@ -73,3 +73,13 @@ def test_uniform_routing_needs_experts_modules():
     with pytest.raises(ValueError, match="no Transformers experts"):
         with uniform_routing(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_build_preset_overrides_config_fields():
+    from hf_moe_accel.bench.presets import build_preset
+
+    model = build_preset("qwen3-30b-a3b", "meta", torch.bfloat16, overrides={"num_hidden_layers": 2})
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2 and not model.training
+    assert len(build_preset("qwen3-30b-a3b", "meta", torch.bfloat16).model.layers) == 48
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_preset("qwen3", "meta", torch.bfloat16)

@@ -79,11 +79,16 @@ PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def build_preset(name: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-weight model of preset `name`, built directly on `device` in `dtype`, in eval mode."""
+def build_preset(name: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                 overrides: dict | None = None) -> torch.nn.Module:
+    """A random-weight model of preset `name`, built directly on `device` in `dtype`, in eval mode.
+    `overrides` sets config fields (e.g. fewer layers)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    config = PRESETS[name]()
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(PRESETS[name](), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
