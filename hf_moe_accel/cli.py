@@ -135,6 +135,7 @@ def _env(args: argparse.Namespace) -> int:
     import os
 
     from . import __version__, supported_families
+    from .kernels.pdl import pdl_off_reason
 
     lines = {
         "hf_moe_accel": __version__,
@@ -152,6 +153,7 @@ def _env(args: argparse.Namespace) -> int:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             lines[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+        lines["programmatic dependent launch"] = pdl_off_reason(torch.device("cuda", 0)) or "on (decode kernels, GPU 0)"
     families = supported_families()
     lines["supported families"] = f"{len(families)}: {', '.join(families)}"
     if args.preset or args.model:

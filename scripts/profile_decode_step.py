@@ -15,7 +15,10 @@ GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GP
 `--decode-linear-data FILE`: the decode linears' tuned data from FILE (an A/B of two config files, each
 in its own process on the same machine: compare their bare replays). `--attention`: "ours" as accelerate() sets it (patches/attention.py); "transformers" keeps
 Transformers' own "sdpa"; "folded" keeps the Triton decode kernel off (grouped heads folded onto their
-KV head in SDPA, as before the kernel was on).
+KV head in SDPA, as before the kernel was on). Rows carry "pdl": whether the kernels launched with
+programmatic dependent launch (kernels/pdl.py; HF_MOE_ACCEL_PDL=0 in the environment turns it off: an A/B is
+two processes). `--stock-first` runs stock's generate() before ours, as the bench does (ours ran 6.5-8.6%
+slower a step after it: docs/BENCHMARKS.md, tenth run), `--reset-after-stock` then clears what stock left.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from pathlib import Path
 import torch
 
 from hf_moe_accel import accelerate
+from hf_moe_accel.bench.ab import run_stock_first
 from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
-from hf_moe_accel.kernels import decode_linear
+from hf_moe_accel.kernels import decode_linear, pdl
 from hf_moe_accel.patches import attention, registry
 from hf_moe_accel.patches.swap import STATE_ATTR
 
@@ -94,6 +98,63 @@ def _use_decode_linear_data(file: Path) -> None:
     decode_linear._tuned_config.cache_clear()
 
 
+def _measure(model, state, batch: int, args) -> dict:
+    """One batch size's figures (see the module docstring); prints the tables asked for."""
+    runner = state.runner
+    ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+    _generate_seconds(model, ids, args.new_tokens)  # capture + warm-up
+    step_ms = _step_ms(model, ids, args.new_tokens)
+    variants = {}
+    switches = () if args.skip_variants else (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph"))
+    for name, switch in switches:
+        setattr(state, switch, False)
+        _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
+        variants[name] = _step_ms(model, ids, args.new_tokens)
+        setattr(state, switch, True)
+    # The bare replay, timed with CUDA events; each replay advances the cache's write
+    # positions, so they are put back between replays (outside the timed region).
+    replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
+    cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
+    positions = [layer.cumulative_length.clone() for layer in cache.layers]
+    times = []
+    for _ in range(20):
+        for layer, saved in zip(cache.layers, positions):
+            layer.cumulative_length.copy_(saved - 1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    replay_ms = sorted(times)[len(times) // 2]
+    launch_us = _launch_us(replay, cache, positions)
+    if args.kernels:
+        for layer, saved in zip(cache.layers, positions):
+            layer.cumulative_length.copy_(saved - 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            replay()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if args.host:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _generate_seconds(model, ids, 32)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            _generate_seconds(model, ids, 16)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.out) / f"trace_b{batch}.json"))
+    host_ms = _host_loop_ms(model, runner, ids, args.new_tokens)
+    row = {"preset": args.preset, "batch": batch, "attention": args.attention, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
+           "loop_overhead_ms": step_ms - replay_ms, "host_step_ms_replays_skipped": host_ms, "graph_launch_us": launch_us,
+           "decode_tokens_per_s": batch / step_ms * 1e3, "pdl": pdl.pdl_enabled(ids.device),
+           "stock_first": args.stock_first, "reset_after_stock": args.reset_after_stock, **graph_stats(model)}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="olmoe-1b-7b")
@@ -107,6 +168,10 @@ def main() -> None:
     parser.add_argument("--compile-decode", action="store_true", help="profile accelerate(model, compile_decode=True)")
     parser.add_argument("--skip-variants", action="store_true", help="skip the stop-check and host-mask variants")
     parser.add_argument("--attention", choices=("ours", "transformers", "folded"), default="ours")
+    parser.add_argument("--stock-first", action="store_true",
+                        help="run stock generate() first (default, then static-cache compiled), as the bench does")
+    parser.add_argument("--reset-after-stock", action="store_true",
+                        help="with --stock-first: then reset dynamo, collect garbage, empty the allocator's cache")
     parser.add_argument("--decode-linear-data", type=Path, default=None,
                         help="take the decode linears' launch data from this config file (e.g. an earlier "
                              "NVIDIA_H200.json) instead of the device's: A/B of tuned data on one machine")
@@ -114,63 +179,17 @@ def main() -> None:
     _select_attention(args.attention)
     if args.decode_linear_data is not None:
         _use_decode_linear_data(args.decode_linear_data)
-    model = accelerate(build_preset(args.preset, "cuda", torch.bfloat16), compile_decode=args.compile_decode)
+    model = build_preset(args.preset, "cuda", torch.bfloat16)
+    if args.stock_first:  # the bench's process state (see scripts/decode_timeline.py)
+        batch = int(args.batch.split(",")[0])
+        ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+        run_stock_first(model, ids, args.new_tokens, reset=args.reset_after_stock)
+    model = accelerate(model, compile_decode=args.compile_decode)
     state = getattr(model, STATE_ATTR)
-    runner = state.runner
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
-        ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
-        _generate_seconds(model, ids, args.new_tokens)  # capture + warm-up
-        step_ms = _step_ms(model, ids, args.new_tokens)
-        variants = {}
-        switches = () if args.skip_variants else (("step_ms_stop_checks_every_step", "defer_stop_checks"), ("step_ms_mask_on_host", "mask_in_graph"))
-        for name, switch in switches:
-            setattr(state, switch, False)
-            _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
-            variants[name] = _step_ms(model, ids, args.new_tokens)
-            setattr(state, switch, True)
-        # The bare replay, timed with CUDA events; each replay advances the cache's write
-        # positions, so they are put back between replays (outside the timed region).
-        replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
-        cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
-        positions = [layer.cumulative_length.clone() for layer in cache.layers]
-        times = []
-        for _ in range(20):
-            for layer, saved in zip(cache.layers, positions):
-                layer.cumulative_length.copy_(saved - 1)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        replay_ms = sorted(times)[len(times) // 2]
-        launch_us = _launch_us(replay, cache, positions)
-        if args.kernels:
-            for layer, saved in zip(cache.layers, positions):
-                layer.cumulative_length.copy_(saved - 1)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                replay()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-        if args.host:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            _generate_seconds(model, ids, 32)
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-        if args.trace:
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                _generate_seconds(model, ids, 16)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(Path(args.out) / f"trace_b{batch}.json"))
-        host_ms = _host_loop_ms(model, runner, ids, args.new_tokens)
-        row = {"preset": args.preset, "batch": batch, "attention": args.attention, "step_ms": step_ms, **variants, "replay_ms": replay_ms,
-               "loop_overhead_ms": step_ms - replay_ms, "host_step_ms_replays_skipped": host_ms, "graph_launch_us": launch_us,
-               "decode_tokens_per_s": batch / step_ms * 1e3, **graph_stats(model)}
-        rows.append(row)
-        print(json.dumps(row))
+        rows.append(_measure(model, state, batch, args))
+        print(json.dumps(rows[-1]))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_decode_step.json").write_text(json.dumps(rows, indent=2))
 

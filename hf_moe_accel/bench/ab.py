@@ -8,6 +8,7 @@ fastest stock figure is the baseline.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +20,12 @@ from ..api import accelerate, unpatch
 from ..graphs import graph_stats
 from ..plotting import pyplot
 from .hbm import decode_step_bytes
-from .timing import GenerateTiming, copy_bandwidth_bytes_per_s, time_generate
+from .timing import (
+    GenerateTiming,
+    copy_bandwidth_bytes_per_s,
+    time_generate,
+    timed_generate,
+)
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -47,6 +53,20 @@ def _time_stock(model, input_ids, workload: Workload, baseline: str, repeats: in
     except Exception as error:  # a stock path that fails here (e.g. compile) is reported, not fatal
         logger.warning("stock %s failed at batch %d: %s", baseline, workload.batch, error)
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def run_stock_first(model, input_ids: torch.Tensor, new_tokens: int, reset: bool = False) -> None:
+    """Run stock's generate() once per baseline, the compiled one twice (its first call compiles), as
+    `run_ab` does before ours: for scripts that measure ours in the process state the bench measures
+    it in. With `reset`, then drop what that left behind: dynamo's compiled code (and its CUDA graphs),
+    unreferenced objects, the allocator's cached blocks."""
+    for name in ("default", "static", "static"):
+        timed_generate(model, input_ids, new_tokens, **STOCK_BASELINES[name])
+    if reset:
+        torch._dynamo.reset()
+        gc.collect()
+        if input_ids.is_cuda:
+            torch.cuda.empty_cache()
 
 
 def _best(passes: Iterable[dict]) -> dict | None:

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, prologue
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # powers of two in between
 # Split K (flash decoding) when there are fewer (batch, KV head) programs than _PROGRAMS_PER_SM x the
@@ -63,7 +65,9 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr,  # write partials (out_ptr: float32 [B, Hq, splits, D]) instead of the output
     USE_DOT: tl.constexpr,  # tensor-core dots (rows padded to 16), else float32 broadcast-and-sum (few rows)
     INPUT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    prologue(USE_PDL)
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -135,7 +139,9 @@ def _combine_splits_kernel(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    prologue(USE_PDL)
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
@@ -229,6 +235,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     split_len = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), block_k) * block_k
     splits = triton.cdiv(max(kv_len, 1), split_len)
 
+    pdl = pdl_launch_options(query.device)
     if splits > 1:
         part = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=query.device)
         m = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
@@ -248,7 +255,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         GROUPS=groups, BLOCK_G=triton.next_power_of_2(groups) if not use_dot else max(16, triton.next_power_of_2(groups)),
         HEAD_DIM=dim, BLOCK_K=block_k, MASK_KIND=mask_kind, SPLIT=splits > 1, USE_DOT=use_dot,
         INPUT_PRECISION="ieee" if query.dtype == torch.float32 else None,  # exact fp32 (no tf32)
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if splits > 1:
         _combine_splits_kernel[(batch, heads)](
@@ -256,7 +263,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             part.stride(0), part.stride(1), part.stride(2),
             m.stride(0), m.stride(1), m.stride(2),
             out.stride(0), out.stride(1),
-            HEAD_DIM=dim, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+            HEAD_DIM=dim, BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **pdl,
         )
     return out
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, prologue
 from .tuning import device_config_file, interpreting, load_config_file
 
 # Input rows (tokens) up to which the launch is tried: each row is its own program, reading the
@@ -118,6 +119,7 @@ def decode_linears_triton(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         _decode_linears_kernel[(rows.shape[0], sum(tiles))](
             rows, *ws, *bs, *os, *(w.shape[0] for w in ws), K, rows.stride(0), *(w.stride(0) for w in ws),
             *(o.stride(0) for o in os), tiles[0], tiles[1], HAS_BIAS=has_bias, **config,
+            **pdl_launch_options(x.device),
         )
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
@@ -127,8 +129,10 @@ def _decode_linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
     N0, N1, N2, K, stride_xm, stride_w0, stride_w1, stride_w2, stride_o0, stride_o1, stride_o2,
     TILES0, TILES1, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """out_i[row, tile] = x[row] . w_i[tile rows]^T (+ b_i); program (row, t): the t-th tile over all three linears."""
+    prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     if tile < TILES0:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .align import align_pairs
+from .pdl import pdl_launch_options, prologue
 from .spec import CLAMPED_SWIGLUS, ExpertAddresses, ExpertWeights
 from .tuning import KernelPath, get_config, use_decode_path
 
@@ -146,17 +147,18 @@ def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
     by_address = addresses is not None
     gate_up_table = addresses.gate_up if by_address else ids  # an unused pointer without addresses
     down_table = addresses.down if by_address else ids
+    pdl = pdl_launch_options(x.device)
 
     inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
     _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
         **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, w_table_ptr=gate_up_table,
-        TOP_K=top_k, BY_ADDRESS=by_address, **gate_up,
+        TOP_K=top_k, BY_ADDRESS=by_address, **gate_up, **pdl,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _decode_down_kernel[(num_tokens, triton.cdiv(hidden, down["BLOCK_N"]))](
         **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
         out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), ids_ptr=ids, topk_weights_ptr=routing,
-        w_table_ptr=down_table, TOP_K=top_k, BY_ADDRESS=by_address, **down,
+        w_table_ptr=down_table, TOP_K=top_k, BY_ADDRESS=by_address, **down, **pdl,
     )
     return out
 
@@ -379,8 +381,10 @@ def _decode_gate_up_kernel(
     alpha, limit,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
     ACT: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
+    prologue(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -420,7 +424,7 @@ def _decode_down_kernel(
     N, K,
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
@@ -429,6 +433,7 @@ def _decode_down_kernel(
     expert -1 has its loads masked off (no weight bytes read; its unwritten row of `inter` and its
     weight are never used).
     """
+    prologue(USE_PDL)
     token = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N

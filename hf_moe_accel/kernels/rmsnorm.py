@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, prologue
+
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Transformers' RMSNorm (Llama, Mixtral, Qwen3-MoE, OLMoE, ...): the formula the kernel follows."""
@@ -31,13 +33,15 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     if rows.shape[0]:
         _rmsnorm_kernel[(rows.shape[0],)](
             rows, weight, out, rows.stride(0), out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
-            num_warps=4 if n <= 4096 else 8,
+            num_warps=4 if n <= 4096 else 8, **pdl_launch_options(x.device),
         )
     return out.view(x.shape)
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, N, eps, BLOCK: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

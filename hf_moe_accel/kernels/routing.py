@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, prologue
 from .spec import RoutingSpec
 
 # Upper bounds on a program's tile: enough rows per program to amortise the per-program cost for
@@ -57,7 +58,9 @@ def _route_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    prologue(USE_PDL)
     neg_inf = float("-inf")
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     lanes = tl.arange(0, BLOCK_E)
@@ -191,6 +194,7 @@ def route_triton(
         BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(n_group),
         num_warps=max(1, min(_MAX_WARPS, block_t * block_e // _ELEMENTS_PER_WARP)),
+        **pdl_launch_options(logits.device),
     )
     return weights, ids
 

@@ -1,0 +1,91 @@
+"""Programmatic dependent launch (kernels/pdl.py): when it is on, and that it changes no result."""
+
+import pytest
+import torch
+
+from hf_moe_accel.kernels import pdl
+from hf_moe_accel.kernels.decode_attention import decode_attention
+from hf_moe_accel.kernels.decode_linear import decode_linears_triton
+from hf_moe_accel.kernels.experts_triton import fused_experts_triton
+from hf_moe_accel.kernels.rmsnorm import rmsnorm_triton
+from hf_moe_accel.kernels.routing import route_triton
+from hf_moe_accel.kernels.spec import ExpertWeights, RoutingSpec
+
+
+def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    assert pdl.pdl_off_reason(torch.device("cpu")) == "off (not a CUDA launch)"
+    assert pdl.pdl_launch_options(torch.device("cpu")) == {}
+    monkeypatch.setenv(pdl.ENV_SWITCH, "0")
+    # The switch is read before anything asks the CUDA driver: this holds on a machine without a GPU.
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))
+    assert pdl.pdl_off_reason(torch.device("cuda", 0)) == f"off ({pdl.ENV_SWITCH}=0)"
+    assert pdl.pdl_launch_options(torch.device("cuda", 0)) == {}
+
+
+class _DecodeChain:
+    """`layers` decoder-like layers of the kernels PDL launches, each reading the one before's output:
+    RMSNorm, a router linear, routing, the decode experts (gate_up, down), three q/k/v-like linears and
+    the split decode attention (its combine launch too). Shapes of qwen3-30b-a3b with fewer experts."""
+
+    def __init__(self, layers: int = 4, hidden: int = 2048, inter: int = 768, experts: int = 32, top_k: int = 8,
+                 heads: int = 32, kv_heads: int = 4, head_dim: int = 128, keys: int = 1000):
+        def randn(*shape, scale=0.02):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+        self.spec = RoutingSpec(top_k, experts, renormalize=True)
+        self.layers = [dict(
+            norm=1 + randn(hidden, scale=0.1), router=randn(experts, hidden),
+            experts=ExpertWeights(randn(experts, 2 * inter, hidden), randn(experts, hidden, inter)),
+            q=randn(heads * head_dim, hidden), k=randn(kv_heads * head_dim, hidden), v=randn(kv_heads * head_dim, hidden),
+            cache_k=randn(1, kv_heads, keys, head_dim, scale=1.0), cache_v=randn(1, kv_heads, keys, head_dim, scale=1.0),
+        ) for _ in range(layers)]
+        self.heads, self.head_dim = heads, head_dim
+        self.x = randn(1, hidden, scale=1.0)
+
+    def __call__(self) -> torch.Tensor:
+        h = self.x
+        for layer in self.layers:
+            normed = rmsnorm_triton(h, layer["norm"], 1e-6)
+            (logits,) = decode_linears_triton(normed, [layer["router"]], [None])
+            weights, ids = route_triton(logits, self.spec)
+            moe = fused_experts_triton(normed, layer["experts"], ids, weights, path="decode")
+            q, k, v = decode_linears_triton(moe, [layer["q"], layer["k"], layer["v"]], [None, None, None])
+            layer["cache_k"][0, :, -1] = k.view(-1, self.head_dim)  # the step's key and value, as a cache update
+            layer["cache_v"][0, :, -1] = v.view(-1, self.head_dim)
+            query = q.view(1, self.heads, 1, self.head_dim)
+            attended = decode_attention(query, layer["cache_k"], layer["cache_v"], None, num_splits=4)
+            h = h + moe + attended.view(1, -1)[:, : h.shape[1]]
+        return h
+
+
+@pytest.mark.gpu
+def test_pdl_decode_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch):
+    """The chain captured in a CUDA graph with PDL, replayed on fresh inputs, gives the same bits as
+    plain launches: the kernels are the same, only when each may start changes. A kernel that read its
+    input before the one writing it had finished would part from it."""
+    if not pdl.pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 and a Triton with launch_pdl")
+    torch.manual_seed(0)
+    chain = _DecodeChain()
+    chain()  # compile both variants' kernels outside the capture
+    monkeypatch.setenv(pdl.ENV_SWITCH, "0")
+    chain()
+    monkeypatch.delenv(pdl.ENV_SWITCH)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+
+    monkeypatch.setenv(pdl.ENV_SWITCH, "0")
+    for trial in range(20):
+        chain.x.copy_(torch.randn_like(chain.x))
+        graph.replay()
+        replayed = captured.clone()
+        expected = chain()
+        assert torch.equal(replayed, expected), f"replay {trial} differs by {(replayed - expected).abs().max()}"
