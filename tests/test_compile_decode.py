@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig
 
 from hf_moe_accel import accelerate, is_accelerated, patch_report, unpatch
 from hf_moe_accel.graphs import graph_stats, runner
@@ -89,6 +89,34 @@ def test_compiled_decode_matches_eager(fixture_path):
     for graph in backend.graphs:
         targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
         assert targets.count(EXPERTS_OP) == len(report.experts) and targets.count(ROUTE_OP) == len(report.routers)
+
+
+def _compiled_step_targets(model, prompt_ids: torch.Tensor) -> list[list]:
+    """accelerate() `model` with compile_decode, decode 4 tokens: the call targets of each graph compiled."""
+    backend = RecordingBackend()
+    accelerate(model, cuda_graphs=False)
+    enable_graph_decode(model, GraphBackend("cpu", stand_in_capture, backend), compile_decode=True)
+    model.generate(prompt_ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert graph_stats(model)["compiled_captures"] == 1
+    return [[str(node.target) for node in graph.graph.nodes if node.op == "call_function"] for graph in backend.graphs]
+
+
+@pytest.mark.parametrize("fixture_path", ["tiny-qwen3-moe"], indirect=True)
+def test_stocks_compiled_generate_first_leaves_our_compiled_step_alone(fixture_path):
+    """The bench runs stock's compiled static-cache generate() before ours in one process: our step
+    still compiles to the one graph it compiles to in a fresh process, no break."""
+    prompt_ids = torch.randint(1, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    fresh = _compiled_step_targets(AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32).eval(), prompt_ids)
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32).eval()
+    stock_compile = CompileConfig(backend="aot_eager")
+    stock_compile._compile_all_devices = True  # generate() compiles on GPUs only unless told
+    for _ in range(2):
+        model.generate(prompt_ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                       cache_implementation="static", compile_config=stock_compile)
+    assert hasattr(model, "_compiled_call")  # stock's step did compile
+    after_stock = _compiled_step_targets(model, prompt_ids)
+    assert len(fresh) == 1 and after_stock == fresh
 
 
 @pytest.mark.parametrize("fixture_path", ["tiny-qwen3-moe"], indirect=True)
