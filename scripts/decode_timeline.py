@@ -73,6 +73,8 @@ def main() -> None:
                         help="with --stock-first: then reset dynamo, collect garbage, empty the allocator's cache")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    if args.reset_after_stock and not args.stock_first:
+        parser.error("--reset-after-stock resets what --stock-first's stock runs left: give both, or neither")
     lengths = [int(n) for n in args.lengths.split(",")]
     model = build_preset(args.preset, "cuda", torch.bfloat16)
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")

@@ -176,6 +176,8 @@ def main() -> None:
                         help="take the decode linears' launch data from this config file (e.g. an earlier "
                              "NVIDIA_H200.json) instead of the device's: A/B of tuned data on one machine")
     args = parser.parse_args()
+    if args.reset_after_stock and not args.stock_first:
+        parser.error("--reset-after-stock resets what --stock-first's stock runs left: give both, or neither")
     _select_attention(args.attention)
     if args.decode_linear_data is not None:
         _use_decode_linear_data(args.decode_linear_data)
