@@ -39,6 +39,7 @@ UNSUPPORTED: dict[str, str] = {
     "inkling2": "experts `_apply_gate` is a softcapped SwiGLU, not an Activation kind",
     "inkling2_loop": "Inkling2's experts (a softcapped SwiGLU `_apply_gate`, not an Activation kind) in looped layers",
     "muse_spark": "has_post_expert_norm=True: a norm after each expert, which the kernels don't compute",
+    "ergo": "its experts module applies a per-expert RMSNorm to each route's output around the decorated projections",
 }
 
 GENERIC_CONFIG: dict[str, Any] = dict(
@@ -163,6 +164,11 @@ CASES: tuple[Case, ...] = (
         },
         model_class="Ernie4_5_VLMoeTextModel",
     ),
+    # Zero (identity) experts beside the routed ones: the block routes them around the experts.
+    Case("longcat_flash", "longcat_flash", {"zero_expert_num": 4, "num_layers": 2}),
+    # config.router_bias: a classifier bias the stock router never adds; the router stays stock.
+    Case("longcat_flash", "longcat_flash", {"zero_expert_num": 4, "num_layers": 2, "router_bias": True}, fused_router=False,
+         id="longcat_flash-router-bias"),
     Case("deepseek_v2", "deepseek_v2", {"topk_method": "greedy"}),
     Case("deepseek_v2", "deepseek_v2", {**GROUPED, "topk_method": "group_limited_greedy"}, id="deepseek_v2-grouped"),
     Case("deepseek_ocr2_text", "deepseek_ocr2", {"topk_method": "greedy", "mlp_layer_types": ["sparse", "sparse"]}, model_class="DeepseekOcr2TextModel"),
@@ -212,7 +218,16 @@ CASES: tuple[Case, ...] = (
     Case("solar_open", "solar_open", GROUPED),
     Case("mimo_v2_flash", "mimo_v2_flash", GROUPED),
     Case("bailing_hybrid", "bailing_hybrid", {**GROUPED, **HYBRID, "linear_head_dim": 16, "linear_num_heads": 4}),
+    # From Transformers 5.25: per-layer expert limits, clipping after the activation (layer 0; 0 is none).
+    # Before 5.25 the limits are ignored by the experts and by us alike.
+    Case(
+        "bailing_hybrid",
+        "bailing_hybrid",
+        {**GROUPED, **HYBRID, "linear_head_dim": 16, "linear_num_heads": 4, "expert_swiglu_limit_list": [1.0, 0]},
+        id="bailing_hybrid-clipped",
+    ),
     Case("axk1", "axk1", GROUPED),
+    Case("minicpm5_moe", "minicpm5_moe", {**GROUPED, "mlp_layer_types": ["sparse", "sparse"]}),
     Case("axk2", "axk2", {**GROUPED, "n_group": None, "topk_group": None}),
     Case("axk2", "axk2", GROUPED, fused_router=False, id="axk2-grouped"),
     # Clamped SwiGLU experts: the expert projections have std ~1.6 in these tiny models, so swiglu_limit
@@ -242,11 +257,12 @@ CASES: tuple[Case, ...] = (
         },
         model_class="HYV4VLTextModel",
     ),
-    # Ungated relu2 experts behind a latent projection (moe_latent_size), one attention layer.
+    # Ungated relu2 experts behind a latent projection (moe_latent_size), one attention layer, first:
+    # Transformers 5.25's Nemotron-H reads the cache's length from layer 0, which a MoE layer has no cache for.
     Case(
         "nemotron_h",
         "nemotron_h",
-        {**GROUPED, "layers_block_type": ["moe", "full_attention", "moe"], "num_hidden_layers": 3, "moe_latent_size": 48,
+        {**GROUPED, "layers_block_type": ["full_attention", "moe", "moe"], "num_hidden_layers": 3, "moe_latent_size": 48,
          "moe_shared_expert_intermediate_size": 32},
     ),
     Case("beam", "beam", {**GROUPED, "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["sparse", "sparse"]}),
@@ -254,6 +270,23 @@ CASES: tuple[Case, ...] = (
     Case("hy_v3", "hy_v3"),
     Case("minimax_m2", "minimax_m2"),
     Case("minimax_m3_vl_text", "minimax_m3_vl"),
+    # Step3p7's text model (model type "step3p5"; not in Transformers 5.17): experts clipped after the SiLU
+    # on layer 0 (limit 1.0 clips ~35% of silu(gate) and ~75% of up values; 0 is none); the block scales
+    # the routed output.
+    Case(
+        "step3p5",
+        "step3p7",
+        {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4,  # required: the text model always builds a sliding mask
+            "mlp_layer_types": ["sparse", "sparse"],
+            "share_expert_dim": 32,
+            "swiglu_limits": [1.0, 0],
+            "moe_router_scaling_factor": 2.5,
+        },
+        model_class="Step3p7TextModel",
+        id="step3p7",
+    ),
     Case("laguna", "laguna", {"moe_router_logit_softcapping": 0.0}),
     Case("laguna", "laguna", {"moe_router_logit_softcapping": 2.0}, fused_router=False, id="laguna-softcap"),
     Case("lfm2_moe", "lfm2_moe", {"num_dense_layers": 0, "layer_types": ["conv", "full_attention"], "routed_scaling_factor": 1.5}),
@@ -265,6 +298,8 @@ CASES: tuple[Case, ...] = (
     Case("inkling_text", "inkling"),
     Case("zaya", "zaya", {"num_experts_per_tok": 1}),
     Case("kolibri1", "kolibri1"),
+    # One indexed-attention layer; index_num_heads (12 by default) must fit the 2 query heads per key head.
+    Case("kolibri1_1", "kolibri1_1", {"layer_types": ["sliding_attention", "indexed_attention"], "index_num_heads": 2}),
     # A hash-routed layer (token-id table) and a sqrtsoftplus top-k layer: both routers stay stock.
     Case("deepseek_v4", "deepseek_v4", {"mlp_layer_types": ["hash_moe", "moe"], "swiglu_limit": 1.0}, fused_router=False),
 )
@@ -635,11 +670,11 @@ def test_model_dtype_scoring_keeps_stock_router_in_half_precision(name: str) -> 
         unpatch(model)
 
 
-@pytest.mark.parametrize("name", ["lara_mini", "hy_v4_vl_text"])
+@pytest.mark.parametrize("name", ["lara_mini", "hy_v4_vl_text", "longcat_flash"])
 def test_float32_logits_router_in_half_precision_matches_stock(name: str) -> None:
     """Float32 family tests can't tell how the router's linear runs or what dtype its weights take. In
     float16, each fused router returns the stock router's dtypes, logits, experts and weights (Lara-Mini:
-    float32 logits, weights cast to the input dtype; HY-V4-VL: float32 logits and weights)."""
+    float32 logits, weights cast to the input dtype; HY-V4-VL and LongCat-Flash: float32 logits and weights)."""
     model = build(CASE_BY_NAME[name], dtype=torch.float16)
     accelerate(model)
     try:
@@ -659,3 +694,23 @@ def test_float32_logits_router_in_half_precision_matches_stock(name: str) -> Non
             torch.testing.assert_close(fast_weights.gather(-1, fast_order), stock_weights.gather(-1, stock_order))
     finally:
         unpatch(model)
+
+
+def test_longcat_flash_case_picks_zero_experts() -> None:
+    """The longcat_flash case checks the zero experts only if its fused routers pick some (ids >= the
+    routed experts' count, which the block turns into the identity) beside routed ones."""
+    model = build(CASE_BY_NAME["longcat_flash"])
+    chosen: list[torch.Tensor] = []
+    accelerate(model)
+    routers = [layer.mlp.router for layer in model.model.layers]
+    hooks = [router.register_forward_hook(lambda module, args, out: chosen.append(out[2])) for router in routers]
+    try:
+        assert len(patch_report(model).routers) == len(routers)
+        forward(model, input_ids())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        unpatch(model)
+    ids = torch.cat(chosen)
+    routed = model.config.n_routed_experts
+    assert (ids >= routed).any() and (ids < routed).any(), ids

@@ -99,6 +99,8 @@ CASES = [
     Case(tokens=3, top_k=4, transposed=True, act="swiglu_clamped", limit=0.75, dtype=torch.float16),
     Case(tokens=3, top_k=2, interleaved=True, bias=True, act="swiglu_clamped", limit=0.75),
     Case(tokens=24, top_k=2, act="swiglu_clamped", limit=0.75, dtype=torch.float16, used_experts=3),  # several blocks per expert
+    Case(tokens=3, top_k=2, act="swiglu_post_clamped", limit=0.75),
+    Case(tokens=24, top_k=2, transposed=True, act="swiglu_post_clamped", limit=0.75, dtype=torch.float16, used_experts=3),
     Case(tokens=3, top_k=2, has_gate=False, act="relu2"),
     Case(tokens=3, top_k=4, transposed=True, has_gate=False, act="relu2", bias=True, dtype=torch.float16),
     Case(tokens=3, top_k=2, act="relu2", interleaved=True),
@@ -152,7 +154,7 @@ def test_no_tokens(path: str | None) -> None:
     assert out.shape == (0, case.hidden) and out.dtype == x.dtype
 
 
-@pytest.mark.parametrize("act", ["swiglu_oai", "swiglu_clamped"])
+@pytest.mark.parametrize("act", ["swiglu_oai", "swiglu_clamped", "swiglu_post_clamped"])
 def test_swiglus_need_a_gate(act: str) -> None:
     case = Case(tokens=1, top_k=1, has_gate=False, act=act)
     x, ids, topk_weights = make_routing(case)
@@ -309,13 +311,15 @@ def test_shape_key() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-@pytest.mark.parametrize("layout", ["default", "gpt_oss", "swiglu_clamped", "relu2"])
+@pytest.mark.parametrize("layout", ["default", "gpt_oss", "swiglu_clamped", "swiglu_post_clamped", "relu2"])
 def test_bf16_on_gpu(path: str, tokens: int, layout: str) -> None:
     base = Case(tokens=tokens, top_k=4, experts=32, hidden=512, inter=384, dtype=torch.bfloat16)
     if layout == "gpt_oss":
         base = replace(base, transposed=True, interleaved=True, bias=True, act="swiglu_oai")
     elif layout == "swiglu_clamped":  # DeepSeek-V4 / GLM-5-Next / HY-V4, with a limit that clips
         base = replace(base, act="swiglu_clamped", limit=0.75)
+    elif layout == "swiglu_post_clamped":  # Bailing-Hybrid, with a limit that clips
+        base = replace(base, act="swiglu_post_clamped", limit=0.75)
     elif layout == "relu2":  # Nemotron-H: ungated
         base = replace(base, has_gate=False, act="relu2")
     check(base, path)

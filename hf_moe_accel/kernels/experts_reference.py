@@ -23,8 +23,10 @@ def apply_activation(gate_up: torch.Tensor, weights: ExpertWeights) -> torch.Ten
     else:
         gate, up = gate_up.chunk(2, dim=-1)
     if act.kind in CLAMPED_SWIGLUS:
-        gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
+        if act.kind == "swiglu_post_clamped":
+            return F.silu(gate).clamp(max=act.limit) * up
+        gate = gate.clamp(max=act.limit)
         if act.kind == "swiglu_oai":
             return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
         return F.silu(gate) * up

@@ -199,7 +199,7 @@ def _expert_base(w_ptr, table_ptr, expert, stride_we, BY_ADDRESS: tl.constexpr):
 
 @triton.jit
 def _activate(gate, up, alpha, limit, ACT: tl.constexpr, HAS_GATE: tl.constexpr):
-    """float32 act(gate) * up, the clamped SwiGLUs ("swiglu_oai", "swiglu_clamped"), or act(up) without a gate."""
+    """float32 act(gate) * up, the clamped SwiGLUs (spec.CLAMPED_SWIGLUS), or act(up) without a gate."""
     if ACT == "swiglu_oai":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -208,6 +208,9 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr, HAS_GATE: tl.constexpr)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         out = gate * tl.sigmoid(gate) * up
+    elif ACT == "swiglu_post_clamped":
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = tl.minimum(gate * tl.sigmoid(gate), limit) * up
     else:
         h = gate if HAS_GATE else up
         if ACT == "silu":

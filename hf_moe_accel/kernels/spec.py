@@ -56,9 +56,9 @@ class RoutingSpec:
     expert_threshold: float = 0.0
 
 
-ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_clamped"]
-# The kinds that clip gate and up to `limit` first; both need a gate.
-CLAMPED_SWIGLUS = ("swiglu_oai", "swiglu_clamped")
+ActivationKind = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_clamped", "swiglu_post_clamped"]
+# The kinds that clip gate and up to `limit`; all need a gate.
+CLAMPED_SWIGLUS = ("swiglu_oai", "swiglu_clamped", "swiglu_post_clamped")
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,13 @@ class Activation:
     """The elementwise step between the two expert GEMMs.
 
     With a gate: out = act(gate) * up for silu/gelu/gelu_tanh/relu/relu2 ("relu2" is the squared ReLU,
-    relu(x)**2). Both clamped SwiGLUs first clip gate = min(gate, limit), up = clamp(up, -limit, limit):
+    relu(x)**2). "swiglu_oai" and "swiglu_clamped" first clip gate = min(gate, limit), up = clamp(up, -limit, limit):
     "swiglu_oai" (GPT-OSS) then computes out = (up + 1) * gate * sigmoid(alpha * gate);
     "swiglu_clamped" (DeepSeek-V4, GLM-5-Next, HY-V4) out = silu(gate) * up.
+    "swiglu_post_clamped" (Bailing-Hybrid, Step3p7) clips the gate after its activation instead:
+    out = min(silu(gate), limit) * clamp(up, -limit, limit).
     Without a gate (has_gate=False): out = act(up) (relu2 for Nemotron-H); the SwiGLUs need a gate.
-    `alpha` is read by "swiglu_oai" only, `limit` by both SwiGLUs.
+    `alpha` is read by "swiglu_oai" only, `limit` by the three SwiGLUs.
     """
 
     kind: ActivationKind = "silu"

@@ -2,21 +2,22 @@
 experts activate. Keyed by `config.model_type` of the experts' config (the text config's model type
 for multimodal models, e.g. "qwen3_vl_moe_text").
 
-Each routing builder below reproduces one stock router forward of Transformers (5.17 to 5.24) as a
+Each routing builder below reproduces one stock router forward of Transformers (5.17 to 5.25) as a
 RoutingSpec; the docstring names the families and says what the stock code does. A builder
 returning None leaves that router's stock forward in place (exact by construction).
 
 Families whose routers stay stock (routing=None): phimoe (sparsemixer), gemma4 and diffusion_gemma
 (RMS-normed, rescaled router input and a per-expert scale on the weights), inkling (returns shared-
 expert gammas beside the triple), zaya (router MLP carrying state across layers, a skip expert),
-kolibri1 (correction bias added to the logits, sigmoid after selection), deepseek_v4 (sqrtsoftplus
-scores in the model dtype; hash routing in the first layers); per router: axk2 with
-grouped routing (groups masked with 0.0, not -inf), laguna with router logit softcapping, jamba in
+kolibri1 and kolibri1_1 (correction bias added to the logits, sigmoid after selection), deepseek_v4
+(sqrtsoftplus scores in the model dtype; hash routing in the first layers); per router: axk2 with
+grouped routing (groups masked with 0.0, not -inf), laguna with router logit softcapping, longcat_flash
+with a classifier bias (config.router_bias; the stock forward ignores it), jamba in
 Transformers 5.17 (a plain nn.Linear router; the block routes); per dtype: lfm2_moe and mistral4 in
 half precision (they select on scores rounded to the model dtype, the kernels on float32 scores).
 
 Families left out (the registry raises UnsupportedMoEError; docs/ADAPTERS.md says why):
-inkling2, inkling2_loop, muse_spark.
+inkling2, inkling2_loop, muse_spark, ergo.
 """
 
 from __future__ import annotations
@@ -81,6 +82,23 @@ def _ernie(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
     plain renormalisation whenever the k probabilities sum to at least moe_norm_min (1e-12);
     weights cast to the input dtype."""
     return _spec(router, input_dtype, "input", scoring="softmax", has_correction_bias=True, renormalize=True)
+
+
+def _longcat_flash(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec | None:
+    """LongCat-Flash: float32 logits, softmax over the routed experts and the zero (identity) experts,
+    selection on probs + e_score_correction_bias, no renormalisation, times routed_scaling_factor;
+    float32 weights. Zero experts get ids >= the routed experts' count: the stock MoE block turns them
+    into the identity output and hands the experts in-range ids with weight 0. The stock linear ignores
+    the classifier's bias (config.router_bias), the fused one would add it: such routers stay stock."""
+    if router.classifier.bias is not None:
+        return None
+    return RoutingSpec(
+        top_k=int(router.top_k),
+        num_experts=int(router.n_routed_experts),  # routed + zero experts (router.num_experts: routed only)
+        scoring="softmax",
+        has_correction_bias=True,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+    )
 
 
 def _deepseek_v2(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec | None:
@@ -157,10 +175,10 @@ def _cohere2(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
 def _deepseek_v3(router: nn.Module, input_dtype: torch.dtype) -> RoutingSpec:
     """DeepSeek-V3 and the families that copy its router (DeepSeek-V3.2, GLM-4-MoE/-Lite/-4.5V/-DSA,
     GLM-5-Next text, dots1, dots3 text, EXAONE-MoE, Kimi-Linear, Solar-Open, MiMo-V2-Flash,
-    Bailing-Hybrid, A.X-K1, Beam, HY-V4, HY-V4-VL text, Nemotron-H): float32 logits, sigmoid,
-    + e_score_correction_bias for selection, group-limited top-k (groups scored by the sum of their
-    top-2 biased scores, the others masked with -inf), renormalised (+1e-20) per `norm_topk_prob`,
-    times routed_scaling_factor (Beam applies it in the block); float32 weights.
+    Bailing-Hybrid, A.X-K1, Beam, HY-V4, HY-V4-VL text, Nemotron-H, MiniCPM5-MoE): float32 logits,
+    sigmoid, + e_score_correction_bias for selection, group-limited top-k (groups scored by the sum of
+    their top-2 biased scores, the others masked with -inf), renormalised (+1e-20) per
+    `norm_topk_prob`, times routed_scaling_factor (Beam applies it in the block); float32 weights.
     """
     n_group = int(router.num_group or 1)
     return _spec(
@@ -192,8 +210,9 @@ def _sigmoid_biased(
 ) -> RoutingSpec:
     """sigmoid, selection on scores + correction bias, weights renormalised (+renorm_eps), times the
     router's `scale_attr`. AFMoE (route_scale, eps 1e-20), HY-V3 and the dots3 vision experts
-    (router_scaling_factor, eps 1e-20), MiniMax-M2 and MiniMax-M3-VL (no eps, no scale): float32
-    weights. Laguna (no eps; weights cast to the input dtype) unless its router logits are softcapped."""
+    (router_scaling_factor, eps 1e-20), MiniMax-M2, MiniMax-M3-VL and Step3p7 text (no eps, no scale;
+    Step3p7's block scales the experts' output itself): float32 weights. Laguna (no eps; weights cast
+    to the input dtype) unless its router logits are softcapped."""
     return _spec(
         router,
         input_dtype,
@@ -269,6 +288,20 @@ def _swiglu_clamped(limit_attr: str):
     return build
 
 
+def _swiglu_post_clamped(experts: nn.Module) -> Activation | None:
+    """Experts that clip where their layer's swiglu limit is set (`limit`, from config.swiglu_limits):
+    min(act(gate), limit) * clamp(up, -limit, limit), the gate clipped after its activation; without a
+    limit (None) act_fn(gate) * up. Bailing-Hybrid (Ling; from Transformers 5.25, no limit before) and
+    Step3p7's text model. Clipping with another act_fn than SiLU is refused (None)."""
+    activation = activation_from_act_fn(experts)
+    limit = getattr(experts, "limit", None)
+    if limit is None:
+        return activation
+    if getattr(activation, "kind", None) != "silu":
+        return None
+    return Activation("swiglu_post_clamped", limit=float(limit))
+
+
 ADAPTERS: tuple[FamilyAdapter, ...] = (
     # Softmax, then top-k.
     FamilyAdapter(("mixtral", "minimax"), routing=partial(_softmax_topk, renormalize=True, cast="float32")),
@@ -298,6 +331,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         logits="float32",
         correction_bias="moe_statics.e_score_correction_bias",
     ),
+    # LongCat-Flash (experts decorated from Transformers 5.25; checked on 5.25): its MoE block routes the
+    # zero experts around the experts.
+    FamilyAdapter(("longcat_flash",), router_attr="router", routing=_longcat_flash, logits="float32", router_linear="classifier"),
     FamilyAdapter(("deepseek_v2", "deepseek_ocr2_text", "unlimited_ocr_text"), routing=_deepseek_v2, logits="float32"),
     FamilyAdapter(("mistral4",), routing=_mistral4),
     FamilyAdapter(("mistral_large4_text",), routing=partial(_mistral4, renormalize=True, cast="float32"), logits="float32"),
@@ -333,12 +369,13 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
             "kimi_linear",
             "solar_open",
             "mimo_v2_flash",
-            "bailing_hybrid",
             "axk1",
+            "minicpm5_moe",  # not in Transformers 5.17; checked on 5.25 (float32 logits with autocast off)
         ),
         routing=_deepseek_v3,
         logits="float32",
     ),
+    FamilyAdapter(("bailing_hybrid",), routing=_deepseek_v3, logits="float32", activation=_swiglu_post_clamped),
     FamilyAdapter(("axk2",), routing=_axk2, logits="float32"),
     # HY-V4-VL's text model (not in Transformers 5.17; checked on 5.24) copies HY-V4's router, experts and MoE block.
     FamilyAdapter(
@@ -372,6 +409,14 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         logits="weight",
         activation=_swiglu_oai("swiglu_alpha", "swiglu_limit"),
     ),
+    # Step3p7's text model (model type "step3p5"; not in Transformers 5.17; checked on 5.25): MiniMax-M2's
+    # router with the correction bias on the router; Bailing-Hybrid's post-activation clipping.
+    FamilyAdapter(
+        ("step3p5",),
+        routing=partial(_sigmoid_biased, renorm_eps=0.0),
+        logits="weight",
+        activation=_swiglu_post_clamped,
+    ),
     FamilyAdapter(("laguna",), routing=_laguna, logits="upcast"),
     FamilyAdapter(("lfm2_moe",), routing=_lfm2_moe),
     FamilyAdapter(("flint",), routing=_flint, logits="float32"),
@@ -380,7 +425,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(("gemma4_text", "diffusion_gemma_text"), router_attr="router"),  # normed input, per-expert scale
     FamilyAdapter(("inkling_text",)),  # also returns the shared experts' gammas
     FamilyAdapter(("zaya",)),  # router MLP with state carried across layers, skip expert
-    FamilyAdapter(("kolibri1",)),  # correction bias added to the logits, sigmoid after selection
+    # Correction bias added to the logits, sigmoid after selection. Kolibri-1.1 (not in Transformers 5.17;
+    # checked on 5.25) copies Kolibri-1's router, experts and MoE block.
+    FamilyAdapter(("kolibri1", "kolibri1_1")),
     # sqrtsoftplus scores in the model dtype; hash routing (a token-id table) in the first layers.
     FamilyAdapter(("deepseek_v4",), activation=_swiglu_clamped("limit")),
 )
