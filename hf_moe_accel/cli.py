@@ -135,7 +135,7 @@ def _env(args: argparse.Namespace) -> int:
     import os
 
     from . import __version__, supported_families
-    from .kernels.pdl import pdl_off_reason
+    from .kernels.pdl import inductor_pdl_off_reason, pdl_off_reason
 
     lines = {
         "hf_moe_accel": __version__,
@@ -154,6 +154,7 @@ def _env(args: argparse.Namespace) -> int:
             props = torch.cuda.get_device_properties(i)
             lines[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
         lines["programmatic dependent launch"] = pdl_off_reason(torch.device("cuda", 0)) or "on (decode kernels, GPU 0)"
+        lines["PDL in compile_decode's inductor kernels"] = inductor_pdl_off_reason(torch.device("cuda", 0)) or "on (GPU 0)"
     families = supported_families()
     lines["supported families"] = f"{len(families)}: {', '.join(families)}"
     if args.preset or args.model:

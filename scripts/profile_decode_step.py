@@ -18,7 +18,8 @@ Transformers' own "sdpa"; "folded" keeps the Triton decode kernel off (grouped h
 KV head in SDPA, as before the kernel was on). Rows carry "pdl": whether the kernels launched with
 programmatic dependent launch (kernels/pdl.py; HF_MOE_ACCEL_PDL=0 in the environment turns it off: an A/B is
 two processes). `--stock-first` runs stock's generate() before ours, as the bench does (ours ran 6.5-8.6%
-slower a step after it: docs/BENCHMARKS.md, tenth run), `--reset-after-stock` then clears what stock left.
+slower a step after it: docs/BENCHMARKS.md, tenth run; the eleventh found why: any other CUDA graph in
+the process), `--reset-after-stock` then clears what stock left.
 """
 
 from __future__ import annotations
@@ -68,7 +69,31 @@ def _host_loop_ms(model, runner, ids, new_tokens: int) -> float:
             runner._steps[key].replay = replay
 
 
-def _launch_us(replay, cache, positions) -> float:
+def captured_step(model, batch: int) -> tuple:
+    """(replay, its cache, the cache's write positions now) of the graph captured for `batch`."""
+    runner = getattr(model, STATE_ATTR).runner
+    replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
+    cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
+    return replay, cache, [layer.cumulative_length.clone() for layer in cache.layers]
+
+
+def bare_replay_ms(replay, cache, positions) -> float:
+    """Median ms of 20 replays, timed with CUDA events; each replay advances the cache's write
+    positions, so they are put back between replays (outside the timed region)."""
+    times = []
+    for _ in range(20):
+        for layer, saved in zip(cache.layers, positions):
+            layer.cumulative_length.copy_(saved - 1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def replay_launch_us(replay, cache, positions) -> float:
     """Host µs of one replay() (cudaGraphLaunch) while the GPU is busy, so the launch itself is timed."""
     times = []
     for _ in range(10):
@@ -111,23 +136,9 @@ def _measure(model, state, batch: int, args) -> dict:
         _generate_seconds(model, ids, args.new_tokens)  # a new input layout: captured here
         variants[name] = _step_ms(model, ids, args.new_tokens)
         setattr(state, switch, True)
-    # The bare replay, timed with CUDA events; each replay advances the cache's write
-    # positions, so they are put back between replays (outside the timed region).
-    replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
-    cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
-    positions = [layer.cumulative_length.clone() for layer in cache.layers]
-    times = []
-    for _ in range(20):
-        for layer, saved in zip(cache.layers, positions):
-            layer.cumulative_length.copy_(saved - 1)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    replay_ms = sorted(times)[len(times) // 2]
-    launch_us = _launch_us(replay, cache, positions)
+    replay, cache, positions = captured_step(model, batch)
+    replay_ms = bare_replay_ms(replay, cache, positions)
+    launch_us = replay_launch_us(replay, cache, positions)
     if args.kernels:
         for layer, saved in zip(cache.layers, positions):
             layer.cumulative_length.copy_(saved - 1)

@@ -5,6 +5,8 @@ import torch
 
 from hf_moe_accel import accelerate, patch_report, unpatch
 from hf_moe_accel.bench.presets import PRESETS
+from hf_moe_accel.kernels import pdl
+from hf_moe_accel.patches.swap import STATE_ATTR
 
 from .helpers import heldout_perplexity, load_fixture, two_layer_preset
 from .test_fixtures import _greedy
@@ -77,6 +79,9 @@ def test_graph_decode_greedy_tokens_equal_stock_on_presets(preset):
     to bf16 accuracy. Where they part and where routing flipped are printed (BENCHMARKS.md)."""
     from .test_routing_flips import compare_up_to_first_flip
 
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, inductor_pdl)
+    if inductor_pdl == "1" and (reason := pdl.inductor_pdl_off_reason(torch.device("cuda"))) is not None:
+        pytest.skip(f"inductor's kernels can't use PDL here: {reason}")
     model = two_layer_preset(preset)
     prompt = torch.randint(1, model.config.vocab_size, (2, 16), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -112,10 +117,12 @@ def _check_greedy_parts_at_a_near_tie(what: str, ours, reference, prompt_len: in
     assert max(errors, default=0.0) < 3e-2, f"{what}: logits differ by {max(errors):.2e} before any routing flip"
 
 
+@pytest.mark.parametrize("inductor_pdl", ["0", "1"])
 @pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b"])
-def test_compiled_graph_decode_as_accurate_as_stock_on_presets(preset):
+def test_compiled_graph_decode_as_accurate_as_stock_on_presets(preset, inductor_pdl, monkeypatch):
     """compile_decode (issue 3) on two layers of each preset, bf16, random weights: every step is a
-    replay of a compiled capture, and its 32 greedy steps are as accurate as stock's. Inductor keeps
+    replay of a compiled capture, and its 32 greedy steps are as accurate as stock's, also with inductor's
+    kernels launched with PDL (HF_MOE_ACCEL_INDUCTOR_PDL=1, kernels/pdl.py). Inductor keeps
     bf16 elementwise math in float32 inside its fused kernels, so its logits differ from both bf16
     eager paths by more than they differ from each other (3.4e-2 from the uncompiled graphs on
     qwen3, H200, 2026-12-03): the bar is a float32 copy of the model, teacher-forced on the compiled
@@ -124,6 +131,9 @@ def test_compiled_graph_decode_as_accurate_as_stock_on_presets(preset):
 
     from hf_moe_accel.graphs import graph_stats
 
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, inductor_pdl)
+    if inductor_pdl == "1" and (reason := pdl.inductor_pdl_off_reason(torch.device("cuda"))) is not None:
+        pytest.skip(f"inductor's kernels can't use PDL here: {reason}")
     model = two_layer_preset(preset)
     prompt = torch.randint(1, model.config.vocab_size, (2, 16), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -132,7 +142,9 @@ def test_compiled_graph_decode_as_accurate_as_stock_on_presets(preset):
     accelerate(model, compile_decode=True)
     compiled = model.generate(prompt, **kwargs)
     stats = graph_stats(model)
+    options = getattr(model, STATE_ATTR).runner.compile_options
     unpatch(model)
+    assert options == ({"triton.enable_pdl": True} if inductor_pdl == "1" else None)
     assert stats["captures"] == stats["compiled_captures"] == 1 and not stats["failed_compiles"], stats
     assert stats["replays"] == 31 and stats["eager_steps"] == 0
     assert stats["graph_memory_bytes"] >= 0, stats  # the capture's own cache release isn't counted

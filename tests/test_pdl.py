@@ -23,6 +23,43 @@ def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
     assert pdl.pdl_launch_options(torch.device("cuda", 0)) == {}
 
 
+def test_inductor_pdl_is_opt_in_and_needs_pdl(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv(pdl.INDUCTOR_SWITCH, raising=False)
+    assert pdl.inductor_pdl_off_reason(cuda) == f"off (opt in with {pdl.INDUCTOR_SWITCH}=1)"
+    assert pdl.inductor_compile_options(cuda) == {}
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, "1")
+    assert pdl.inductor_pdl_off_reason(torch.device("cpu")) == "off (not a CUDA launch)"
+    monkeypatch.setenv(pdl.ENV_SWITCH, "0")  # our kernels' switch turns inductor's off too
+    assert pdl.inductor_pdl_off_reason(cuda) == f"off ({pdl.ENV_SWITCH}=0)"
+    monkeypatch.delenv(pdl.ENV_SWITCH)
+    monkeypatch.setattr(pdl, "pdl_off_reason", lambda device: None)  # as on a Hopper GPU
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        assert pdl.inductor_compile_options(cuda) == {"triton.enable_pdl": True}
+    else:
+        assert pdl.inductor_pdl_off_reason(cuda) == "off (this torch's inductor has no triton.enable_pdl)"
+
+
+def test_compiled_step_gets_inductors_pdl_option_only_from_inductor(monkeypatch):
+    """enable_graph_decode hands the options to torch.compile for inductor, none for another backend."""
+    from hf_moe_accel.graphs import generate
+
+    monkeypatch.setattr(generate, "inductor_compile_options", lambda device: {"triton.enable_pdl": True})
+    model = torch.nn.Linear(2, 2)
+    assert generate._compile_options(model, generate.GraphBackend("cuda", None, "inductor")) == {"triton.enable_pdl": True}
+    assert generate._compile_options(model, generate.GraphBackend("cuda", None, "aot_eager")) is None
+    monkeypatch.setattr(generate, "inductor_compile_options", lambda device: {})
+    assert generate._compile_options(model, generate.GraphBackend("cuda", None, "inductor")) is None
+    from hf_moe_accel.graphs import runner
+
+    calls = []
+    monkeypatch.setattr(runner.torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    runner.DecodeGraphs(model, None, compile_backend="inductor", compile_options={"triton.enable_pdl": True})._compiled()
+    assert calls == [dict(backend="inductor", dynamic=False, fullgraph=False, options={"triton.enable_pdl": True})]
+
+
 class _DecodeChain:
     """`layers` decoder-like layers of the kernels PDL launches, each reading the one before's output:
     RMSNorm, a router linear, routing, the decode experts (gate_up, down), three q/k/v-like linears and

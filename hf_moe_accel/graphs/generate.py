@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationConfig, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
+from ..kernels.pdl import inductor_compile_options
 from ..patches.attention import DECODE_ATTENTION
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, length_bucket, static_cache_blocker
@@ -93,6 +94,13 @@ def check_compile_decode(compile_decode: bool, cuda_graphs: bool) -> None:
         raise ValueError("compile_decode=True compiles the decode step captured in CUDA graphs: it needs cuda_graphs=True")
 
 
+def _compile_options(model: nn.Module, backend: GraphBackend) -> dict | None:
+    """Inductor's options for the compiled step (its kernels with PDL where opted in: kernels/pdl.py)."""
+    if backend.compile_backend != "inductor":
+        return None
+    return inductor_compile_options(next(model.parameters()).device) or None
+
+
 def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, compile_decode: bool = False) -> None:
     """Make `model.generate()` decode through captured graphs whenever it can (in place); with
     `compile_decode`, each graph captures the step compiled by torch.compile (`backend.compile_backend`)."""
@@ -104,6 +112,7 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
     pool = StaticCachePool(config, max_entries=1 if hasattr(model, GRAPH_STEP_CHECK_ATTR) else 3)
     # A placement's step check and hook are set before graph decode is (accelerate() applies it last).
     runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
+                          compile_options=_compile_options(model, backend) if compile_decode else None,
                           step_blocker=getattr(model, GRAPH_STEP_CHECK_ATTR, None),
                           before_replay=getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None),
                           rehearsal=getattr(model, GRAPH_REHEARSAL_ATTR, None))

@@ -101,7 +101,8 @@ class DecodeGraphs:
     """Callable standing in for `model(**inputs)` during decoding."""
 
     def __init__(self, model: nn.Module, pool: StaticCachePool, capture: Capture = capture_cuda_graph,
-                 compile_backend: CompileBackend | None = None, step_blocker: StepBlocker | None = None,
+                 compile_backend: CompileBackend | None = None, compile_options: dict | None = None,
+                 step_blocker: StepBlocker | None = None,
                  before_replay: Callable[[], None] | None = None,
                  rehearsal: Callable[[], AbstractContextManager] | None = None):
         self.model = model
@@ -113,6 +114,7 @@ class DecodeGraphs:
         self.pool = pool
         self.capture = capture
         self.compile_backend = compile_backend  # None: capture the model itself
+        self.compile_options = compile_options  # torch.compile's backend options (inductor config)
         self.stats = GraphStats()
         self._compiled_model: Callable | None = None
         self._steps: dict[tuple, _Step] = {}
@@ -257,7 +259,8 @@ class DecodeGraphs:
         if self.compile_backend is None or self.stats.failed_compiles:
             return None
         if self._compiled_model is None:
-            self._compiled_model = torch.compile(self.model, backend=self.compile_backend, dynamic=False, fullgraph=False)
+            self._compiled_model = torch.compile(self.model, backend=self.compile_backend, dynamic=False, fullgraph=False,
+                                                 options=self.compile_options)
         return self._compiled_model
 
     def _stop_compiling(self, error: Exception) -> None:

@@ -15,6 +15,12 @@ just before it, would not cover the predecessor. `prologue` does both calls; a k
 
 Off under Triton's interpreter, on CPU tensors, before compute capability 9.0, with a Triton without
 `launch_pdl`, or with HF_MOE_ACCEL_PDL=0 in the environment (A/B runs).
+
+With `compile_decode`, inductor's own kernels sit between ours in the step. HF_MOE_ACCEL_INDUCTOR_PDL=1
+has inductor generate them with PDL too (its `triton.enable_pdl`, for our compile only). With
+inductor's global switch for it, qwen3-30b-a3b's batch-1 replay on an H200 took 2.82-2.84 ms against
+3.13-3.17 in a process that had captured other CUDA graphs, where PDL on our kernels alone gains little
+(docs/BENCHMARKS.md, eleventh run). Opt-in until the GPU accuracy tests have run with it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import triton.language as tl
 from .tuning import interpreting
 
 ENV_SWITCH = "HF_MOE_ACCEL_PDL"
+INDUCTOR_SWITCH = "HF_MOE_ACCEL_INDUCTOR_PDL"
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,6 +76,26 @@ def pdl_enabled(device: torch.device) -> bool:
 def pdl_launch_options(device: torch.device) -> dict:
     """Keyword arguments for a launch of a kernel with a `USE_PDL` constexpr: PDL on where `pdl_enabled`."""
     return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
+
+
+def inductor_pdl_off_reason(device: torch.device) -> str | None:
+    """Why a compiled decode step's inductor kernels launch without PDL, or None when they launch with it."""
+    if os.environ.get(INDUCTOR_SWITCH, "0") != "1":
+        return f"off (opt in with {INDUCTOR_SWITCH}=1)"
+    reason = pdl_off_reason(device)
+    if reason is not None:
+        return reason
+    import torch._inductor.config as inductor_config  # imported late: inductor is heavy and only compile_decode needs it
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return "off (this torch's inductor has no triton.enable_pdl)"
+    return None
+
+
+def inductor_compile_options(device: torch.device) -> dict:
+    """torch.compile options (inductor) for a decode step on `device`: its kernels with PDL where
+    `inductor_pdl_off_reason` says on; none otherwise."""
+    return {"triton.enable_pdl": True} if inductor_pdl_off_reason(device) is None else {}
 
 
 @triton.jit
