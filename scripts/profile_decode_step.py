@@ -77,13 +77,11 @@ def captured_step(model, batch: int) -> tuple:
     return replay, cache, [layer.cumulative_length.clone() for layer in cache.layers]
 
 
-def bare_replay_ms(replay, cache, positions) -> float:
-    """Median ms of 20 replays, timed with CUDA events; each replay advances the cache's write
-    positions, so they are put back between replays (outside the timed region)."""
+def median_replay_ms(replay, before_each=lambda: None) -> float:
+    """Median ms of 20 calls of `replay`, timed with CUDA events; `before_each` runs outside the timed region."""
     times = []
     for _ in range(20):
-        for layer, saved in zip(cache.layers, positions):
-            layer.cumulative_length.copy_(saved - 1)
+        before_each()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         replay()
@@ -91,6 +89,17 @@ def bare_replay_ms(replay, cache, positions) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def put_back_positions(cache, positions) -> None:
+    """Undo a replay's advance of the cache's write positions (`positions`: as captured_step saw them)."""
+    for layer, saved in zip(cache.layers, positions):
+        layer.cumulative_length.copy_(saved - 1)
+
+
+def bare_replay_ms(replay, cache, positions) -> float:
+    """median_replay_ms of our step, its write positions put back between replays."""
+    return median_replay_ms(replay, lambda: put_back_positions(cache, positions))
 
 
 def replay_launch_us(replay, cache, positions) -> float:
@@ -102,8 +111,7 @@ def replay_launch_us(replay, cache, positions) -> float:
         replay()
         times.append(time.perf_counter() - start)
         torch.cuda.synchronize()
-        for layer, saved in zip(cache.layers, positions):
-            layer.cumulative_length.copy_(saved - 1)
+        put_back_positions(cache, positions)
     return 1e6 * sorted(times)[len(times) // 2]
 
 
@@ -140,8 +148,7 @@ def _measure(model, state, batch: int, args) -> dict:
     replay_ms = bare_replay_ms(replay, cache, positions)
     launch_us = replay_launch_us(replay, cache, positions)
     if args.kernels:
-        for layer, saved in zip(cache.layers, positions):
-            layer.cumulative_length.copy_(saved - 1)
+        put_back_positions(cache, positions)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             replay()
             torch.cuda.synchronize()

@@ -9,8 +9,8 @@ CUDA graph (an add, no Triton), kept alive or destroyed again; or an emptied all
 accelerate() and three generate() calls, our step's bare replay and host launch time; the replay again
 with a tiny graph alive beside ours, and once that is destroyed; then the step captured again in the
 same process (the runner's graphs cleared: same compiled code, a new graph and pool), the new graph's
-replay and the first graph's replayed again. Last, a chain of 256 fused-RMSNorm launches captured with PDL on and
-off shows whether PDL still overlaps launches in that state. JSON to OUT/replay_state_<first>.json.
+replay and the first graph's replayed again. Last, a chain of 256 fused-RMSNorm launches captured
+with PDL on and off shows whether PDL still overlaps launches in that state. JSON to OUT/replay_state_<first>.json.
 Measured: docs/BENCHMARKS.md, eleventh run.
 """
 
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from profile_decode_step import bare_replay_ms, captured_step, replay_launch_us
+from profile_decode_step import bare_replay_ms, captured_step, median_replay_ms, replay_launch_us
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
@@ -60,22 +60,9 @@ def capture_chain(hidden: int, with_pdl: bool) -> torch.cuda.CUDAGraph:
             os.environ[pdl.ENV_SWITCH] = saved
 
 
-def graph_ms(graph: torch.cuda.CUDAGraph) -> float:
-    """Median ms of 20 replays, CUDA events."""
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def chain_figures(hidden: int) -> dict:
     """ms of a fresh RMSNorm chain's replay, PDL on and off."""
-    return {f"chain_pdl_{name}_ms": graph_ms(capture_chain(hidden, with_pdl))
+    return {f"chain_pdl_{name}_ms": median_replay_ms(capture_chain(hidden, with_pdl).replay)
             for name, with_pdl in (("on", True), ("off", False))}
 
 
