@@ -99,6 +99,7 @@ CASES = [
     Case(tokens=3, top_k=4, transposed=True, act="swiglu_clamped", limit=0.75, dtype=torch.float16),
     Case(tokens=3, top_k=2, interleaved=True, bias=True, act="swiglu_clamped", limit=0.75),
     Case(tokens=24, top_k=2, act="swiglu_clamped", limit=0.75, dtype=torch.float16, used_experts=3),  # several blocks per expert
+    Case(tokens=1, top_k=2, act="swiglu_post_clamped", limit=0.75),
     Case(tokens=3, top_k=2, act="swiglu_post_clamped", limit=0.75),
     Case(tokens=24, top_k=2, transposed=True, act="swiglu_post_clamped", limit=0.75, dtype=torch.float16, used_experts=3),
     Case(tokens=3, top_k=2, has_gate=False, act="relu2"),
