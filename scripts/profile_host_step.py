@@ -7,7 +7,8 @@ accelerated and served by the graph runner with a stand-in capture whose replay 
 is timed is the host's own work in a decode step: generate()'s loop (inputs, logits processors,
 stopping checks) plus the runner's input copies. With the model's EOS token (olmoe's config has one,
 qwen3's preset none), min_new_tokens adds a processor over the whole vocabulary each step; here on
-CPU tensors that is compute, on a GPU it is a few kernel launches. `--profile`: cProfile of one call.
+CPU tensors that is compute, on a GPU it is a few kernel launches. Also printed: the runner's own share
+(its calls timed: input copies, replay, output hand-out). `--profile`: cProfile of one call.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.graphs.generate import GraphBackend, enable_graph_decode
+from hf_moe_accel.graphs.runner import DecodeGraphs
 
 FAMILIES = {
     "olmoe": dict(model_type="olmoe", num_hidden_layers=16, vocab_size=50304, eos_token_id=50279,
@@ -33,6 +35,28 @@ FAMILIES = {
 
 def _no_op_capture(forward, pool):
     return (lambda: None), forward()
+
+
+class _RunnerClock:
+    """Times every DecodeGraphs call (the runner's host work per decode step)."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+        self._call = DecodeGraphs.__call__
+        clock = self
+
+        def timed_call(runner, **kwargs):
+            start = time.perf_counter()
+            try:
+                return clock._call(runner, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - start
+                clock.calls += 1
+
+        DecodeGraphs.__call__ = timed_call
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
 
 def main() -> None:
@@ -59,11 +83,15 @@ def main() -> None:
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         return time.perf_counter() - start
 
+    runner_clock = _RunnerClock()
     seconds(args.new_tokens)  # captures
     one = min(seconds(1) for _ in range(3))
     full = min(seconds(args.new_tokens) for _ in range(3))
+    runner_clock.reset()
+    seconds(args.new_tokens)
     eos = "no EOS" if args.no_eos else f"EOS {config.eos_token_id}"
-    print(f"{args.family} ({eos}): host {1e3 * (full - one) / (args.new_tokens - 1):.3f} ms a decode step")
+    print(f"{args.family} ({eos}): host {1e3 * (full - one) / (args.new_tokens - 1):.3f} ms a decode step, of which "
+          f"the runner {1e6 * runner_clock.seconds / runner_clock.calls:.1f} us ({runner_clock.calls} calls)")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()

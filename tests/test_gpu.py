@@ -79,9 +79,6 @@ def test_graph_decode_greedy_tokens_equal_stock_on_presets(preset):
     to bf16 accuracy. Where they part and where routing flipped are printed (BENCHMARKS.md)."""
     from .test_routing_flips import compare_up_to_first_flip
 
-    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, inductor_pdl)
-    if inductor_pdl == "1" and (reason := pdl.inductor_pdl_off_reason(torch.device("cuda"))) is not None:
-        pytest.skip(f"inductor's kernels can't use PDL here: {reason}")
     model = two_layer_preset(preset)
     prompt = torch.randint(1, model.config.vocab_size, (2, 16), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,

@@ -163,6 +163,20 @@ def test_return_dict_with_scores(pair):
     assert int(kept.get_seq_length()) == length
 
 
+def test_hidden_states_kept_by_generate_are_each_steps_own(pair):
+    """generate() keeps every step's hidden states: the runner hands them out as copies of graph
+    memory (the next replay overwrites it), so each step's are its own, equal to the eager path's."""
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_hidden_states=True)
+    replays = graph_stats(pair.graphs)["replays"]
+    ours, eager = pair.both(pair.inputs(PROMPTS), **kwargs)
+    assert graph_stats(pair.graphs)["replays"] == replays + 5  # the decode steps were replays
+    assert torch.equal(ours.sequences, eager.sequences)
+    assert len(ours.hidden_states) == len(eager.hidden_states) == 6
+    for mine, theirs in zip(ours.hidden_states[1:], eager.hidden_states[1:]):
+        for layer_mine, layer_theirs in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(layer_mine, layer_theirs)
+
+
 def test_pipeline(pair):
     text_gen = dict(max_new_tokens=12, do_sample=False)
     ours = pipeline("text-generation", model=pair.graphs, tokenizer=pair.tokenizer)(PROMPTS[0], **text_gen)

@@ -23,12 +23,12 @@ def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
     assert pdl.pdl_launch_options(torch.device("cuda", 0)) == {}
 
 
-def test_inductor_pdl_is_opt_in_and_needs_pdl(monkeypatch):
+def test_inductor_pdl_follows_pdl_unless_switched_off(monkeypatch):
     cuda = torch.device("cuda", 0)
-    monkeypatch.delenv(pdl.INDUCTOR_SWITCH, raising=False)
-    assert pdl.inductor_pdl_off_reason(cuda) == f"off (opt in with {pdl.INDUCTOR_SWITCH}=1)"
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, "0")
+    assert pdl.inductor_pdl_off_reason(cuda) == f"off ({pdl.INDUCTOR_SWITCH}=0)"
     assert pdl.inductor_compile_options(cuda) == {}
-    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, "1")
+    monkeypatch.delenv(pdl.INDUCTOR_SWITCH)  # on by default, where our kernels' PDL is
     assert pdl.inductor_pdl_off_reason(torch.device("cpu")) == "off (not a CUDA launch)"
     monkeypatch.setenv(pdl.ENV_SWITCH, "0")  # our kernels' switch turns inductor's off too
     assert pdl.inductor_pdl_off_reason(cuda) == f"off ({pdl.ENV_SWITCH}=0)"

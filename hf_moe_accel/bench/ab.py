@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..api import accelerate, unpatch
 from ..graphs import graph_stats
+from ..kernels.pdl import inductor_pdl_off_reason, pdl_off_reason
 from ..plotting import pyplot
 from .hbm import decode_step_bytes
 from .timing import (
@@ -136,6 +137,8 @@ def _row(model, model_name, device, workload, stock, ours, graphs, options, band
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **workload.__dict__,
         "accelerate_options": options,
+        # Programmatic dependent launch of our decode kernels and of compile_decode's inductor kernels.
+        "pdl": {"kernels": pdl_off_reason(device) or "on", "inductor": inductor_pdl_off_reason(device) or "on"},
         "stock": {**(best or {}), "best_baseline": best_name, "baselines": stock},
         "ours": {**ours.as_dict(), "graphs": graphs},
         "speedup": ours.decode_tokens_per_s / best["decode_tokens_per_s"] if best else None,

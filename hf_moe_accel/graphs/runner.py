@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .cache_pool import StaticCachePool
 
@@ -81,6 +81,44 @@ class _Step:
     replay: Callable[[], None]
     inputs: list  # captured input leaves: tensors are the buffers the graph reads
     output: object
+    tensor_inputs: list[int] = field(init=False)  # where in `inputs` the buffers are
+    copied_fields: tuple[str, ...] | None = field(init=False)  # see hand_out
+
+    def __post_init__(self) -> None:
+        self.tensor_inputs = [i for i, leaf in enumerate(self.inputs) if isinstance(leaf, torch.Tensor)]
+        self.copied_fields = _fields_to_copy(self.output)
+
+    def copy_inputs(self, leaves: list) -> None:
+        # One foreach call: on CUDA one launch for the step's ids and positions instead of one each.
+        if self.tensor_inputs:
+            torch._foreach_copy_([self.inputs[i] for i in self.tensor_inputs], [leaves[i] for i in self.tensor_inputs])
+
+    def hand_out(self) -> object:
+        """The replay's output for generate(). It lives in graph memory that the next replay overwrites.
+        The logits are handed out as they are: generate() copies them (to float32) before its next call,
+        in every release we support (the return-dict tests hold the scores and logits it keeps to the
+        eager path's). Any other tensor (hidden states, attentions: generate() keeps those) is a copy.
+        With nothing to copy, the same output object serves every replay: no per-step rebuild."""
+        if self.copied_fields is None:
+            return tree_map(_copy_tensor, self.output)
+        if not self.copied_fields:
+            return self.output
+        fields = dict(self.output)
+        fields.update({name: tree_map(_copy_tensor, fields[name]) for name in self.copied_fields})
+        return type(self.output)(**fields)
+
+
+def _copy_tensor(leaf: object) -> object:
+    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _fields_to_copy(output: object) -> tuple[str, ...] | None:
+    """The fields of a step's output (a ModelOutput) that `_Step.hand_out` copies: those holding
+    tensors, but the logits. None: not a mapping, every tensor is copied."""
+    if not isinstance(output, Mapping):
+        return None
+    return tuple(name for name, value in output.items()
+                 if name != "logits" and any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value)))
 
 
 def _signature(leaf: object) -> object:
@@ -140,13 +178,10 @@ class DecodeGraphs:
             return self.model(**kwargs)
         if self.before_replay is not None:
             self.before_replay()
-        for buffer, leaf in zip(step.inputs, leaves):
-            if isinstance(buffer, torch.Tensor):
-                buffer.copy_(leaf)
+        step.copy_inputs(leaves)
         step.replay()
         self.stats.replays += 1
-        # Outputs live in graph memory that the next replay overwrites: hand out copies.
-        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, step.output)
+        return step.hand_out()
 
     def _blocked(self, input_ids: torch.Tensor, cache) -> bool:
         if self.step_blocker is None:

@@ -16,11 +16,12 @@ just before it, would not cover the predecessor. `prologue` does both calls; a k
 Off under Triton's interpreter, on CPU tensors, before compute capability 9.0, with a Triton without
 `launch_pdl`, or with HF_MOE_ACCEL_PDL=0 in the environment (A/B runs).
 
-With `compile_decode`, inductor's own kernels sit between ours in the step. HF_MOE_ACCEL_INDUCTOR_PDL=1
-has inductor generate them with PDL too (its `triton.enable_pdl`, for our compile only). With
-inductor's global switch for it, qwen3-30b-a3b's batch-1 replay on an H200 took 2.82-2.84 ms against
-3.13-3.17 in a process that had captured other CUDA graphs, where PDL on our kernels alone gains little
-(docs/BENCHMARKS.md, eleventh run). Opt-in until the GPU accuracy tests have run with it.
+With `compile_decode`, inductor's own kernels sit between ours in the step: they launch with PDL too
+(inductor's `triton.enable_pdl`, passed to our compile only; stock's compiles are untouched), else a
+process that has captured any other CUDA graph loses most of PDL's overlap (docs/BENCHMARKS.md,
+eleventh run). On an H200, qwen3-30b-a3b batch 1 in such a process: replay 2.82-2.84 ms against
+3.13-3.17; the bench 341.0-344.3 tok/s against 318.2 (tenth and twelfth runs). HF_MOE_ACCEL_INDUCTOR_PDL=0
+turns it off.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def pdl_launch_options(device: torch.device) -> dict:
 
 def inductor_pdl_off_reason(device: torch.device) -> str | None:
     """Why a compiled decode step's inductor kernels launch without PDL, or None when they launch with it."""
-    if os.environ.get(INDUCTOR_SWITCH, "0") != "1":
-        return f"off (opt in with {INDUCTOR_SWITCH}=1)"
+    if os.environ.get(INDUCTOR_SWITCH, "1") == "0":
+        return f"off ({INDUCTOR_SWITCH}=0)"
     reason = pdl_off_reason(device)
     if reason is not None:
         return reason
