@@ -82,16 +82,18 @@ class _Step:
     inputs: list  # captured input leaves: tensors are the buffers the graph reads
     output: object
     tensor_inputs: list[int] = field(init=False)  # where in `inputs` the buffers are
+    buffers: list[torch.Tensor] = field(init=False)  # those buffers, in that order
     copied_fields: tuple[str, ...] | None = field(init=False)  # see hand_out
 
     def __post_init__(self) -> None:
         self.tensor_inputs = [i for i, leaf in enumerate(self.inputs) if isinstance(leaf, torch.Tensor)]
+        self.buffers = [self.inputs[i] for i in self.tensor_inputs]
         self.copied_fields = _fields_to_copy(self.output)
 
     def copy_inputs(self, leaves: list) -> None:
         # One foreach call: on CUDA one launch for the step's ids and positions instead of one each.
-        if self.tensor_inputs:
-            torch._foreach_copy_([self.inputs[i] for i in self.tensor_inputs], [leaves[i] for i in self.tensor_inputs])
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, [leaves[i] for i in self.tensor_inputs])
 
     def hand_out(self) -> object:
         """The replay's output for generate(). It lives in graph memory that the next replay overwrites.
