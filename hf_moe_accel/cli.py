@@ -135,7 +135,7 @@ def _env(args: argparse.Namespace) -> int:
     import os
 
     from . import __version__, supported_families
-    from .kernels.pdl import inductor_pdl_off_reason, pdl_off_reason
+    from .kernels.pdl import ENV_SWITCH, INDUCTOR_SWITCH, inductor_pdl_off_reason, pdl_off_reason
 
     lines = {
         "hf_moe_accel": __version__,
@@ -146,15 +146,19 @@ def _env(args: argparse.Namespace) -> int:
         "triton": _version("triton"),
         "accelerate": _version("accelerate"),
         "CUDA available": str(torch.cuda.is_available()),
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
+        **{name: os.environ.get(name, "unset") for name in ("TRITON_INTERPRET", ENV_SWITCH, INDUCTOR_SWITCH)},
     }
     if torch.cuda.is_available():
         lines["CUDA (torch build)"] = str(torch.version.cuda)
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             lines[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
-        lines["programmatic dependent launch"] = pdl_off_reason(torch.device("cuda", 0)) or "on (decode kernels, GPU 0)"
-        lines["PDL in compile_decode's inductor kernels"] = inductor_pdl_off_reason(torch.device("cuda", 0)) or "on (GPU 0)"
+        for key, off_reason, on in (("programmatic dependent launch", pdl_off_reason, "on (decode kernels, GPU 0)"),
+                                    ("PDL in compile_decode's inductor kernels", inductor_pdl_off_reason, "on (GPU 0)")):
+            try:
+                lines[key] = off_reason(torch.device("cuda", 0)) or on
+            except ValueError as error:  # a switch set to a value it does not take: the report says so
+                lines[key] = f"error: {error}"
     families = supported_families()
     lines["supported families"] = f"{len(families)}: {', '.join(families)}"
     if args.preset or args.model:

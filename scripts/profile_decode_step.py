@@ -9,7 +9,8 @@ host loop adds: input preparation, mask, logits processors, stopping checks), th
 per step (generate() with the replays made no-ops: the pace the host alone allows), the host time
 of one graph launch (cudaGraphLaunch, with the GPU busy), capture time and graph memory. JSON to
 OUT/profile_decode_step.json.
-`--kernels`: the GPU kernels of one replay, by total time (torch.profiler); `--host`: the host
+`--kernels`: the GPU kernels of one replay, by total time (torch.profiler), then by the time each adds
+to the replay's end (`critical_path`: with PDL kernels overlap, so their own spans overstate them); `--host`: the host
 functions of one generate() call, by cumulative time (cProfile); `--trace`: a Chrome trace (host and
 GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GPU waits for the host.
 `--decode-linear-data FILE`: the decode linears' tuned data from FILE (an A/B of two config files, each
@@ -28,6 +29,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,6 +117,38 @@ def replay_launch_us(replay, cache, positions) -> float:
     return 1e6 * sorted(times)[len(times) // 2]
 
 
+def critical_path(kernels: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """Per kernel, named with the kernel before it (q/k/v, o_proj and the router are one kernel name):
+    [launches, us it adds to the end of the chain, us of its own spans], from (name, start us, duration us)
+    in launch order. A kernel adds its end minus the latest end before it."""
+    table: dict[str, list[float]] = {}
+    latest_end, before = float("-inf"), "(first)"
+    for name, start, duration in kernels:
+        added = max(0.0, start + duration - latest_end) if latest_end > float("-inf") else duration
+        latest_end = max(latest_end, start + duration)
+        row = table.setdefault(f"{name[:56]} <- {before[:36]}", [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += added
+        row[2] += duration
+        before = name
+    return table
+
+
+def _print_critical_path(prof) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "replay.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted(((e["name"], float(e["ts"]), float(e["dur"])) for e in events if e.get("cat") == "kernel"),
+                     key=lambda kernel: kernel[1])
+    table = critical_path(kernels)
+    total = sum(row[1] for row in table.values())
+    print(f"critical path of one replay: {total:.1f} us over {len(kernels)} kernels")
+    print(f"{'kernel <- the kernel before it':<96} {'launches':>8} {'added us':>9} {'span us':>9}")
+    for key, (launches, added, span) in sorted(table.items(), key=lambda item: -item[1][1])[:30]:
+        print(f"{key:<96} {launches:>8} {added:>9.1f} {span:>9.1f}")
+
+
 def _select_attention(choice: str) -> None:
     """Make accelerate() set the attention `choice` names (see the module docstring)."""
     if choice == "transformers":
@@ -153,6 +187,7 @@ def _measure(model, state, batch: int, args) -> dict:
             replay()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        _print_critical_path(prof)
     if args.host:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -69,7 +69,7 @@ def default_config(layer: Layer, path: str) -> dict:
 
 def decode_grid(wide: bool = False) -> list[dict]:
     """Tiles of the decode kernels; `wide` adds narrow, long tiles (fewer K steps, more bytes in flight)."""
-    block_ns, block_ks = ((4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048)) if wide else ((8, 16, 32, 64), (128, 256, 512))
+    block_ns, block_ks = ((2, 4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048)) if wide else ((8, 16, 32, 64), (128, 256, 512))
     grid = []
     for block_n, block_k, warps in itertools.product(block_ns, block_ks, (4, 8)):
         if block_n * block_k <= 16384:
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="tune the decode path alone: the prefill path keeps the heuristic, and which path a token "
                              "count takes keeps its default rule (no prefill timings to compare against)")
-    parser.add_argument("--wide", action="store_true", help="a wider decode grid: BLOCK_N down to 4, BLOCK_K up to 2048")
+    parser.add_argument("--wide", action="store_true", help="a wider decode grid: BLOCK_N down to 2, BLOCK_K up to 2048")
     args = parser.parse_args()
     token_counts = sorted(int(t) for t in args.tokens.split(","))
     s = SHAPES[args.shape]

@@ -40,6 +40,18 @@ def test_kernel_matches_f_linear(dtype, rows, sizes, bias):
         torch.testing.assert_close(out, ref, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-3 if dtype == torch.float16 else 1e-5)
 
 
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kernel_over_several_k_tiles(block_k, rows):
+    """K = 100 over 4, 2 and 1 tiles (the first loaded before the PDL wait, the rest in the loop), the last partial."""
+    generator = torch.Generator().manual_seed(block_k + rows)
+    x = torch.randn(rows, 100, generator=generator).to(_device(), torch.float32)
+    weights, biases = _linears((40, 8, 8), 100, torch.float32, True, generator)
+    config = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4}
+    for out, ref in zip(decode_linears_triton(x, weights, biases, config=config), decode_linears_reference(x, weights, biases)):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_reads_strided_weights_and_inputs():
     """Weight rows with a row stride wider than K (a column slice, as tensor parallelism leaves o_proj) and
     input rows with a stride."""

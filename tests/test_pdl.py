@@ -23,6 +23,30 @@ def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
     assert pdl.pdl_launch_options(torch.device("cuda", 0)) == {}
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("TRUE", True), ("on", True), ("", True),
+                                      ("0", False), ("false", False), ("Off", False), ("no", False)])
+def test_switch_values(monkeypatch, value, on):
+    monkeypatch.setenv(pdl.ENV_SWITCH, value)
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, value)
+    cuda = torch.device("cuda", 0)
+    if on:
+        assert pdl.switch_off_reason(pdl.ENV_SWITCH) is None and pdl.switch_off_reason(pdl.INDUCTOR_SWITCH) is None
+    else:
+        assert pdl.pdl_off_reason(cuda) == f"off ({pdl.ENV_SWITCH}={value})"
+        assert pdl.inductor_pdl_off_reason(cuda) == f"off ({pdl.INDUCTOR_SWITCH}={value})"
+
+
+def test_a_switch_value_it_does_not_take_is_an_error(monkeypatch):
+    """A typo must not leave an A/B run on the wrong side: 'flase' is refused, not read as on."""
+    monkeypatch.setenv(pdl.ENV_SWITCH, "flase")
+    with pytest.raises(ValueError, match="HF_MOE_ACCEL_PDL='flase'"):
+        pdl.pdl_off_reason(torch.device("cpu"))
+    monkeypatch.delenv(pdl.ENV_SWITCH)
+    monkeypatch.setenv(pdl.INDUCTOR_SWITCH, "2")
+    with pytest.raises(ValueError, match="HF_MOE_ACCEL_INDUCTOR_PDL='2'"):
+        pdl.inductor_pdl_off_reason(torch.device("cuda", 0))
+
+
 def test_inductor_pdl_follows_pdl_unless_switched_off(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setenv(pdl.INDUCTOR_SWITCH, "0")
@@ -126,3 +150,17 @@ def test_pdl_decode_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch):
         replayed = captured.clone()
         expected = chain()
         assert torch.equal(replayed, expected), f"replay {trial} differs by {(replayed - expected).abs().max()}"
+
+
+def test_env_report_shows_the_switches_and_a_bad_value(monkeypatch, capsys):
+    """`hf-moe-accel env` prints both switches, and on a GPU machine reports a value they do not take instead of failing."""
+    from hf_moe_accel import cli
+
+    monkeypatch.setenv(pdl.ENV_SWITCH, "flase")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine, with no device to list
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[0]: line.split("  ")[-1].strip() for line in out.splitlines()}
+    assert lines[pdl.ENV_SWITCH] == "flase" and lines[pdl.INDUCTOR_SWITCH] == "unset"
+    assert lines["programmatic dependent launch"].startswith("error: HF_MOE_ACCEL_PDL='flase'")

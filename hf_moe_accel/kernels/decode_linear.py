@@ -131,8 +131,12 @@ def _decode_linears_kernel(
     TILES0, TILES1, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """out_i[row, tile] = x[row] . w_i[tile rows]^T (+ b_i); program (row, t): the t-th tile over all three linears."""
-    prologue(USE_PDL)
+    """out_i[row, tile] = x[row] . w_i[tile rows]^T (+ b_i); program (row, t): the t-th tile over all three linears.
+
+    With PDL the first weight tile is loaded before the wait for the previous kernel: no kernel of a
+    decode step writes a weight, so its bytes stream in while that kernel finishes (inductor's kernels
+    likewise load what the previous kernel does not write before their wait).
+    """
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     if tile < TILES0:
@@ -146,13 +150,17 @@ def _decode_linears_kernel(
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    k_mask = offs_k < K
+    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    prologue(USE_PDL)
+    x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
         x = tl.load(x_ptr + row * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_w + ks[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:

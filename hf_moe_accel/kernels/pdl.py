@@ -11,17 +11,19 @@ The rule for a kernel launched this way (`USE_PDL`): every program calls `gdc_wa
 load or store of anything an earlier kernel may write or read (inputs, outputs, buffers the caching
 allocator hands out again), and before it exits. A program that exits early must wait too: else the
 kernel could finish before its predecessor, and its successor's wait, which covers only the kernel
-just before it, would not cover the predecessor. `prologue` does both calls; a kernel calls it first.
+just before it, would not cover the predecessor. `prologue` does both calls; a kernel calls it first,
+or after loads of what no kernel of a decode step writes (weights: `decode_linear`), which then
+stream in while the previous kernel finishes.
 
 Off under Triton's interpreter, on CPU tensors, before compute capability 9.0, with a Triton without
-`launch_pdl`, or with HF_MOE_ACCEL_PDL=0 in the environment (A/B runs).
+`launch_pdl`, or with HF_MOE_ACCEL_PDL=0 (or false/off/no) in the environment (A/B runs).
 
 With `compile_decode`, inductor's own kernels sit between ours in the step: they launch with PDL too
 (inductor's `triton.enable_pdl`, passed to our compile only; stock's compiles are untouched), else a
 process that has captured any other CUDA graph loses most of PDL's overlap (docs/BENCHMARKS.md,
 eleventh run). On an H200, qwen3-30b-a3b batch 1 in such a process: replay 2.82-2.84 ms against
-3.13-3.17; the bench 341.0-344.3 tok/s against 318.2 (tenth and twelfth runs). HF_MOE_ACCEL_INDUCTOR_PDL=0
-turns it off.
+3.13-3.17; the bench 339.1-346.6 tok/s against 318.2 (tenth, twelfth and thirteenth runs).
+HF_MOE_ACCEL_INDUCTOR_PDL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ from .tuning import interpreting
 
 ENV_SWITCH = "HF_MOE_ACCEL_PDL"
 INDUCTOR_SWITCH = "HF_MOE_ACCEL_INDUCTOR_PDL"
+_OFF_VALUES = frozenset({"0", "false", "off", "no"})
+_ON_VALUES = frozenset({"", "1", "true", "on", "yes"})
+
+
+def switch_off_reason(name: str) -> str | None:
+    """Why the environment switch `name` turns its feature off ("off (NAME=value)"), or None where it is on.
+
+    Unset or empty, 1/true/on/yes: on; 0/false/off/no: off (any case). Any other value raises, so that a
+    typo does not leave an A/B run measuring the wrong side.
+    """
+    value = os.environ.get(name)
+    if value is None or value.strip().lower() in _ON_VALUES:
+        return None
+    if value.strip().lower() in _OFF_VALUES:
+        return f"off ({name}={value})"
+    raise ValueError(f"{name}={value!r}: set 0, false, off or no to turn it off; 1, true, on or yes (or unset) for on")
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,8 +75,9 @@ def _device_has_pdl(index: int) -> bool:
 
 def pdl_off_reason(device: torch.device) -> str | None:
     """Why kernels on `device` launch without PDL, or None when they launch with it."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return f"off ({ENV_SWITCH}=0)"
+    reason = switch_off_reason(ENV_SWITCH)
+    if reason is not None:
+        return reason
     if device.type != "cuda" or interpreting():
         return "off (not a CUDA launch)"
     if not _triton_has_pdl():
@@ -81,9 +100,7 @@ def pdl_launch_options(device: torch.device) -> dict:
 
 def inductor_pdl_off_reason(device: torch.device) -> str | None:
     """Why a compiled decode step's inductor kernels launch without PDL, or None when they launch with it."""
-    if os.environ.get(INDUCTOR_SWITCH, "1") == "0":
-        return f"off ({INDUCTOR_SWITCH}=0)"
-    reason = pdl_off_reason(device)
+    reason = switch_off_reason(INDUCTOR_SWITCH) or pdl_off_reason(device)
     if reason is not None:
         return reason
     import torch._inductor.config as inductor_config  # imported late: inductor is heavy and only compile_decode needs it
