@@ -122,9 +122,9 @@ def critical_path(kernels: list[tuple[str, float, float]]) -> dict[str, list[flo
     [launches, us it adds to the end of the chain, us of its own spans], from (name, start us, duration us)
     in launch order. A kernel adds its end minus the latest end before it."""
     table: dict[str, list[float]] = {}
-    latest_end, before = float("-inf"), "(first)"
+    latest_end, before = (kernels[0][1] if kernels else 0.0), "(first)"  # the first kernel adds its own span
     for name, start, duration in kernels:
-        added = max(0.0, start + duration - latest_end) if latest_end > float("-inf") else duration
+        added = max(0.0, start + duration - latest_end)
         latest_end = max(latest_end, start + duration)
         row = table.setdefault(f"{name[:56]} <- {before[:36]}", [0, 0.0, 0.0])
         row[0] += 1

@@ -21,6 +21,7 @@ import gc
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 from profile_decode_step import bare_replay_ms, captured_step, median_replay_ms, replay_launch_us
@@ -39,9 +40,7 @@ CHAIN_LAUNCHES = 256
 
 def capture_chain(hidden: int, with_pdl: bool) -> torch.cuda.CUDAGraph:
     """A graph of CHAIN_LAUNCHES fused-RMSNorm launches, each reading the one before's output."""
-    saved = os.environ.get(pdl.ENV_SWITCH)
-    os.environ[pdl.ENV_SWITCH] = "1" if with_pdl else "0"
-    try:
+    with mock.patch.dict(os.environ, {pdl.ENV_SWITCH: "1" if with_pdl else "0"}):
         x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
         weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
         rmsnorm_triton(x, weight, 1e-6)  # compile outside the capture
@@ -53,11 +52,6 @@ def capture_chain(hidden: int, with_pdl: bool) -> torch.cuda.CUDAGraph:
                 y = rmsnorm_triton(y, weight, 1e-6)
         graph.keep_alive = (x, weight, y)  # the graph's inputs and output live as long as it does
         return graph
-    finally:
-        if saved is None:
-            os.environ.pop(pdl.ENV_SWITCH)
-        else:
-            os.environ[pdl.ENV_SWITCH] = saved
 
 
 def chain_figures(hidden: int) -> dict:

@@ -51,9 +51,10 @@ def switch_off_reason(name: str) -> str | None:
     typo does not leave an A/B run measuring the wrong side.
     """
     value = os.environ.get(name)
-    if value is None or value.strip().lower() in _ON_VALUES:
+    setting = "" if value is None else value.strip().lower()
+    if setting in _ON_VALUES:
         return None
-    if value.strip().lower() in _OFF_VALUES:
+    if setting in _OFF_VALUES:
         return f"off ({name}={value})"
     raise ValueError(f"{name}={value!r}: set 0, false, off or no to turn it off; 1, true, on or yes (or unset) for on")
 
