@@ -11,7 +11,10 @@ be served by graphs,
   place of the 4D mask generate() would build on the host each step (`create_masks_for_generate`):
   the model's forward builds the 4D mask itself, inside the captured graph, so the host does less
   between steps (once the stop checks are deferred, `stop_check.py`, the host sets the pace of a
-  small model's decode at batch 1).
+  small model's decode at batch 1);
+- swaps the two logits processors that keep EOS off below a minimum length, each of which rebuilds an
+  EOS mask over the vocabulary every step, for stand-ins that compute the same scores with the mask
+  made once per call (`_get_logits_processor`, `processors.py`).
 A call graphs can't serve runs Transformers' generate() unchanged, with one log line saying why.
 """
 
@@ -28,13 +31,14 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import GenerationConfig, masking_utils
+from transformers import GenerationConfig, LogitsProcessorList, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
 from ..kernels.pdl import inductor_compile_options
 from ..patches.attention import DECODE_ATTENTION
 from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
 from .cache_pool import StaticCachePool, length_bucket, static_cache_blocker
+from .processors import with_stand_ins
 from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
 from .stop_check import deferred_stop_checks
 
@@ -257,6 +261,12 @@ def _get_compiled_call(self, compile_config) -> Callable:
     return super(type(self), self).get_compiled_call(compile_config)
 
 
+def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    processors = super(type(self), self)._get_logits_processor(*args, **kwargs)
+    return with_stand_ins(processors) if state.serving else processors
+
+
 def _create_masks_for_generate(self, *args, **kwargs):
     state: GraphDecodeState = getattr(self, STATE_ATTR)
     if getattr(state.original_class, "create_masks_for_generate", None) is not None:  # a model's own masks: left to it
@@ -300,4 +310,5 @@ _METHODS = {
     "_valid_auto_compile_criteria": _valid_auto_compile_criteria,
     "get_compiled_call": _get_compiled_call,
     "create_masks_for_generate": _create_masks_for_generate,
+    "_get_logits_processor": _get_logits_processor,
 }
