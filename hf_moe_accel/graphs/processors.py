@@ -40,7 +40,8 @@ class EosBelowLengthProcessor(LogitsProcessor):
 
 
 def stand_in_for(processor: LogitsProcessor) -> LogitsProcessor:
-    """`processor`'s cheaper stand-in where it has one (exactly one of the two classes above), else itself."""
+    """`processor`'s stand-in where it is exactly a MinLengthLogitsProcessor or a MinNewTokensLengthLogitsProcessor
+    (a subclass may do more than its parent: kept), else `processor` itself."""
     if type(processor) is MinLengthLogitsProcessor:
         return EosBelowLengthProcessor(processor.eos_token_id, processor.min_length)
     if type(processor) is MinNewTokensLengthLogitsProcessor:
