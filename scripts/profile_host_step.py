@@ -6,8 +6,9 @@ A narrow model (hidden 64) with the layer count and vocabulary of olmoe-1b-7b or
 accelerated and served by the graph runner with a stand-in capture whose replay does nothing, so what
 is timed is the host's own work in a decode step: generate()'s loop (inputs, logits processors,
 stopping checks) plus the runner's input copies. With the model's EOS token (olmoe's config has one,
-qwen3's preset none), min_new_tokens adds a processor over the whole vocabulary each step; here on
-CPU tensors that is compute, on a GPU it is a few kernel launches. Also printed: the runner's own share
+qwen3's preset none), min_new_tokens adds two processors over the whole vocabulary each step (in the
+calls we serve, stand-ins of one masked fill each: graphs/processors.py); here on CPU tensors that is
+compute, on a GPU a kernel launch each. Also printed: the runner's own share
 (its calls timed: input copies, replay, output hand-out). `--profile`: cProfile of one call.
 """
 
