@@ -7,8 +7,8 @@ Each figure is the replay of a CUDA graph of 20 calls, microseconds a call (medi
 replays). The 20 calls cycle over enough copies of the KV cache (>= 256 MiB in all) that L2 does
 not hold them, as in a decode step where every layer reads its own cache. Max abs error against
 SDPA is checked first. --valid-frac < 1 masks the cache's tail (a static cache longer than the
-sequence so far): our kernel skips loading masked keys, SDPA does not. --sweep also times a few
-launch configs of ours (block_k, num_warps, num_stages, dots or not, then splits) and reports the best.
+sequence so far): our kernel skips loading masked keys, SDPA does not. --sweep also times launch
+configs of ours (block_k, num_warps, num_stages, dots or not, splits, masked keys loaded or not) and reports the best.
 """
 
 from __future__ import annotations
@@ -26,25 +26,36 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hf_moe_accel.kernels.decode_attention import _default_splits, decode_attention
+from hf_moe_accel.kernels.decode_attention import decode_attention, launch_plan
 
 CALLS = 20
-# --sweep: each launch config without splits, then the best one with splits.
+# --sweep: each launch config without splits, then splits over small key blocks (short caches at small
+# batches: one loop iteration a program, many programs), then the best few without skipping masked keys' loads.
 LAUNCH = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 2), (256, 8, 1)]
+SPLIT_LAUNCH = [(16, 4, 1), (16, 2, 1), (32, 4, 1), (32, 4, 2), (32, 2, 1), (64, 4, 1), (64, 4, 2)]
 SPLITS = (2, 4, 8, 16, 32)
 
 
 def sweep(args_list, groups: int, keys: int, reps: int) -> list[tuple[float, dict]]:
     timed = []
+    reference = sdpa_folded(*args_list[0]).float()
+
+    def time(config: dict) -> None:
+        err = (decode_attention(*args_list[0], **config).float() - reference).abs().max().item()
+        timed.append((graph_us(functools.partial(decode_attention, **config), args_list, reps),
+                      {**config, "max_abs_err": float(f"{err:.2g}")}))
+
     for block_k, num_warps, num_stages in LAUNCH:
         for use_dot in (True, False) if groups <= 2 else (True,):
-            config = dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot, num_splits=1)
-            timed.append((graph_us(functools.partial(decode_attention, **config), args_list, reps), config))
-    best = min(timed, key=lambda t: t[0])[1]
-    for splits in SPLITS:
-        if splits <= math.ceil(keys / best["block_k"]):
-            config = {**best, "num_splits": splits}
-            timed.append((graph_us(functools.partial(decode_attention, **config), args_list, reps), config))
+            time(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot, num_splits=1))
+    use_dot = min(timed, key=lambda t: t[0])[1]["use_dot"]
+    for block_k, num_warps, num_stages in SPLIT_LAUNCH:
+        for splits in SPLITS:
+            if splits * block_k <= keys:
+                time(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
+                          num_splits=splits))
+    for _, config in sorted(timed, key=lambda t: t[0])[:4]:
+        time({**{k: v for k, v in config.items() if k != "max_abs_err"}, "skip_masked_keys": False})
     return sorted(timed, key=lambda t: t[0])
 
 
@@ -93,6 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype, device = torch.bfloat16, torch.device("cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     rows = []
     for shape in args.heads.split(","):
         heads, kv_heads, dim = map(int, shape.split(":"))
@@ -112,7 +124,7 @@ def main() -> None:
                 sdpa_us = graph_us(sdpa_folded, args_list, args.reps)
                 ours_us = graph_us(decode_attention, args_list, args.reps)
                 row = dict(heads=heads, kv_heads=kv_heads, dim=dim, batch=batch, keys=keys, valid=valid,
-                           splits=_default_splits(batch, kv_heads, keys, device), max_abs_err=err,
+                           plan=launch_plan(batch, kv_heads, keys, dim, sms), max_abs_err=err,
                            sdpa_us=round(sdpa_us, 2), ours_us=round(ours_us, 2), speedup=round(sdpa_us / ours_us, 2))
                 if args.sweep:
                     timed = sweep(args_list, heads // kv_heads, keys, args.reps)
@@ -125,7 +137,7 @@ def main() -> None:
                 del args_list
                 torch.cuda.empty_cache()
 
-    columns = ["heads", "kv_heads", "dim", "batch", "keys", "valid", "splits", "max_abs_err", "sdpa_us", "ours_us",
+    columns = ["heads", "kv_heads", "dim", "batch", "keys", "valid", "plan", "max_abs_err", "sdpa_us", "ours_us",
                "speedup"] + (["best_us", "best_config"] if args.sweep else [])
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, us a call (CUDA graph of {CALLS})\n")
     print("| " + " | ".join(columns) + " |")

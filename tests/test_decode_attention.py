@@ -17,6 +17,7 @@ from hf_moe_accel.kernels.decode_attention import (
     decode_attention,
     decode_attention_op,
     decode_attention_supported,
+    launch_plan,
 )
 from hf_moe_accel.patches import attention
 from hf_moe_accel.patches.attention import (
@@ -109,6 +110,42 @@ def test_large_negative_float_mask_and_broadcast_batch():
     shared = mask[:1]  # [1, 1, 1, K]: one mask for every row
     torch.testing.assert_close(decode_attention(query, key, value, shared, 0.3),
                                _sdpa(query, key, value, shared, 0.3), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("batch, kv_heads, kv_len, dim, sms, splits, plan", [
+    (1, 4, 256, 128, 132, None, (16, 16, 1)),  # qwen3-30b-a3b, batch 1: the fastest in the H200 sweep
+    (1, 4, 1024, 128, 132, None, (16, 64, 1)),  # a 64-key tile a program already gives 64 programs
+    (1, 16, 256, 128, 132, None, (4, 64, 1)),  # olmoe-1b-7b, batch 1
+    (1, 16, 1024, 128, 132, None, (16, 64, 1)),
+    (1, 4, 8192, 128, 132, None, (64, 64, 2)),  # long caches: at most _MAX_SPLITS pieces, loops inside
+    (8, 4, 256, 128, 132, None, (4, 64, 1)),
+    (32, 16, 256, 128, 132, None, (1, 64, 2)),  # programs enough without a split
+    (1, 16, 512, 256, 132, None, (16, 32, 1)),  # wide heads: tiles of at most 32 keys
+    (1, 4, 1, 128, 132, None, (1, 16, 1)),
+    (1, 4, 256, 128, None, None, (1, 64, 2)),  # the interpreter: one piece
+    (1, 4, 256, 128, None, 3, (3, 64, 2)),  # pieces given: the tile for them
+])
+def test_launch_plan(batch, kv_heads, kv_len, dim, sms, splits, plan):
+    assert launch_plan(batch, kv_heads, kv_len, dim, sms, splits) == plan
+
+
+@pytest.mark.parametrize("skip_masked_keys", [True, False])
+@pytest.mark.parametrize("block_k, num_splits", [(16, 1), (16, 5), (32, 4)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_masked_keys_never_reach_the_output(mask_kind, block_k, num_splits, skip_masked_keys):
+    """NaN in the keys and values the mask rules out (a static cache's unwritten tail, the left padding)
+    leave the output as SDPA gives it without them, whether their loads are skipped or made."""
+    query, key, value, mask = _inputs(3, 2, 4, 90, 64, torch.float32, mask_kind, block_k + num_splits)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed[..., 60:] = False
+    mask = allowed if mask_kind == "bool" else mask.masked_fill(~allowed, float("-inf"))
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    ruled_out = ~allowed[:, 0, 0, :]  # [B, K]
+    poisoned_key.permute(0, 2, 1, 3)[ruled_out] = float("nan")
+    poisoned_value.permute(0, 2, 1, 3)[ruled_out] = float("nan")
+    out = decode_attention(query, poisoned_key, poisoned_value, mask, 0.2, block_k=block_k, num_splits=num_splits,
+                           skip_masked_keys=skip_masked_keys)
+    torch.testing.assert_close(out, _sdpa(query, key, value, mask, 0.2), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

@@ -10,10 +10,11 @@ additive float mask (0 / -inf or a large negative number).
 One program per (batch row, KV head) holds that KV head's `groups` query heads as the rows of one
 tile, so each key and value byte is read once, and loops over K in BLOCK_K tiles with an online
 softmax in float32 (q.k^T and p.v on the tensor cores, fp32 accumulation; p is cast to the value
-dtype for p.v, as flash attention does). Keys the mask rules out (False, or -inf) are not loaded.
-With few (batch, KV head) pairs for the GPU's SMs (small batches) a flash-decoding split is used:
-the K range is cut into `num_splits` pieces, each program writes its partial (max, sum,
-unnormalised output) and a second small launch combines them. `use_dot=False` computes the scores
+dtype for p.v, as flash attention does). Keys the mask rules out (False, or -inf) are not loaded
+(`skip_masked_keys=False`, a benchmark switch, loads them and zeroes their values).
+With few (batch, KV head) pairs for the GPU's SMs (small batches) or long caches a flash-decoding
+split is used (`launch_plan`): the K range is cut into `num_splits` pieces, each program writes its
+partial (max, sum, unnormalised output) and a second small launch combines them. `use_dot=False` computes the scores
 and p.v as float32 broadcast-and-sums instead of tensor-core dots padded to 16 rows (meant for 1-2
 query heads a KV head; off by default until measured on a GPU: `_MAX_ROWS_WITHOUT_DOT`). No host syncs and no data-dependent shapes: the call can be captured in
 a CUDA graph. `decode_attention_op` is the same call as a torch custom op (opaque to torch.compile).
@@ -35,11 +36,16 @@ from .pdl import pdl_launch_options, prologue
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # powers of two in between
-# Split K (flash decoding) when there are fewer (batch, KV head) programs than _PROGRAMS_PER_SM x the
-# GPU's SMs: one program streams K at one SM's latency-bound rate (an H200 at batch 1, 4 KV heads,
-# 1024 keys: ~29 us unsplit). Pieces of at least _MIN_SPLIT_KEYS keys, at most _MAX_SPLITS of them.
+# The launch plan (`launch_plan`), from H200 sweeps at batch 1 (`scripts/bench_decode_attention.py --sweep`,
+# docs/BENCHMARKS.md, fifteenth run): a program's latency is a few dependent memory round trips an
+# iteration, so the keys are cut (flash decoding: `splits` pieces a (batch, KV head) pair, combined by a
+# second launch) until each program holds one tile of at most _KEYS_PER_PROGRAM keys, and further, in
+# power-of-two pieces down to _MIN_SPLIT_KEYS, while there are fewer programs than half the SMs; never more
+# than _PROGRAMS_PER_SM x SMs programs or _MAX_SPLITS pieces. 32 query / 4 KV heads over 256 keys: 16 pieces
+# of 16 keys, 3.9 us a call with the combine, against 5.5 us for 2 pieces of 128 (the best unsplit launch: 5.1).
+_KEYS_PER_PROGRAM = 64
+_MIN_SPLIT_KEYS = 16
 _PROGRAMS_PER_SM = 2
-_MIN_SPLIT_KEYS = 128
 _MAX_SPLITS = 64
 # Up to this many query heads a KV head, float32 broadcast-and-sum instead of tensor-core dots padded to
 # 16 rows. 0 (dots always) until `scripts/bench_decode_attention.py --sweep` says otherwise: the dot path
@@ -65,6 +71,7 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr,  # write partials (out_ptr: float32 [B, Hq, splits, D]) instead of the output
     USE_DOT: tl.constexpr,  # tensor-core dots (rows padded to 16), else float32 broadcast-and-sum (few rows)
     INPUT_PRECISION: tl.constexpr,
+    SKIP_MASKED_KEYS: tl.constexpr = True,  # keys the mask rules out not loaded (a later load: after the mask's)
     USE_PDL: tl.constexpr = False,
 ):
     prologue(USE_PDL)
@@ -91,19 +98,27 @@ def _decode_attention_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for block_start in range(start, end, BLOCK_K):
         cols = block_start + tl.arange(0, BLOCK_K)
-        col_ok = cols < end
+        in_range = cols < end
+        col_ok = in_range
         if MASK_KIND == 1:
-            col_ok = col_ok & (tl.load(mask_base + cols * stride_mk, mask=col_ok, other=0) != 0)
+            col_ok = col_ok & (tl.load(mask_base + cols * stride_mk, mask=in_range, other=0) != 0)
         elif MASK_KIND == 2:
-            bias = tl.load(mask_base + cols * stride_mk, mask=col_ok, other=float("-inf")).to(tl.float32)
+            bias = tl.load(mask_base + cols * stride_mk, mask=in_range, other=float("-inf")).to(tl.float32)
             col_ok = col_ok & (bias != float("-inf"))
+        load_ok = col_ok if SKIP_MASKED_KEYS else in_range
         if USE_DOT:
-            k_t = tl.load(k_base + cols[None, :] * stride_kk + dims[:, None] * stride_kd, mask=col_ok[None, :],
-                          other=0.0)
-            s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * scale  # [BLOCK_G, BLOCK_K]
+            k = tl.load(k_base + cols[None, :] * stride_kk + dims[:, None] * stride_kd, mask=load_ok[None, :],
+                        other=0.0)  # transposed: [HEAD_DIM, BLOCK_K]
         else:
-            k = tl.load(k_base + cols[:, None] * stride_kk + dims[None, :] * stride_kd, mask=col_ok[:, None],
+            k = tl.load(k_base + cols[:, None] * stride_kk + dims[None, :] * stride_kd, mask=load_ok[:, None],
                         other=0.0).to(tl.float32)
+        # Values loaded with the keys, not after the softmax: one memory round trip an iteration, not two.
+        v = tl.load(v_base + cols[:, None] * stride_vk + dims[None, :] * stride_vd, mask=load_ok[:, None], other=0.0)
+        if not SKIP_MASKED_KEYS:
+            v = tl.where(col_ok[:, None], v, 0.0)  # a masked key's p is 0, but 0 * NaN (unwritten cache) is not
+        if USE_DOT:
+            s = tl.dot(q, k, input_precision=INPUT_PRECISION) * scale  # [BLOCK_G, BLOCK_K]
+        else:
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         if MASK_KIND == 2:
             s = s + bias[None, :]
@@ -113,7 +128,6 @@ def _decode_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vk + dims[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
         if USE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         else:
@@ -186,17 +200,31 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(batch: int, kv_heads: int, kv_len: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, batch * kv_heads), kv_len // _MIN_SPLIT_KEYS, _MAX_SPLITS))
+def launch_plan(batch: int, kv_heads: int, kv_len: int, dim: int, sms: int | None,
+                splits: int | None = None) -> tuple[int, int, int]:
+    """(splits, block_k, num_stages) on a GPU of `sms` SMs (None: Triton's interpreter, one piece); see the
+    constants above. `splits` given: the tile size and stages for that many pieces. The caller cuts the
+    pieces to whole BLOCK_K tiles, so the splits here are an upper bound."""
+    max_block = 64 if dim <= 128 else 32  # [BLOCK_K, D] tiles of keys and values in registers
+    kv_len = max(kv_len, 1)
+    if splits is None and sms is None:
+        splits = 1
+    elif splits is None:
+        pairs = batch * kv_heads
+        splits = triton.cdiv(kv_len, min(_KEYS_PER_PROGRAM, max_block))
+        fill = triton.cdiv(sms // 2, pairs)  # pieces a pair for half the SMs' worth of programs
+        if fill > 1:
+            splits = max(splits, min(1 << (fill.bit_length() - 1), triton.cdiv(kv_len, _MIN_SPLIT_KEYS)))
+        splits = max(1, min(splits, triton.cdiv(_PROGRAMS_PER_SM * sms, pairs), _MAX_SPLITS))
+    block_k = min(max_block, max(16, triton.next_power_of_2(triton.cdiv(kv_len, splits))))
+    num_stages = 1 if splits * block_k >= kv_len else 2  # one tile a program: nothing to pipeline
+    return splits, block_k, num_stages
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
                      scale: float | None = None, *, num_splits: int | None = None, block_k: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     use_dot: bool | None = None) -> torch.Tensor:
+                     use_dot: bool | None = None, skip_masked_keys: bool = True) -> torch.Tensor:
     """SDPA of one-token queries [B, Hq, 1, D] over key/value [B, Hkv, K, D] with `repeat_kv`'s head
     grouping -> [B, Hq, 1, D] contiguous, in query's dtype. See the module docstring for the mask
     and for fully masked rows. The keyword-only arguments override the launch heuristics (benchmarks)."""
@@ -223,13 +251,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     if use_dot is None:
         use_dot = groups > _MAX_ROWS_WITHOUT_DOT
-    if block_k is None:
-        block_k = 64 if dim <= 128 else 32
-    if num_warps is None:
-        num_warps = 4
-    if num_stages is None:
-        num_stages = 2
-    splits = _default_splits(batch, kv_heads, kv_len, query.device) if num_splits is None else int(num_splits)
+    sms = None  # Triton's interpreter (tests): one piece unless the caller splits
+    if query.is_cuda:
+        sms = _sm_count(query.device.index if query.device.index is not None else torch.cuda.current_device())
+    plan = launch_plan(batch, kv_heads, kv_len, dim, sms, num_splits)
+    splits, block_k, num_stages = plan[0], block_k or plan[1], num_stages or plan[2]
+    num_warps = num_warps or 4
     splits = max(1, min(splits, triton.cdiv(max(kv_len, 1), block_k)))
     # Whole BLOCK_K tiles a split, and no empty split.
     split_len = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), block_k) * block_k
@@ -254,6 +281,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         stats[2], stats[3], stats[4],
         GROUPS=groups, BLOCK_G=triton.next_power_of_2(groups) if not use_dot else max(16, triton.next_power_of_2(groups)),
         HEAD_DIM=dim, BLOCK_K=block_k, MASK_KIND=mask_kind, SPLIT=splits > 1, USE_DOT=use_dot,
+        SKIP_MASKED_KEYS=skip_masked_keys,
         INPUT_PRECISION="ieee" if query.dtype == torch.float32 else None,  # exact fp32 (no tf32)
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
