@@ -40,22 +40,22 @@ def sweep(args_list, groups: int, keys: int, reps: int) -> list[tuple[float, dic
     timed = []
     reference = sdpa_folded(*args_list[0]).float()
 
-    def time(config: dict) -> None:
+    def measure(config: dict) -> None:
         err = (decode_attention(*args_list[0], **config).float() - reference).abs().max().item()
         timed.append((graph_us(functools.partial(decode_attention, **config), args_list, reps),
                       {**config, "max_abs_err": float(f"{err:.2g}")}))
 
     for block_k, num_warps, num_stages in LAUNCH:
         for use_dot in (True, False) if groups <= 2 else (True,):
-            time(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot, num_splits=1))
+            measure(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot, num_splits=1))
     use_dot = min(timed, key=lambda t: t[0])[1]["use_dot"]
     for block_k, num_warps, num_stages in SPLIT_LAUNCH:
         for splits in SPLITS:
             if splits * block_k <= keys:
-                time(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
-                          num_splits=splits))
+                measure(dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
+                             num_splits=splits))
     for _, config in sorted(timed, key=lambda t: t[0])[:4]:
-        time({**{k: v for k, v in config.items() if k != "max_abs_err"}, "skip_masked_keys": False})
+        measure({**{k: v for k, v in config.items() if k != "max_abs_err"}, "skip_masked_keys": False})
     return sorted(timed, key=lambda t: t[0])
 
 
