@@ -5,8 +5,8 @@
 """
 
 from .api import accelerate, is_accelerated, patch_report, unpatch
+from .offload.engine import OffloadOptions, offload_stats, reset_offload_stats
 from .patches.registry import UnsupportedMoEError, supported_families
-from .placement.offload import OffloadOptions, offload_stats, reset_offload_stats
 
 __version__ = "0.1.0"
 

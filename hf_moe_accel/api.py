@@ -6,18 +6,31 @@ import logging
 
 from torch import nn
 
+from .costmodel.predictor import PlacementPlan
 from .graphs import check_compile_decode, disable_graph_decode, enable_graph_decode
+from .graphs.hooks import NO_HOOKS
 from .kernels import SERVED_DTYPES
+from .offload.engine import (
+    OffloadOptions,
+    apply_offload,
+    prepare_offload,
+    remove_offload,
+)
+from .parallel.distributed import single_device
+from .parallel.place import (
+    Devices,
+    Parallel,
+    PlacementDecision,
+    apply_placement,
+    choose_placement,
+    remove_placement,
+)
 from .patches.registry import PatchReport, patch_model, unpatch_model
-from .placement.offload import OffloadOptions, apply_offload, plan_offload, remove_offload
-from .placement.place import Devices, Parallel, PlacementDecision, apply_placement, plan_placement, remove_placement
-from .placement.distributed import single_device
-from .placement.predictor import Plan
 from .quality.selection import TopK, apply_expert_selection, check_expert_selection
+from .state import drop_state_if_empty, ensure_state, state_of
 
 logger = logging.getLogger("hf_moe_accel")
 
-_REPORT_ATTR = "_hf_moe_accel_report"
 
 
 def accelerate(
@@ -74,29 +87,30 @@ def accelerate(
         raise TypeError("accelerate(): offload options need gpu_memory=...")
     if gpu_memory is not None and (devices is not None or parallel is not None):
         raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
-    offload_setup = plan_offload(model, gpu_memory, offload) if gpu_memory is not None else None
-    placement = plan_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
+    offload_setup = prepare_offload(model, gpu_memory, offload) if gpu_memory is not None else None
+    placement = choose_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
     if offload_setup is not None and offload_setup.caches_every_expert and _on_one_device(model):
         logger.info("hf_moe_accel: the whole model fits in gpu_memory (%s): placed on %s, no expert offload",
-                    offload_setup.plan.describe(), offload_setup.device)
-        placement = PlacementDecision(Plan("single", 1, cuda_graphs), (offload_setup.device,), None)
+                    offload_setup.budget.describe(), offload_setup.device)
+        placement = PlacementDecision(PlacementPlan("single", 1, cuda_graphs), (offload_setup.device,), None)
         offload_setup = None
     # Steps, in order: patch the MoE blocks; expert-selection options; then (placement) where the
     # weights live; graph decode last, since graphs capture the final placement.
     report = patch_model(model)
+    hooks = NO_HOOKS
     try:
         apply_expert_selection(model, top_k, expert_threshold)  # unpatch drops it with the router state
         if offload_setup is not None:
-            apply_offload(model, offload_setup)
+            hooks = apply_offload(model, offload_setup)
         if placement is not None:
             apply_placement(model, placement)
     except BaseException:
         unpatch_model(model)
         raise
-    setattr(model, _REPORT_ATTR, report)
+    ensure_state(model).report = report
     _warn_if_dtype_unserved(model)
     if cuda_graphs:
-        enable_graph_decode(model, compile_decode=compile_decode)
+        enable_graph_decode(model, compile_decode=compile_decode, hooks=hooks)
     logger.info(
         "hf_moe_accel: patched %d MoE blocks (%d routers fused) of %s (%s)%s",
         len(report.experts),
@@ -115,18 +129,21 @@ def unpatch(model: nn.Module) -> nn.Module:
     remove_offload(model)
     remove_placement(model)
     unpatch_model(model)
-    if hasattr(model, _REPORT_ATTR):
-        delattr(model, _REPORT_ATTR)
+    state = state_of(model)
+    if state is not None:
+        state.report = None
+        drop_state_if_empty(model)
     return model
 
 
 def is_accelerated(model: nn.Module) -> bool:
-    return hasattr(model, _REPORT_ATTR)
+    return patch_report(model) is not None
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:
     """What `accelerate` patched on this model, or None."""
-    return getattr(model, _REPORT_ATTR, None)
+    state = state_of(model)
+    return None if state is None else state.report
 
 
 def _warn_if_dtype_unserved(model: nn.Module) -> None:

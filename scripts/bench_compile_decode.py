@@ -24,11 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hf_moe_accel import accelerate, unpatch  # noqa: E402
-from hf_moe_accel.bench.hbm import decode_step_bytes  # noqa: E402
-from hf_moe_accel.bench.presets import PRESETS, build_preset  # noqa: E402
-from hf_moe_accel.bench.timing import copy_bandwidth_bytes_per_s, forced_greedy, time_generate  # noqa: E402
-from hf_moe_accel.graphs import graph_stats  # noqa: E402
+from hf_moe_accel import accelerate, unpatch
+from hf_moe_accel.bench.hbm import decode_step_bytes
+from hf_moe_accel.bench.timing import (
+    copy_bandwidth_bytes_per_s,
+    forced_greedy,
+    time_generate,
+)
+from hf_moe_accel.costmodel.presets import PRESETS, build_preset
+from hf_moe_accel.graphs import graph_stats
 
 
 def measure(model, prompts: torch.Tensor, compile_decode: bool, new_tokens: int, repeats: int) -> tuple[dict, torch.Tensor]:

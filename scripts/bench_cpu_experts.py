@@ -17,11 +17,11 @@ import time
 import torch
 
 from hf_moe_accel.kernels.spec import Activation, ExpertWeights
-from hf_moe_accel.placement.cpu_experts import run_cpu_experts
-from hf_moe_accel.placement.eviction import LRUPolicy
-from hf_moe_accel.placement.expert_cache import ExpertCache
-from hf_moe_accel.placement.miss_cost import calibrate_miss_costs
-from hf_moe_accel.placement.transfers import DeviceLanes
+from hf_moe_accel.offload.cpu_experts import run_cpu_experts
+from hf_moe_accel.offload.eviction import LRUPolicy
+from hf_moe_accel.offload.expert_cache import ExpertCache
+from hf_moe_accel.offload.miss_cost import calibrate_miss_costs
+from hf_moe_accel.offload.transfers import DeviceLanes
 
 
 def main() -> None:

@@ -25,8 +25,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench_moe_layer import time_graph  # noqa: E402
-from hf_moe_accel.kernels import tuning  # noqa: E402
-from hf_moe_accel.kernels.decode_linear import DEFAULT_CONFIG, decode_linears_triton, shape_key  # noqa: E402
+
+from hf_moe_accel.kernels import tuning
+from hf_moe_accel.kernels.decode_linear import (
+    DEFAULT_CONFIG,
+    decode_linears_triton,
+    shape_key,
+)
 
 COPIES = 8
 # (name, hidden, output sizes of the linears launched together)

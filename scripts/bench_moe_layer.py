@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hf_moe_accel.kernels import tuning  # noqa: E402
-from hf_moe_accel.kernels.experts_triton import fused_experts_triton  # noqa: E402
-from hf_moe_accel.kernels.spec import Activation, ExpertWeights, RoutingSpec  # noqa: E402
+from hf_moe_accel.kernels import tuning
+from hf_moe_accel.kernels.experts_triton import fused_experts_triton
+from hf_moe_accel.kernels.spec import Activation, ExpertWeights, RoutingSpec
 
 try:
     from hf_moe_accel.kernels import route
-    from hf_moe_accel.kernels.routing import route_triton  # noqa: F401  (only checks it exists)
+    from hf_moe_accel.kernels.routing import route_triton
 
     ROUTE_IMPL = "route_triton"
 except ImportError:
@@ -145,19 +145,29 @@ def build_stock_blocks(shape: dict, device: str = "cuda") -> list[torch.nn.Modul
     family, E, k, H, I = shape["family"], shape["E"], shape["k"], shape["H"], shape["I"]
     if family == "olmoe":
         from transformers.models.olmoe.configuration_olmoe import OlmoeConfig as Config
-        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+        from transformers.models.olmoe.modeling_olmoe import (
+            OlmoeSparseMoeBlock as Block,
+        )
 
         config = Config(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k,
                         norm_topk_prob=shape["renormalize"])
     elif family == "qwen3_moe":
-        from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig as Config
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+        from transformers.models.qwen3_moe.configuration_qwen3_moe import (
+            Qwen3MoeConfig as Config,
+        )
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            Qwen3MoeSparseMoeBlock as Block,
+        )
 
         config = Config(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
                         norm_topk_prob=shape["renormalize"])
     elif family == "mixtral":
-        from transformers.models.mixtral.configuration_mixtral import MixtralConfig as Config
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+        from transformers.models.mixtral.configuration_mixtral import (
+            MixtralConfig as Config,
+        )
+        from transformers.models.mixtral.modeling_mixtral import (
+            MixtralSparseMoeBlock as Block,
+        )
 
         config = Config(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
     else:

@@ -40,17 +40,17 @@ from hf_moe_accel import (
     reset_offload_stats,
     unpatch,
 )
-from hf_moe_accel.bench.ab import Workload
+from hf_moe_accel.bench.ab import BenchWorkload
 from hf_moe_accel.bench.offload import (
     build_preset_on_host,
     markdown_table,
     run_offload_bench,
 )
+from hf_moe_accel.bench.plotting import pyplot
 from hf_moe_accel.bench.routing import uniform_routing
 from hf_moe_accel.bench.timing import timed_generate
-from hf_moe_accel.placement.miss_cost import MissCostModel
-from hf_moe_accel.placement.offload import offload_plan
-from hf_moe_accel.plotting import pyplot
+from hf_moe_accel.offload.engine import offload_budget
+from hf_moe_accel.offload.miss_cost import MissCostModel
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -119,7 +119,7 @@ def _decode_point(model, input_ids: torch.Tensor, new_tokens: int, sample_seed: 
     reset_offload_stats(model)
     _, decode_s = timed_generate(model, input_ids, new_tokens, sample_seed=sample_seed)
     decode = offload_stats(model, "decode").total
-    plan = offload_plan(model)
+    plan = offload_budget(model)
     return {
         "slots_per_layer": min(plan.slots),
         "cached_fraction": sum(plan.slots) / sum(plan.num_experts),
@@ -218,7 +218,7 @@ def main() -> None:
 
     if "main" not in skip:
         start = time.perf_counter()
-        workloads = [Workload(b, args.prompt_len, args.new_tokens) for b in args.batch]
+        workloads = [BenchWorkload(b, args.prompt_len, args.new_tokens) for b in args.batch]
         results["rows"] = []
 
         def keep(row: dict) -> None:  # saved as measured: a run cut off keeps its rows

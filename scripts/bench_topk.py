@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hf_moe_accel.bench.presets import PRESETS, build_preset  # noqa: E402
-from hf_moe_accel.bench.timing import time_generate  # noqa: E402
-from hf_moe_accel.quality.eval import ExpertCounter, Setting, applied, sweep_settings  # noqa: E402
+from hf_moe_accel.bench.quality import ExpertCounter, Setting, applied, sweep_settings
+from hf_moe_accel.bench.timing import time_generate
+from hf_moe_accel.costmodel.presets import PRESETS, build_preset
 
 
 def _numbers(kind: type):

@@ -30,22 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from hf_moe_accel.placement.hardware import Hardware  # noqa: E402
-from hf_moe_accel.placement.predictor import (  # noqa: E402
+from hf_moe_accel.costmodel.hardware import Hardware
+from hf_moe_accel.costmodel.predictor import (
     RESERVE_GIB,
-    Plan,
+    PlacementPlan,
     Prediction,
     Workload,
     predict,
 )
-from hf_moe_accel.placement.shapes import ModelShape, load_shape  # noqa: E402
+from hf_moe_accel.costmodel.shapes import ModelShape, load_shape
 
 # cuda_graphs=True for offload as accelerate()'s default: it matters only when the budget holds every expert.
 PLANS = {
-    "single": (Plan("single", 1, True), None),
-    "single-eager": (Plan("single", 1, False), None),
-    "offload-16": (Plan("offload", 1, True), 16.0),
-    "offload-32": (Plan("offload", 1, True), 32.0),
+    "single": (PlacementPlan("single", 1, True), None),
+    "single-eager": (PlacementPlan("single", 1, False), None),
+    "offload-16": (PlacementPlan("offload", 1, True), 16.0),
+    "offload-32": (PlacementPlan("offload", 1, True), 32.0),
 }
 # Seconds of set-up, from the H100 runs of 2026-11-23: building a random-weight model on the GPU
 # (~2 GB/s of initialisation; the host-side build for offload, experts pinned as written, took 54 s
@@ -82,7 +82,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_calibration(skip: bool) -> dict:
-    from hf_moe_accel.placement.calibrate import cache_path, calibrate, load_calibration
+    from hf_moe_accel.bench.calibrate import calibrate
+    from hf_moe_accel.costmodel.machine import cache_path, load_calibration
 
     if skip:
         hardware = load_calibration()
@@ -126,8 +127,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_MOE_ACCEL_CACHE"] = str(out / "cache")
     if args.dry_run:
-        from hf_moe_accel.placement.calibrate import hardware_of_this_machine
-        from hf_moe_accel.placement.hardware import hardware_preset
+        from hf_moe_accel.costmodel.hardware import hardware_preset
+        from hf_moe_accel.costmodel.machine import hardware_of_this_machine
 
         hardware = hardware_of_this_machine() if torch.cuda.is_available() else hardware_preset("h100")
         calibration = {"hardware": hardware}
@@ -158,7 +159,7 @@ def main() -> int:
     if args.dry_run:
         return 0
 
-    from hf_moe_accel.placement.measure import PlanMeasurer
+    from hf_moe_accel.bench.plan_check import PlanMeasurer
 
     report = {
         "device": torch.cuda.get_device_name(0),

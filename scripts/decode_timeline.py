@@ -25,8 +25,8 @@ import torch
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
-from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.bench.timing import timed_generate
+from hf_moe_accel.costmodel.presets import build_preset
 from hf_moe_accel.patches.swap import STATE_ATTR
 
 

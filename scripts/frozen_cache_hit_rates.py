@@ -18,14 +18,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_moe_accel import OffloadOptions, accelerate, unpatch
-from hf_moe_accel.placement.miss_cost import MissCostModel
+from hf_moe_accel.offload.engine import offload_engine
+from hf_moe_accel.offload.miss_cost import MissCostModel
 
 
 def hit_rates(model, prompt: torch.Tensor, slots: int, new_tokens: int) -> tuple[float, float]:
     """(adaptive, frozen) decode hit rates per routed pair."""
     options = OffloadOptions(device="cpu", slots_per_layer=slots, zero_copy=False, cost_model=MissCostModel(0.0, 0.0, 0.0))
     accelerate(model, gpu_memory="8GiB", offload=options)
-    layers = model._hf_moe_accel_offload.layers
+    layers = offload_engine(model).layers
     modules = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "gate_up_proj")]
     after_prefill: dict[int, torch.Tensor] = {}
     counts = {"pairs": 0, "adaptive": 0, "frozen": 0}

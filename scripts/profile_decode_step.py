@@ -37,7 +37,7 @@ import torch
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
-from hf_moe_accel.bench.presets import build_preset
+from hf_moe_accel.costmodel.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
 from hf_moe_accel.kernels import decode_linear, pdl
 from hf_moe_accel.patches import attention, registry

@@ -26,8 +26,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_moe_accel import accelerate
-from hf_moe_accel.bench.presets import PRESETS, build_preset
 from hf_moe_accel.bench.routing import uniform_routing
+from hf_moe_accel.costmodel.presets import PRESETS, build_preset
 
 # Host calls that make the host wait (for the GPU, or for memory), counted per step.
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from hf_moe_accel import accelerate
-from hf_moe_accel.bench.presets import build_preset
+from hf_moe_accel.bench.calibrate import _decode_step_s, _tiny_model
 from hf_moe_accel.bench.routing import uniform_routing
-from hf_moe_accel.placement.calibrate import _decode_step_s, _tiny_model
+from hf_moe_accel.costmodel.presets import build_preset
 
 REAL = {"olmoe": "olmoe-1b-7b", "qwen3_moe": "qwen3-30b-a3b", "mixtral": "mixtral-8x7b"}
 

@@ -24,10 +24,16 @@ from pathlib import Path
 
 import torch
 
-from hf_moe_accel import OffloadOptions, accelerate, offload_stats, reset_offload_stats, unpatch
+from hf_moe_accel import (
+    OffloadOptions,
+    accelerate,
+    offload_stats,
+    reset_offload_stats,
+    unpatch,
+)
 from hf_moe_accel.bench.offload import build_preset_on_host
 from hf_moe_accel.bench.timing import forced_greedy, sampling_kwargs, timed_generate
-from hf_moe_accel.placement.offload import offload_plan
+from hf_moe_accel.offload.engine import offload_budget
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +76,7 @@ def main() -> None:
     accelerate(model, gpu_memory="70GiB" if cuda else "8GiB",
                offload=OffloadOptions(slots_per_layer=slots, device=device, kv_cache_tokens=2048, prefill_tokens=1024,
                                       zero_copy=False))  # the expert cache's step, not zero-copy decode
-    report["cached_fraction"] = sum(offload_plan(model).slots) / (experts * len(offload_plan(model).slots))
+    report["cached_fraction"] = sum(offload_budget(model).slots) / (experts * len(offload_budget(model).slots))
     report["offload_step_ms"] = _step_ms(model, ids, args.steps)
     if "resident_eager_step_ms" in report:
         report["extra_ms_per_moe_layer"] = (report["offload_step_ms"] - report["resident_eager_step_ms"]) / args.layers

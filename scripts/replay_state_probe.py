@@ -24,12 +24,17 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from profile_decode_step import bare_replay_ms, captured_step, median_replay_ms, replay_launch_us
+from profile_decode_step import (
+    bare_replay_ms,
+    captured_step,
+    median_replay_ms,
+    replay_launch_us,
+)
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
-from hf_moe_accel.bench.presets import build_preset
 from hf_moe_accel.bench.timing import timed_generate
+from hf_moe_accel.costmodel.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
 from hf_moe_accel.kernels import pdl
 from hf_moe_accel.kernels.rmsnorm import rmsnorm_triton

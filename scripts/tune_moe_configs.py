@@ -26,9 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench_moe_layer import SHAPES, make_expert_weights, random_routing, time_graph  # noqa: E402
-from hf_moe_accel.kernels import tuning  # noqa: E402
-from hf_moe_accel.kernels.experts_reference import experts_reference  # noqa: E402
-from hf_moe_accel.kernels.experts_triton import fused_experts_triton  # noqa: E402
+
+from hf_moe_accel.kernels import tuning
+from hf_moe_accel.kernels.experts_reference import experts_reference
+from hf_moe_accel.kernels.experts_triton import fused_experts_triton
 
 COPIES = 4
 SMEM_BYTES = 200 * 1024  # stay under the H100/H200 227 KB per block with margin

@@ -7,8 +7,8 @@ import torch
 
 from hf_moe_accel import OffloadOptions, accelerate, offload_stats, unpatch
 from hf_moe_accel.bench.routing import uniform_routing
-from hf_moe_accel.patches.experts import is_experts_module
-from hf_moe_accel.placement.miss_cost import MissCostModel
+from hf_moe_accel.kernels.spec import is_experts_module
+from hf_moe_accel.offload.miss_cost import MissCostModel
 
 from .helpers import load_fixture
 
@@ -76,7 +76,7 @@ def test_uniform_routing_needs_experts_modules():
 
 
 def test_build_preset_overrides_config_fields():
-    from hf_moe_accel.bench.presets import build_preset
+    from hf_moe_accel.costmodel.presets import build_preset
 
     model = build_preset("qwen3-30b-a3b", "meta", torch.bfloat16, overrides={"num_hidden_layers": 2})
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2 and not model.training

@@ -18,8 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig
 
 from hf_moe_accel import accelerate, is_accelerated, patch_report, unpatch
 from hf_moe_accel.graphs import graph_stats, runner
-from hf_moe_accel.graphs.generate import GraphBackend, _state, enable_graph_decode
-from hf_moe_accel.kernels import Activation, ExpertWeights, RoutingSpec, fused_experts, ops, route
+from hf_moe_accel.graphs.generate import GraphBackend, decode_state, enable_graph_decode
+from hf_moe_accel.kernels import (
+    Activation,
+    ExpertWeights,
+    RoutingSpec,
+    fused_experts,
+    ops,
+    route,
+)
 from hf_moe_accel.kernels.experts_triton import fused_experts_triton
 from hf_moe_accel.kernels.routing import route_triton
 
@@ -174,12 +181,12 @@ def test_compile_decode_option(fixture_path):
         accelerate(model, compile_decode="yes")
     assert not is_accelerated(model)
     accelerate(model, compile_decode=True)
-    assert _state(model).runner.compile_backend == "inductor"
+    assert decode_state(model).runner.compile_backend == "inductor"
     with pytest.raises(ValueError, match="compile_decode"):
         accelerate(model, compile_decode=True)
     unpatch(model)
     accelerate(model)
-    assert _state(model).runner.compile_backend is None
+    assert decode_state(model).runner.compile_backend is None
     unpatch(model)
 
 

@@ -9,7 +9,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe_accel import accelerate, patch_report, unpatch
 from hf_moe_accel.kernels import decode_linear, ops
-from hf_moe_accel.kernels.decode_linear import DECODE_MAX_ROWS, decode_linears_fit, decode_linears_reference, decode_linears_triton
+from hf_moe_accel.kernels.decode_linear import (
+    DECODE_MAX_ROWS,
+    decode_linears_fit,
+    decode_linears_reference,
+    decode_linears_triton,
+)
 from hf_moe_accel.patches.swap import is_swapped
 
 

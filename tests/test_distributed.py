@@ -175,7 +175,10 @@ def _gpu_worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
     from hf_moe_accel import accelerate
-    from hf_moe_accel.placement.distributed import shard_expert_parallel, shard_tensor_parallel
+    from hf_moe_accel.parallel.distributed import (
+        shard_expert_parallel,
+        shard_tensor_parallel,
+    )
 
     dist.init_process_group("gloo")
     device = torch.device("cuda", 0)

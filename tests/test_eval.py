@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from hf_moe_accel import is_accelerated
+from hf_moe_accel.bench.quality import (
+    EvalConfig,
+    ExpertCounter,
+    evaluate,
+    greedy_agreement,
+    perplexity,
+    sweep_settings,
+)
 from hf_moe_accel.cli import main
-from hf_moe_accel.quality.eval import EvalConfig, ExpertCounter, evaluate, greedy_agreement, perplexity, sweep_settings
 
 from .helpers import heldout_perplexity, load_fixture
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import hf_moe_accel
 from hf_moe_accel import UnsupportedMoEError, accelerate, patch_report, unpatch
-from hf_moe_accel.patches.experts import is_experts_module
+from hf_moe_accel.kernels.spec import is_experts_module
 from hf_moe_accel.patches.families import ADAPTERS
 from hf_moe_accel.patches.registry import ADAPTER_BY_MODEL_TYPE
 

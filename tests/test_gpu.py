@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hf_moe_accel import accelerate, patch_report, unpatch
-from hf_moe_accel.bench.presets import PRESETS
+from hf_moe_accel.costmodel.presets import PRESETS
+from hf_moe_accel.graphs.generate import decode_state
 from hf_moe_accel.kernels import pdl
-from hf_moe_accel.patches.swap import STATE_ATTR
 
 from .helpers import heldout_perplexity, load_fixture, two_layer_preset
 from .test_fixtures import _greedy
@@ -139,7 +139,7 @@ def test_compiled_graph_decode_as_accurate_as_stock_on_presets(preset, inductor_
     accelerate(model, compile_decode=True)
     compiled = model.generate(prompt, **kwargs)
     stats = graph_stats(model)
-    options = getattr(model, STATE_ATTR).runner.compile_options
+    options = decode_state(model).runner.compile_options
     unpatch(model)
     assert options == ({"triton.enable_pdl": True} if inductor_pdl == "1" else None)
     assert stats["captures"] == stats["compiled_captures"] == 1 and not stats["failed_compiles"], stats

@@ -15,15 +15,27 @@ import logging
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen3MoeForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    pipeline,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from hf_moe_accel import accelerate, is_accelerated, unpatch
+from hf_moe_accel.costmodel.memory import length_bucket
 from hf_moe_accel.graphs import graph_stats
-from hf_moe_accel.graphs.cache_pool import StaticCachePool, length_bucket
-from hf_moe_accel.graphs.generate import GraphBackend, disable_graph_decode, enable_graph_decode
+from hf_moe_accel.graphs.cache_pool import StaticCachePool
+from hf_moe_accel.graphs.generate import (
+    GraphBackend,
+    decode_state,
+    disable_graph_decode,
+    enable_graph_decode,
+)
 from hf_moe_accel.graphs.stop_check import stop_checks_can_be_deferred
-from hf_moe_accel.patches.swap import STATE_ATTR
 
 
 def stand_in_capture(forward, pool):
@@ -351,7 +363,7 @@ def test_decode_steps_get_the_padded_2d_mask_and_build_the_4d_one_in_the_graph(f
             seen.append(None if mask is None else tuple(mask.shape))
 
     pair.graphs.register_forward_pre_hook(note_mask, with_kwargs=True)
-    state = pair.graphs.__dict__[STATE_ATTR]
+    state = decode_state(pair.graphs)
     for prompts in (PROMPTS, PROMPTS[:1]):
         inputs = pair.inputs(prompts)
         batch = len(prompts)

@@ -13,7 +13,12 @@ from pathlib import Path
 import accelerate as hf_accelerate
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 import hf_moe_accel
 from hf_moe_accel import (
@@ -24,19 +29,21 @@ from hf_moe_accel import (
     reset_offload_stats,
     unpatch,
 )
-from hf_moe_accel.placement import host_weights
-from hf_moe_accel.placement.host_weights import WeightPlacement
-from hf_moe_accel.placement.miss_cost import MissCostModel
 from hf_moe_accel.graphs import graph_stats
-from hf_moe_accel.graphs.generate import GRAPH_STEP_CHECK_ATTR, GraphBackend, enable_graph_decode
-from hf_moe_accel.placement.offload import (
-    GRAPHS_BLOCKED_ATTR,
+from hf_moe_accel.graphs.generate import GraphBackend, enable_graph_decode
+from hf_moe_accel.offload import host_weights
+from hf_moe_accel.offload.engine import (
+    decode_hooks,
     is_offloaded,
-    offload_plan,
-    plan_offload,
+    offload_budget,
+    offload_engine,
+    prepare_offload,
     set_miss_policy,
     set_zero_copy,
 )
+from hf_moe_accel.offload.host_weights import WeightPlacement
+from hf_moe_accel.offload.miss_cost import MissCostModel
+from hf_moe_accel.state import state_of
 
 from .conftest import FIXTURES
 from .helpers import load_fixture, module_classes, state_snapshot
@@ -120,15 +127,15 @@ def test_prefetch_pauses_where_its_predictions_fail_and_resumes(fixture_path):
     less; with the threshold at 0 it never pauses. Back on the model's own routing it resumes."""
     decode = _offloaded_fixture(fixture_path)
     trained = decode(uniform=False)
-    assert trained.prediction_accuracy > 0.5 and trained.prefetched > 0 and trained.prefetch_hits > 0
+    assert trained.prefetch_accuracy > 0.5 and trained.prefetched > 0 and trained.prefetch_hits > 0
     uniform = decode(uniform=True)
     always = _offloaded_fixture(fixture_path, prefetch_min_accuracy=0.0)(uniform=True)
-    assert uniform.prediction_accuracy < 0.4 and always.prediction_accuracy < 0.4
+    assert uniform.prefetch_accuracy < 0.4 and always.prefetch_accuracy < 0.4
     assert uniform.prefetch_paused > 0 and always.prefetch_paused == 0
     assert uniform.prefetched < always.prefetched / 2
     assert uniform.predicted > 0  # still checked while paused
     resumed = decode(uniform=False)
-    assert resumed.prefetched > 0 and resumed.prediction_accuracy > 0.5
+    assert resumed.prefetched > 0 and resumed.prefetch_accuracy > 0.5
 
 
 def _tiny_model(model_type: str, seed: int = 0):
@@ -186,17 +193,17 @@ def test_expert_threshold_drops_pairs_through_the_cache(fixture_path):
 
 def test_budget_respected_by_slots_and_weights(fixture_path):
     model, _ = load_fixture(fixture_path)
-    setup = plan_offload(model, 10**8, options())
-    expert_bytes = setup.plan.expert_bytes[0]
-    budget = setup.plan.minimum + 11 * expert_bytes + expert_bytes // 2  # room for 11.5 experts
+    setup = prepare_offload(model, 10**8, options())
+    expert_bytes = setup.budget.expert_bytes[0]
+    budget = setup.budget.minimum + 11 * expert_bytes + expert_bytes // 2  # room for 11.5 experts
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
     accelerate(model, gpu_memory=budget, offload=options())
-    plan = offload_plan(model)
+    plan = offload_budget(model)
     assert sum(plan.slots) == 11 and max(plan.slots) - min(plan.slots) <= 1
     experts = expert_modules(model)
     expert_ids = {id(t) for m in experts for t in (m.gate_up_proj, m.down_proj)}
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in expert_ids)
-    engine = model._hf_moe_accel_offload
+    engine = offload_engine(model)
     slots = sum(layer.cache.resident_bytes for layer in engine.layers)
     assert weights == plan.non_expert and slots == plan.slot_bytes
     assert weights + slots + plan.reserve <= budget
@@ -206,7 +213,7 @@ def test_budget_respected_by_slots_and_weights(fixture_path):
 def test_bad_budgets_and_options_rejected_before_anything_changes(fixture_path):
     model, _ = load_fixture(fixture_path)
     classes, state = module_classes(model), state_snapshot(model)
-    minimum = plan_offload(model, 10**9, options()).plan.minimum
+    minimum = prepare_offload(model, 10**9, options()).budget.minimum
     with pytest.raises(ValueError, match=f"at least {minimum / 2**20:.1f} MiB"):
         accelerate(model, gpu_memory=minimum - 1, offload=options())
     for budget in ("24 gigs", "12G", "-1GiB", 0):
@@ -239,14 +246,14 @@ def test_unpatch_restores_everything(fixture_path):
     accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=2))
     with torch.no_grad():
         model(random_sequences(model, 2, 9))
-    assert getattr(model, GRAPHS_BLOCKED_ATTR)
+    assert decode_hooks(model).blocked_reason
     assert all("forward" in m.__dict__ for m in expert_modules(model))
     unpatch(model)
     assert module_classes(model) == classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert {n: t.device for n, t in [*model.named_parameters(), *model.named_buffers()]} == devices
     assert not any("forward" in m.__dict__ for m in expert_modules(model))
-    assert not hasattr(model, GRAPHS_BLOCKED_ATTR) and not hasattr(model, "hf_device_map")
+    assert state_of(model) is None and not hasattr(model, "hf_device_map")
     assert not model._forward_pre_hooks
     with pytest.raises(ValueError, match="no expert offload"):
         offload_stats(model)
@@ -285,7 +292,7 @@ def test_experts_pinned_one_at_a_time_and_hook_maps_share_them(fixture_path, mon
     model, _ = load_fixture(fixture_path)
     state = state_snapshot(model)
     hf_accelerate.cpu_offload(model, execution_device="cpu")  # every weight held by hooks' weights maps
-    setup = plan_offload(model, "1GiB", options())
+    setup = prepare_offload(model, "1GiB", options())
     modules = [m for _, m in setup.experts]
     copies = []
 
@@ -340,7 +347,7 @@ def test_stats_per_layer_and_phase(fixture_path):
     assert total.pcie_bytes == total.h2d_bytes + total.d2h_bytes > 0
     assert total.cpu_expert_s > 0 and total.cpu_calibrated_s > 0 and 0 <= total.hit_rate <= 1
     # the miss split learns how the CPU work's measured time compares with the calibration
-    assert hf_moe_accel.placement.offload._engine(model).cpu_correction.scale != 1.0
+    assert offload_engine(model).cpu_correction.scale != 1.0
     assert "hit rate" in stats.summary() and stats.as_dict()["total"]["lookups"] == total.lookups
     reset_offload_stats(model)
     assert offload_stats(model).total.lookups == 0
@@ -365,11 +372,11 @@ def test_miss_policy_switches_in_place(fixture_path):
 
 def test_offload_bench_rows(fixture_path):
     """The bench the `hf-moe-accel bench --gpu-memory` command runs, at a tiny size (CPU stand-in)."""
-    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.ab import BenchWorkload
     from hf_moe_accel.bench.offload import markdown_table, run_offload_bench
 
     model, _ = load_fixture(fixture_path)
-    rows = run_offload_bench(model, fixture_path.name, "1GiB", [Workload(2, 8, 4)], repeats=1,
+    rows = run_offload_bench(model, fixture_path.name, "1GiB", [BenchWorkload(2, 8, 4)], repeats=1,
                              options=options(slots_per_layer=2))
     assert [r["system"] for r in rows] == ["stock (cpu)", "ours", "ours fetch-every-miss"]
     ours, fetch = rows[1], rows[2]
@@ -382,11 +389,11 @@ def test_offload_bench_rows(fixture_path):
 
 def test_offload_bench_round_trip_row():
     """With zero-copy on, `round_trip_row` adds ours with it off (the cache's round trip), same run."""
-    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.ab import BenchWorkload
     from hf_moe_accel.bench.offload import run_offload_bench
 
     model = _tiny_model("qwen3_moe")
-    rows = run_offload_bench(model, "tiny", "1GiB", [Workload(1, 8, 3)], repeats=1, stock_batches=[],
+    rows = run_offload_bench(model, "tiny", "1GiB", [BenchWorkload(1, 8, 3)], repeats=1, stock_batches=[],
                              options=options(slots_per_layer=2, zero_copy=True), round_trip_row=True)
     assert [r["system"] for r in rows] == ["ours", "ours, no zero-copy", "ours fetch-every-miss"]
     assert rows[1]["cpu_experts_per_token"] + rows[1]["fetched_per_token"] > 0  # misses the cache served itself
@@ -396,12 +403,12 @@ def test_offload_bench_round_trip_row():
 def test_offload_bench_sizes_the_reserve_for_its_largest_workload():
     """Every run keeps to the budget: one accelerate() serves all workloads, its reserve sized for the
     largest prefill and static cache among them (never below the options' own)."""
-    from hf_moe_accel.bench.ab import Workload
+    from hf_moe_accel.bench.ab import BenchWorkload
     from hf_moe_accel.bench.offload import _sized_for
 
-    small = _sized_for(OffloadOptions(), [Workload(1, 128, 16), Workload(8, 128, 16)])
+    small = _sized_for(OffloadOptions(), [BenchWorkload(1, 128, 16), BenchWorkload(8, 128, 16)])
     assert (small.prefill_tokens, small.kv_cache_tokens) == (4096, 8192)  # the defaults hold them
-    large = _sized_for(OffloadOptions(), [Workload(1, 128, 16), Workload(128, 128, 200)])
+    large = _sized_for(OffloadOptions(), [BenchWorkload(1, 128, 16), BenchWorkload(128, 128, 200)])
     assert (large.prefill_tokens, large.kv_cache_tokens) == (128 * 128, 128 * 512)  # 328 positions: bucket 512
 
 
@@ -410,7 +417,7 @@ def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
     from hf_moe_accel.cli import main
 
     out, png = tmp_path / "offload.json", tmp_path / "offload.png"
-    plan = plan_offload(load_fixture(fixture_path)[0], 10**9, OffloadOptions(device="cpu")).plan
+    plan = prepare_offload(load_fixture(fixture_path)[0], 10**9, OffloadOptions(device="cpu")).budget
     half = plan.minimum + sum(b * n for b, n in zip(plan.expert_bytes, plan.num_experts)) // 2  # half the experts
     args = ["bench", "--model", str(fixture_path), "--batch", "1,2", "--prompt-len", "8", "--new-tokens", "3",
             "--repeats", "1", "--json", str(out), "--plot", str(png)]
@@ -434,7 +441,7 @@ def test_bench_command_with_a_gpu_budget(fixture_path, tmp_path, capsys):
 
 
 def test_failure_halfway_leaves_the_model_as_it_was(fixture_path, monkeypatch):
-    from hf_moe_accel.placement import offload
+    from hf_moe_accel.offload import engine as offload
 
     model, _ = load_fixture(fixture_path)
     classes, state = module_classes(model), state_snapshot(model)
@@ -457,7 +464,7 @@ def test_failure_halfway_leaves_the_model_as_it_was(fixture_path, monkeypatch):
 def test_a_budget_that_holds_every_expert_places_the_model_whole(fixture_path, caplog):
     """No expert cache when every expert fits (its host round trips would only slow decode and rule
     out graph decode): the model goes to the device as a whole; with slots asked for, it offloads."""
-    from hf_moe_accel.placement.place import placement_of
+    from hf_moe_accel.parallel.place import placement_of
 
     model, _ = load_fixture(fixture_path)
     sequences = random_sequences(model, 2, 12)
@@ -493,7 +500,7 @@ def test_zero_copy_decode_equals_stock(fixture_path):
     decode, prefill = offload_stats(model, "decode").total, offload_stats(model, "prefill").total
     assert decode.zero_copy_forwards == decode.forwards > 0
     assert decode.lookups == decode.forwards * model.config.num_experts_per_tok  # one token a forward: its k pairs
-    assert decode.h2d_bytes == (decode.lookups - decode.hits) * model._hf_moe_accel_offload.layers[0].cache.expert_bytes
+    assert decode.h2d_bytes == (decode.lookups - decode.hits) * offload_engine(model).layers[0].cache.expert_bytes
     assert prefill.zero_copy_forwards == 0 and prefill.fetched > 0  # prefill moved experts in and out
     assert "zero-copy" in offload_stats(model, "decode").summary()
 
@@ -509,7 +516,7 @@ def test_zero_copy_forwards_equal_stock_between_cache_changes(model_type, slots)
     total = offload_stats(model).total
     # the three forwards of one new token a sequence, <= 3 sequences; not the 2-token prompt (prefill)
     assert total.zero_copy_forwards == 3 * len(expert_modules(model))
-    for layer in model._hf_moe_accel_offload.layers:  # cached experts are read from their slots
+    for layer in offload_engine(model).layers:  # cached experts are read from their slots
         cache = layer.cache
         table, slots = cache.device_addresses().gate_up, cache.slots.gate_up
         for expert, slot in enumerate(cache.slot_of_expert.tolist()):
@@ -525,7 +532,7 @@ def test_zero_copy_counts_routed_pairs_and_hits_on_the_device():
     replay (which runs no Python) reads current tables."""
     model = _tiny_model("qwen3_moe")
     accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2))
-    engine = model._hf_moe_accel_offload
+    engine = offload_engine(model)
     with torch.no_grad():
         model(random_sequences(model, 2, 9))  # fills slots
     for layer in engine.layers:
@@ -578,8 +585,9 @@ def test_zero_copy_decode_replays_graphs_and_equals_stock(caplog):
     stock_batch = model.generate(random_sequences(model, 3, 6), **kwargs)
     accelerate(model, gpu_memory="1GiB", cuda_graphs=False,
                offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2, kv_cache_tokens=300))
-    assert not hasattr(model, GRAPHS_BLOCKED_ATTR) and getattr(model, GRAPH_STEP_CHECK_ATTR) is not None
-    enable_graph_decode(model, GraphBackend("cpu", stand_in_capture))
+    hooks = decode_hooks(model)
+    assert hooks.blocked_reason is None and hooks.step_blocker is not None
+    enable_graph_decode(model, GraphBackend("cpu", stand_in_capture), hooks=hooks)
     ours = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     assert torch.equal(ours, stock)
     stats = graph_stats(model)
@@ -624,12 +632,12 @@ def test_zero_copy_refill_between_decode_steps_equals_stock(graphs):
     accelerate(model, gpu_memory="1GiB", cuda_graphs=False,
                offload=options(slots_per_layer=3, zero_copy=True, zero_copy_max_tokens=2, zero_copy_refill_every=2))
     if graphs:
-        enable_graph_decode(model, GraphBackend("cpu", stand_in_capture))
+        enable_graph_decode(model, GraphBackend("cpu", stand_in_capture), hooks=decode_hooks(model))
     assert torch.equal(model.generate(prompt, **kwargs), stock)
     assert offload_stats(model, "decode").total.refilled > 0
     if graphs:
         assert graph_stats(model)["replays"] > 0
-    for layer in model._hf_moe_accel_offload.layers:  # the tables follow the refills
+    for layer in offload_engine(model).layers:  # the tables follow the refills
         cache = layer.cache
         for expert, slot in enumerate(cache.slot_of_expert.tolist()):
             tensor, row = (cache.slots.gate_up, slot) if slot >= 0 else (cache.host.gate_up, expert)
@@ -667,8 +675,8 @@ def test_graph_decode_counts_and_refills_as_eager_decode():
     for graphs in (True, False):
         models[graphs] = _tiny_model("qwen3_moe")
         accelerate(models[graphs], gpu_memory="1GiB", cuda_graphs=False, offload=opts)
-    engine = models[True]._hf_moe_accel_offload
-    enable_graph_decode(models[True], GraphBackend("cpu", _stand_in_without_host_steps(engine)))
+    engine = offload_engine(models[True])
+    enable_graph_decode(models[True], GraphBackend("cpu", _stand_in_without_host_steps(engine)), hooks=decode_hooks(models[True]))
     for call, (batch, length) in enumerate([(1, 6), (2, 9), (1, 4)]):
         prompt = random_sequences(models[True], batch, length, seed=call)
         kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -677,7 +685,7 @@ def test_graph_decode_counts_and_refills_as_eager_decode():
         stats = {graphs: offload_stats(model, "decode").total for graphs, model in models.items()}
         assert (stats[True].lookups, stats[True].hits, stats[True].refilled) == \
             (stats[False].lookups, stats[False].hits, stats[False].refilled), call
-        for graph_layer, eager_layer in zip(engine.layers, models[False]._hf_moe_accel_offload.layers):
+        for graph_layer, eager_layer in zip(engine.layers, offload_engine(models[False]).layers):
             assert torch.equal(graph_layer.cache.slot_of_expert, eager_layer.cache.slot_of_expert), call
     assert stats[True].refilled > 0
     assert graph_stats(models[True])["captures"] >= 2 and graph_stats(models[True])["replays"] == 3 * 7
@@ -686,7 +694,7 @@ def test_graph_decode_counts_and_refills_as_eager_decode():
 def test_zero_copy_refill_swaps_used_experts_for_unused_ones():
     model = _tiny_model("qwen3_moe")
     accelerate(model, gpu_memory="1GiB", offload=options(slots_per_layer=3, zero_copy=True, zero_copy_refill_every=3))
-    engine = model._hf_moe_accel_offload
+    engine = offload_engine(model)
     with torch.no_grad():
         model(random_sequences(model, 2, 9))  # fills the slots
     cache = engine.layers[0].cache

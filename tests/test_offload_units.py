@@ -9,26 +9,26 @@ import math
 import pytest
 import torch
 
+from hf_moe_accel.costmodel.memory import parse_memory_size, split_budget
 from hf_moe_accel.kernels.experts_reference import experts_reference
 from hf_moe_accel.kernels.spec import Activation, ExpertWeights
-from hf_moe_accel.placement.budget import parse_memory_size, plan_memory
-from hf_moe_accel.placement.cpu_experts import plan_cpu_job, run_cpu_experts
-from hf_moe_accel.placement.eviction import (
+from hf_moe_accel.offload.cpu_experts import plan_cpu_job, run_cpu_experts
+from hf_moe_accel.offload.eviction import (
     EvictionPolicy,
     LFUPolicy,
     LRUPolicy,
     RoutingStatsPolicy,
     policy_factory,
 )
-from hf_moe_accel.placement.expert_cache import ExpertCache, bytes_per_expert
-from hf_moe_accel.placement.miss_cost import (
+from hf_moe_accel.offload.expert_cache import ExpertCache, bytes_per_expert
+from hf_moe_accel.offload.miss_cost import (
     CopyLaneClock,
     CpuTimeCorrection,
     MissCostModel,
     calibrate_miss_costs,
     split_misses,
 )
-from hf_moe_accel.placement.transfers import DeviceLanes
+from hf_moe_accel.offload.transfers import DeviceLanes
 
 CPU = torch.device("cpu")
 
@@ -57,22 +57,22 @@ def test_memory_sizes_of_wrong_type_raise_type_error(value):
 def test_budget_split_into_slots():
     # 3 layers of 10 experts, 100 bytes each; 1000 budget, 130 non-expert, 70 reserve -> 800 for slots:
     # 2 per layer (600), then one more for the first two layers (200).
-    plan = plan_memory(1000, 130, 70, [100, 100, 100], [10, 10, 10])
+    plan = split_budget(1000, 130, 70, [100, 100, 100], [10, 10, 10])
     assert plan.slots == (3, 3, 2)
     assert plan.total == 1000 and plan.minimum == 200
-    assert plan_memory(10**9, 0, 0, [100] * 3, [10] * 3).slots == (10, 10, 10)  # capped at the experts
-    assert plan_memory(1000, 130, 70, [100] * 3, [10] * 3, slots_per_layer=1).slots == (1, 1, 1)
-    assert plan_memory(200, 130, 70, [100] * 3, [10] * 3).slots == (0, 0, 0)
+    assert split_budget(10**9, 0, 0, [100] * 3, [10] * 3).slots == (10, 10, 10)  # capped at the experts
+    assert split_budget(1000, 130, 70, [100] * 3, [10] * 3, slots_per_layer=1).slots == (1, 1, 1)
+    assert split_budget(200, 130, 70, [100] * 3, [10] * 3).slots == (0, 0, 0)
 
 
 def test_budget_below_non_expert_weights_says_what_is_needed():
     with pytest.raises(ValueError, match=r"non-expert weights need 3\.00 GiB.*at least 3\.50 GiB"):
-        plan_memory(2 * 2**30, 3 * 2**30, 2**29, [100], [8])
+        split_budget(2 * 2**30, 3 * 2**30, 2**29, [100], [8])
 
 
 def test_more_slots_than_fit_rejected():
     with pytest.raises(ValueError, match="slots_per_layer=3 doesn't fit"):
-        plan_memory(1000, 130, 70, [100] * 3, [10] * 3, slots_per_layer=3)
+        split_budget(1000, 130, 70, [100] * 3, [10] * 3, slots_per_layer=3)
 
 
 def _record(policy: EvictionPolicy, step: dict[int, tuple[int, float]]) -> None:
@@ -233,7 +233,7 @@ def test_removing_an_accelerate_hook_leaves_the_class_forward_in_charge():
     which would hide a later class swap (accelerate() after a device_map dispatch was undone)."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    from hf_moe_accel.placement.host_weights import remove_hook_keeping_class_forward
+    from hf_moe_accel.offload.host_weights import remove_hook_keeping_class_forward
 
     module = torch.nn.Linear(2, 2)
     add_hook_to_module(module, ModelHook())
@@ -254,7 +254,7 @@ def test_cpu_experts_in_float32_match_the_reference_over_chunks(layout, monkeypa
     """bf16 weights upcast a chunk at a time (chunks smaller than one expert, uneven at the end):
     the float32 way is closer to the float64 truth than the bf16 way, and experts under the
     crossover still run in bf16."""
-    from hf_moe_accel.placement import cpu_experts
+    from hf_moe_accel.offload import cpu_experts
 
     monkeypatch.setattr(cpu_experts, "_UPCAST_CHUNK_ELEMENTS", 7 * 24)  # 7 output features of 24 inputs a chunk
     weights = _weights(**layout)
@@ -303,7 +303,7 @@ def test_calibration_measures_the_float32_way_for_half_precision_weights():
 
 def test_calibration_times_each_cpu_run_on_another_expert(monkeypatch):
     """Cold weights, as a missed expert's are: the CPU runs take the layer's experts in turn."""
-    from hf_moe_accel.placement import miss_cost
+    from hf_moe_accel.offload import miss_cost
 
     used = []
     real = miss_cost.run_cpu_experts

@@ -154,12 +154,12 @@ def test_pdl_decode_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch):
 
 def test_env_report_shows_the_switches_and_a_bad_value(monkeypatch, capsys):
     """`hf-moe-accel env` prints both switches, and on a GPU machine reports a value they do not take instead of failing."""
-    from hf_moe_accel import cli
+    from hf_moe_accel.cli import main as cli_main
 
     monkeypatch.setenv(pdl.ENV_SWITCH, "flase")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine, with no device to list
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert cli.main(["env"]) == 0
+    assert cli_main(["env"]) == 0
     out = capsys.readouterr().out
     lines = {line.split("  ")[0]: line.split("  ")[-1].strip() for line in out.splitlines()}
     assert lines[pdl.ENV_SWITCH] == "flase" and lines[pdl.INDUCTOR_SWITCH] == "unset"

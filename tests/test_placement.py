@@ -13,24 +13,28 @@ import transformers
 
 from hf_moe_accel import accelerate, is_accelerated, unpatch
 from hf_moe_accel.cli import main
-from hf_moe_accel.placement.distributed import split_range, tensor_parallel_heads
-from hf_moe_accel.placement.hardware import Hardware, hardware_from_json, hardware_preset
-from hf_moe_accel.placement.place import placement_of
-from hf_moe_accel.placement.plans import best_plan, candidate_plans, rank_plans
-from hf_moe_accel.placement.predictor import (
+from hf_moe_accel.costmodel.hardware import (
+    Hardware,
+    hardware_from_json,
+    hardware_preset,
+)
+from hf_moe_accel.costmodel.predictor import (
     RESERVE_GIB,
     STREAM_EFFICIENCY,
     ZERO_COPY_MAX_BATCH,
-    Plan,
+    PlacementPlan,
     Workload,
     expert_tiles,
     kv_traffic_bytes,
-    offload_memory_plan,
+    offload_slot_budget,
     offload_slots_per_layer,
     predict,
     touched_experts,
 )
-from hf_moe_accel.placement.shapes import ModelShape, load_shape
+from hf_moe_accel.costmodel.ranking import best_plan, candidate_plans, rank_plans
+from hf_moe_accel.costmodel.shapes import ModelShape, load_shape
+from hf_moe_accel.parallel.distributed import split_range, tensor_parallel_heads
+from hf_moe_accel.parallel.place import placement_of
 
 GIB = 2**30
 
@@ -99,17 +103,17 @@ def test_single_gpu_step_by_hand():
     experts = 2 * 2 * 1e6  # two layers, two experts each
     weights = 4e6 + 1e6 + 2e6 + 1000 * 2  # attention + other + head + one embedding row
     graph_gpu = _bytes_s(weights + 512000) + _bytes_s(experts)  # KV as in the test above
-    graphs = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
+    graphs = predict(SHAPE, HARDWARE, PlacementPlan("single", 1, True), ONE)
     # The replay (bytes + 2 layers x 20 us) is under the 100 us host loop: the loop bounds the step.
     assert graph_gpu + 40e-6 < 60e-6
     assert graphs.step_ms / 1e3 == pytest.approx(100e-6)
     assert graphs.parts_ms["kernel_floor"] == pytest.approx(2 * 20e-3)
     assert graphs.decode_tokens_per_s == pytest.approx(1e3 / graphs.step_ms)
     # A floor of 50 us per layer makes the replay 117 us: the exposed 40 us of host time precede it.
-    slow = predict(SHAPE, dataclasses.replace(HARDWARE, graph_layer_us=50.0), Plan("single", 1, True), ONE)
+    slow = predict(SHAPE, dataclasses.replace(HARDWARE, graph_layer_us=50.0), PlacementPlan("single", 1, True), ONE)
     assert slow.step_ms / 1e3 == pytest.approx(40e-6 + graph_gpu + 2 * 50e-6)
     assert slow.parts_ms["host"] == pytest.approx(40e-3)
-    eager = predict(SHAPE, HARDWARE, Plan("single", 1, False), ONE)
+    eager = predict(SHAPE, HARDWARE, PlacementPlan("single", 1, False), ONE)
     # Eager: host time of 2 layers and the step, serialised with the GPU work, and no graph floor.
     assert eager.step_ms / 1e3 == pytest.approx(_bytes_s(weights + 90000) + _bytes_s(experts) + 2 * 1000e-6 + 500e-6)
 
@@ -117,20 +121,20 @@ def test_single_gpu_step_by_hand():
 def test_collective_counts_and_shares():
     slow_link = dataclasses.replace(HARDWARE, link_latency_us=HARDWARE.link_latency_us + 100.0)
     for kind, collectives in (("ep", SHAPE.moe_layers), ("tp", SHAPE.num_layers + SHAPE.moe_layers)):
-        fast, slow = (predict(SHAPE, hw, Plan(kind, 2, True), ONE) for hw in (HARDWARE, slow_link))
+        fast, slow = (predict(SHAPE, hw, PlacementPlan(kind, 2, True), ONE) for hw in (HARDWARE, slow_link))
         assert slow.step_ms - fast.step_ms == pytest.approx(collectives * 0.1)  # 100 us more per collective
-    single = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
-    tp = predict(SHAPE, HARDWARE, Plan("tp", 2, True), ONE)
+    single = predict(SHAPE, HARDWARE, PlacementPlan("single", 1, True), ONE)
+    tp = predict(SHAPE, HARDWARE, PlacementPlan("tp", 2, True), ONE)
     # Tensor parallel holds half the attention, half of every expert and half the KV heads.
     saved = (SHAPE.attention_bytes + SHAPE.experts_total_bytes) / 2 + SHAPE.kv_bytes(1, ONE.max_context) / 2
     assert (single.memory_gib - tp.memory_gib) * GIB == pytest.approx(saved)
-    ep = predict(SHAPE, HARDWARE, Plan("ep", 4, True), ONE)
+    ep = predict(SHAPE, HARDWARE, PlacementPlan("ep", 4, True), ONE)
     # Expert parallel over 4 ranks: the busiest holds ceil(10 / 4) = 3 experts per layer.
     assert (single.memory_gib - ep.memory_gib) * GIB == pytest.approx(2 * (10 - 3) * 1e6)
 
 
 def test_expert_parallel_busiest_rank_reads_more_than_its_mean_share():
-    ep = predict(SHAPE, HARDWARE, Plan("ep", 2, True), ONE)
+    ep = predict(SHAPE, HARDWARE, PlacementPlan("ep", 2, True), ONE)
     # 5 local experts, each touched with p = 0.2 at batch 1: mean 1, busiest of 2 ranks 1 + 0.5642.
     busiest_bytes = 2 * (1 + 0.5642) * 1e6
     dense = 4e6 + 1e6 + 2e6 + 512000 + 2000  # graph decode's KV traffic, as in the single-GPU test
@@ -139,8 +143,8 @@ def test_expert_parallel_busiest_rank_reads_more_than_its_mean_share():
 
 def test_data_parallel_is_one_replica_on_its_share():
     batch8 = Workload(batch=8, prompt_len=10, new_tokens=10)
-    dp = predict(SHAPE, HARDWARE, Plan("dp", 4, True), batch8)
-    one = predict(SHAPE, HARDWARE, Plan("single", 1, True), Workload(batch=2, prompt_len=10, new_tokens=10))
+    dp = predict(SHAPE, HARDWARE, PlacementPlan("dp", 4, True), batch8)
+    one = predict(SHAPE, HARDWARE, PlacementPlan("single", 1, True), Workload(batch=2, prompt_len=10, new_tokens=10))
     assert dp.step_ms == pytest.approx(one.step_ms)
     assert dp.decode_tokens_per_s == pytest.approx(8 / (one.step_ms / 1e3))
 
@@ -155,11 +159,11 @@ def test_offload_fills_the_budget_with_expert_slots():
     reserve = 40000 + 10 * 4 * (16000 + 3000 + 400) + 160000 + 128 * 2**20
     fixed = SHAPE.non_expert_bytes + reserve
     half = with_memory(fixed + 2 * 5 * 1e6)  # and half of each layer's experts
-    assert offload_memory_plan(SHAPE, half, ONE).reserve == reserve
+    assert offload_slot_budget(SHAPE, half, ONE).reserve == reserve
     assert offload_slots_per_layer(SHAPE, half, ONE) == 5
     # Experts with biases: decode runs the expert cache (zero-copy reads experts without them).
     biased = dataclasses.replace(SHAPE, expert_biases=True)
-    offload = predict(biased, half, Plan("offload", 1, False), ONE)
+    offload = predict(biased, half, PlacementPlan("offload", 1, False), ONE)
     assert offload.feasible and offload.memory_gib == pytest.approx(half.gpu_memory_gib)
     # Hit rate 1/2: one of the 2 touched experts misses per layer. Fetch 1 MB at 10 GB/s = 100 us, CPU 1 MB
     # at 10 GB/s = 100 us; both lanes run together, so the miss is split to end them at once, after the
@@ -173,16 +177,16 @@ def test_offload_fills_the_budget_with_expert_slots():
     assert offload.step_ms / 1e3 == pytest.approx(_bytes_s(7e6 + 90000 + 2000) + 2 * layer + 2 * 300e-6 + 2 * 1000e-6 + 500e-6)
     # A budget that holds every expert: accelerate() places the whole model, so the single-GPU figures.
     # (offload plans carry cuda_graphs=False, but the whole model decodes through graphs then)
-    everything = predict(SHAPE, with_memory(fixed + 2 * 10 * 1e6), Plan("offload", 1, False), ONE)
-    single = predict(SHAPE, HARDWARE, Plan("single", 1, True), ONE)
-    assert everything.plan == Plan("offload", 1, False) and everything.step_ms == pytest.approx(single.step_ms)
-    no_room = predict(SHAPE, with_memory(fixed * 0.9), Plan("offload", 1, False), ONE)
+    everything = predict(SHAPE, with_memory(fixed + 2 * 10 * 1e6), PlacementPlan("offload", 1, False), ONE)
+    single = predict(SHAPE, HARDWARE, PlacementPlan("single", 1, True), ONE)
+    assert everything.plan == PlacementPlan("offload", 1, False) and everything.step_ms == pytest.approx(single.step_ms)
+    no_room = predict(SHAPE, with_memory(fixed * 0.9), PlacementPlan("offload", 1, False), ONE)
     assert not no_room.feasible and "too small" in no_room.reason and offload_slots_per_layer(SHAPE, with_memory(fixed * 0.9), ONE) == 0
 
     # Zero-copy decode (no biases, batch <= ZERO_COPY_MAX_BATCH), one token: each of the 2 routed pairs per layer reads its expert,
     # the half not cached from host memory at 0.8 x 10 GB/s: 2 layers x 1 pair x 1 MB = 250 us.
     reads_s = 2 * 1e6 / (HARDWARE.zero_copy_share * 10e9)
-    zero_copy = predict(SHAPE, half, Plan("offload", 1, True), ONE)
+    zero_copy = predict(SHAPE, half, PlacementPlan("offload", 1, True), ONE)
     assert zero_copy.parts_ms["zero_copy_reads"] / 1e3 == pytest.approx(reads_s)
     assert "offload_round_trips" not in zero_copy.parts_ms and zero_copy.parts_ms["kernel_floor"] == pytest.approx(2 * 0.020)
     # The cached pairs stream from HBM: 2 layers x 1 expert of 1 MB, beside the dense bytes and the
@@ -191,23 +195,23 @@ def test_offload_fills_the_budget_with_expert_slots():
     assert zero_copy.parts_ms["gpu"] / 1e3 == pytest.approx(_bytes_s(weights + 512000) + _bytes_s(2e6))
     # Eager: nothing syncs, so the host's 2.5 ms of launches (2 layers x 1 ms + 0.5 ms) run ahead of the
     # GPU's reads; the step is the longer of the two (here the host's).
-    eager = predict(SHAPE, half, Plan("offload", 1, False), ONE)
+    eager = predict(SHAPE, half, PlacementPlan("offload", 1, False), ONE)
     assert eager.step_ms / 1e3 == pytest.approx(2.5e-3)
     slow_pcie = dataclasses.replace(half, pcie_gb_s=0.1)  # reads of 25 ms: now the reads bound the step
-    assert predict(SHAPE, slow_pcie, Plan("offload", 1, False), ONE).step_ms / 1e3 == pytest.approx(
+    assert predict(SHAPE, slow_pcie, PlacementPlan("offload", 1, False), ONE).step_ms / 1e3 == pytest.approx(
         2 * 1e6 / (0.8 * 0.1e9) + _bytes_s(weights + 90000) + _bytes_s(2e6))
     # Several tokens (the grouped kernels): each touched expert read once, 10 x (1 - 0.8^3) = 4.88 of
     # them a layer at batch 3, half from host memory (a hit rate given: the batch's KV takes slots).
-    three = predict(SHAPE, half, Plan("offload", 1, True), Workload(3, 10, 10, hit_rate=0.5))
+    three = predict(SHAPE, half, PlacementPlan("offload", 1, True), Workload(3, 10, 10, hit_rate=0.5))
     assert three.parts_ms["zero_copy_reads"] / 1e3 == pytest.approx(2 * 4.88 * 0.5 * 1e6 / (0.8 * 10e9))
     above = Workload(ZERO_COPY_MAX_BATCH + 1, 1, 1)
     roomy = with_memory(fixed + 10 * 1e6 + 2 * above.batch * 2 * 2000)  # the larger batch's KV beside half the experts
-    assert "offload_round_trips" in predict(SHAPE, roomy, Plan("offload", 1, True), above).parts_ms  # the cache
+    assert "offload_round_trips" in predict(SHAPE, roomy, PlacementPlan("offload", 1, True), above).parts_ms  # the cache
 
 
 def test_tensor_parallel_refuses_heads_that_do_not_split():
-    assert not predict(SHAPE, HARDWARE, Plan("tp", 3, True), ONE).feasible  # 8 heads over 3
-    assert "KV heads" in predict(dataclasses.replace(SHAPE, num_kv_heads=3, num_heads=12), HARDWARE, Plan("tp", 4, True), ONE).reason
+    assert not predict(SHAPE, HARDWARE, PlacementPlan("tp", 3, True), ONE).feasible  # 8 heads over 3
+    assert "KV heads" in predict(dataclasses.replace(SHAPE, num_kv_heads=3, num_heads=12), HARDWARE, PlacementPlan("tp", 4, True), ONE).reason
     assert tensor_parallel_heads(64, 4, 8, 5) == ((40, 48), (2, 3))  # 8 ranks share 4 KV heads: two ranks per head
     assert tensor_parallel_heads(8, 4, 2, 1) == ((4, 8), (2, 4))
     with pytest.raises(ValueError, match="6 attention heads"):
@@ -221,9 +225,9 @@ def test_split_range_covers_everything_unevenly():
 
 def test_more_gpus_than_the_hardware_has_is_an_error():
     with pytest.raises(ValueError, match="needs 8 GPUs; the hardware has 4"):
-        predict(SHAPE, HARDWARE, Plan("ep", 8, True), ONE)
+        predict(SHAPE, HARDWARE, PlacementPlan("ep", 8, True), ONE)
     with pytest.raises(ValueError, match="can't run on 2 GPUs"):
-        Plan("single", 2)
+        PlacementPlan("single", 2)
 
 
 # ---- real shapes: feasibility and ranking ----------------------------------------------------
@@ -360,8 +364,8 @@ def test_cpu_placement_runs_and_unpatch_restores():
 def test_pipeline_device_map_balances_layers_over_gpus():
     from transformers import AutoModelForCausalLM
 
-    from hf_moe_accel.bench.presets import PRESETS
-    from hf_moe_accel.placement.pipeline import pipeline_device_map
+    from hf_moe_accel.costmodel.presets import PRESETS
+    from hf_moe_accel.parallel.pipeline import pipeline_device_map
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(PRESETS["olmoe-1b-7b"](), dtype=torch.bfloat16)
@@ -376,27 +380,27 @@ def test_pipeline_device_map_balances_layers_over_gpus():
 
 
 def test_calibration_cache_round_trip(tmp_path, monkeypatch):
-    from hf_moe_accel.placement import calibrate
+    from hf_moe_accel.costmodel import machine
 
     monkeypatch.setenv("HF_MOE_ACCEL_CACHE", str(tmp_path))
-    path = calibrate.cache_path()
+    path = machine.cache_path()
     assert path.parent == tmp_path and path.name.startswith("calibration-")
     # Transformers' generate() loop sets the host overheads (and deferred stop checks from 5.18): its
     # version is in the key beside torch's.
     assert f"transformers{transformers.__version__}".replace(".", "-") in path.name
-    assert calibrate.load_calibration(path) is None
+    assert machine.load_calibration(path) is None
     path.write_text(json.dumps({"hardware": HARDWARE.to_json(), "seconds": 1.0}))
-    assert calibrate.load_calibration(path) == HARDWARE
+    assert machine.load_calibration(path) == HARDWARE
     # A cache written before the graph floor and offload figures existed (it had kernel_gap_us instead)
     # reads with those fields' defaults.
     old = {k: v for k, v in HARDWARE.to_json().items() if k not in ("graph_host_exposed_us", "graph_layer_us", "offload_layer_host_us")}
     path.write_text(json.dumps({"hardware": {**old, "kernel_gap_us": 1.0}, "seconds": 1.0}))
-    assert calibrate.load_calibration(path) == dataclasses.replace(
+    assert machine.load_calibration(path) == dataclasses.replace(
         HARDWARE, graph_host_exposed_us=600.0, graph_layer_us=95.0, offload_layer_host_us=1400.0
     )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            calibrate.hardware_of_this_machine()
+            machine.hardware_of_this_machine()
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
@@ -406,7 +410,7 @@ def test_calibration_cache_round_trip(tmp_path, monkeypatch):
 def test_calibration_is_quick_and_reused(tmp_path, monkeypatch):
     import time
 
-    from hf_moe_accel.placement.calibrate import calibrate
+    from hf_moe_accel.bench.calibrate import calibrate
 
     monkeypatch.setenv("HF_MOE_ACCEL_CACHE", str(tmp_path))
     start = time.perf_counter()
@@ -454,11 +458,11 @@ def test_pipeline_over_two_gpus_matches_one():
 
 
 def test_measuring_a_plan_times_generate_and_puts_the_model_back():
-    from hf_moe_accel.placement.measure import PlanMeasurer
+    from hf_moe_accel.bench.plan_check import PlanMeasurer
 
     measurer = PlanMeasurer("tiny-qwen3-moe", torch.float32, device=torch.device("cpu"))
     workload = Workload(batch=2, prompt_len=8, new_tokens=4)
-    for plan in (Plan("single", 1, False), Plan("offload", 1, False)):
+    for plan in (PlacementPlan("single", 1, False), PlacementPlan("offload", 1, False)):
         result = measurer.measure(plan, workload, repeats=1, gpu_memory_gib=0.15)  # part of the experts in slots
         assert result["decode_tokens_per_s"] > 0 and result["ttft_s"] > 0
         assert not is_accelerated(measurer.model)
@@ -468,7 +472,7 @@ def test_decode_overhead_calibration_runs_on_the_cpu_stand_in(caplog):
     """The calibration's decode-path step (tiny models: eager per layer and step, the offload round
     trip with every expert in a slot) runs end to end on the CPU; its graph figures need CUDA and
     keep the preset's, with a warning."""
-    from hf_moe_accel.placement.calibrate import _host_overheads
+    from hf_moe_accel.bench.calibrate import _host_overheads
 
     with caplog.at_level("WARNING", logger="hf_moe_accel"):
         measured = _host_overheads(torch.device("cpu"))
@@ -480,7 +484,7 @@ def test_decode_overhead_calibration_runs_on_the_cpu_stand_in(caplog):
 def test_cpu_expert_rate_is_timed_on_cold_weights():
     """The calibration's CPU expert matmul takes another weight matrix at each run (round robin), so
     that no run finds its weights in the CPU's caches; without a GPU there is no copy lane to keep busy."""
-    from hf_moe_accel.placement import calibrate
+    from hf_moe_accel.bench import calibrate
 
     weights = [torch.full((2, 3), float(i)) for i in range(3)]
     run = calibrate._cycling(weights, torch.ones(1, 3))

@@ -16,7 +16,11 @@ from transformers import (
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.graphs.generate import GraphBackend, enable_graph_decode
-from hf_moe_accel.graphs.processors import EosBelowLengthProcessor, stand_in_for, with_stand_ins
+from hf_moe_accel.graphs.processors import (
+    EosBelowLengthProcessor,
+    stand_in_for,
+    with_stand_ins,
+)
 
 from .test_graphs import stand_in_capture
 

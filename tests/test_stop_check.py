@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from hf_moe_accel import accelerate
 from hf_moe_accel.graphs import graph_stats
 from hf_moe_accel.graphs.generate import GraphBackend, enable_graph_decode
-from hf_moe_accel.graphs.stop_check import deferred_stop_checks, stop_checks_can_be_deferred
+from hf_moe_accel.graphs.stop_check import (
+    deferred_stop_checks,
+    stop_checks_can_be_deferred,
+)
 
 from .test_graphs import stand_in_capture
 

@@ -1,1 +1,2 @@
-"""A/B benchmark of hf_moe_accel against stock Transformers (see docs/BENCHMARKS.md)."""
+"""Measurements, the top layer beside cli/: A/B benchmarks against stock Transformers, offload benches,
+calibration microbenchmarks, predicted-vs-measured plan checks and quality evaluation. May import api."""

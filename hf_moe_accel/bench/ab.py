@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..api import accelerate, unpatch
 from ..graphs import graph_stats
 from ..kernels.pdl import inductor_pdl_off_reason, pdl_off_reason
-from ..plotting import pyplot
 from .hbm import decode_step_bytes
+from .plotting import pyplot
 from .timing import (
     GenerateTiming,
     copy_bandwidth_bytes_per_s,
@@ -35,20 +35,20 @@ STOCK_BASELINES: dict[str, dict] = {"default": {}, "static": {"cache_implementat
 
 
 @dataclass(frozen=True)
-class Workload:
+class BenchWorkload:
     batch: int
     prompt_len: int
     new_tokens: int
 
 
-def _prompt(model, workload: Workload, device: torch.device, seed: int) -> torch.Tensor:
+def _prompt(model, workload: BenchWorkload, device: torch.device, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(1, vocab, (workload.batch, workload.prompt_len), generator=generator)
     return ids.to(device)
 
 
-def _time_stock(model, input_ids, workload: Workload, baseline: str, repeats: int) -> dict:
+def _time_stock(model, input_ids, workload: BenchWorkload, baseline: str, repeats: int) -> dict:
     try:
         return time_generate(model, input_ids, workload.new_tokens, repeats, **STOCK_BASELINES[baseline]).as_dict()
     except Exception as error:  # a stock path that fails here (e.g. compile) is reported, not fatal
@@ -78,7 +78,7 @@ def _best(passes: Iterable[dict]) -> dict | None:
 def run_ab(
     model,
     model_name: str,
-    workloads: list[Workload],
+    workloads: list[BenchWorkload],
     repeats: int = 3,
     baselines: tuple[str, ...] = ("default", "static"),
     stock_passes: int = 2,

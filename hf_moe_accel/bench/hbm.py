@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..patches.experts import is_experts_module
+from ..kernels.spec import is_experts_module
 
 
 def expert_layers(model: nn.Module) -> list[nn.Module]:

@@ -36,26 +36,25 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..api import accelerate, unpatch
-from ..graphs.cache_pool import length_bucket
-from ..kernels.spec import Activation
-from ..patches.experts import expert_weights, is_experts_module
-from ..placement.budget import format_bytes, parse_memory_size
-from ..placement.expert_cache import expert_tensors
-from ..placement.host_weights import PinnedArena, remove_hook_keeping_class_forward
-from ..placement.offload import (
+from ..costmodel.memory import format_bytes, length_bucket, parse_memory_size
+from ..costmodel.presets import PRESETS
+from ..kernels.spec import Activation, is_experts_module
+from ..offload.engine import (
     OffloadOptions,
+    offload_budget,
     offload_miss_costs,
     offload_options,
-    offload_plan,
     offload_stats,
-    plan_offload,
+    prepare_offload,
     reset_offload_stats,
     set_miss_policy,
     set_zero_copy,
 )
-from ..plotting import pyplot
-from .ab import Workload
-from .presets import PRESETS
+from ..offload.expert_cache import expert_tensors
+from ..offload.host_weights import PinnedArena, remove_hook_keeping_class_forward
+from ..patches.experts import expert_weights
+from .ab import BenchWorkload
+from .plotting import pyplot
 from .timing import timed_generate
 
 logger = logging.getLogger("hf_moe_accel")
@@ -101,7 +100,7 @@ def build_preset_on_host(name: str, dtype: torch.dtype = torch.bfloat16, *, seed
     return model.eval()
 
 
-def _prompt(model: nn.Module, workload: Workload, device: torch.device, seed: int) -> torch.Tensor:
+def _prompt(model: nn.Module, workload: BenchWorkload, device: torch.device, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
     return torch.randint(1, vocab, (workload.batch, workload.prompt_len), generator=generator).to(device)
@@ -140,7 +139,7 @@ def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, repe
             "fetched_per_token": decode.fetched / tokens,
             "cpu_experts_per_token": decode.cpu_experts / tokens,
             "prefetched_per_token": decode.prefetched / tokens,
-            "prediction_accuracy": decode.prediction_accuracy,
+            "prefetch_accuracy": decode.prefetch_accuracy,
             "cpu_expert_s_per_token": decode.cpu_expert_s / tokens,
             "prefill_hit_rate": offload_stats(model, "prefill").total.hit_rate,
             "decode_stats": offload_stats(model, "decode").as_dict(),  # per layer and overall
@@ -176,7 +175,7 @@ def _undispatch_stock(model: nn.Module) -> None:
     torch.cuda.empty_cache()
 
 
-def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads: list[Workload], new_tokens: int,
+def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads: list[BenchWorkload], new_tokens: int,
                 seed: int, on_row: Callable[[dict], None] | None) -> list[dict]:
     """Stock with accelerate's offloading dispatch for the budget (on CPU: the plain model), short runs."""
     cuda = device.type == "cuda"
@@ -184,7 +183,7 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
     rows = []
     try:
         for workload in workloads:
-            short = Workload(workload.batch, workload.prompt_len, new_tokens)
+            short = BenchWorkload(workload.batch, workload.prompt_len, new_tokens)
             _reset_peak(device)
             try:
                 input_ids = _prompt(model, short, device, seed)
@@ -204,7 +203,7 @@ def _stock_rows(model, base: dict, budget: int, device: torch.device, workloads:
     return rows
 
 
-def _sized_for(options: OffloadOptions, workloads: list[Workload]) -> OffloadOptions:
+def _sized_for(options: OffloadOptions, workloads: list[BenchWorkload]) -> OffloadOptions:
     """`options` with room for the largest workload's prefill and static cache (graph decode's length bucket)."""
     prefill = max((w.batch * w.prompt_len for w in workloads), default=0)
     kv = max((w.batch * length_bucket(w.prompt_len + w.new_tokens) for w in workloads), default=0)
@@ -212,14 +211,14 @@ def _sized_for(options: OffloadOptions, workloads: list[Workload]) -> OffloadOpt
                                kv_cache_tokens=max(options.kv_cache_tokens, kv))
 
 
-def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: list[Workload], repeats: int,
+def _our_rows(model, base: dict, budget: int, device: torch.device, workloads: list[BenchWorkload], repeats: int,
               options: OffloadOptions, seed: int, on_row: Callable[[dict], None] | None,
               round_trip_row: bool) -> list[dict]:
     """Ours, then (`round_trip_row`, with zero-copy on) ours with zero-copy off, then fetch-every-miss, per
     workload; peak GPU memory since accelerate()."""
     _reset_peak(device)
     accelerate(model, gpu_memory=budget, offload=options)
-    plan, costs, zero_copy = offload_plan(model), offload_miss_costs(model), offload_options(model).zero_copy
+    plan, costs, zero_copy = offload_budget(model), offload_miss_costs(model), offload_options(model).zero_copy
     rows = []
     try:
         for workload in tqdm(workloads, desc=f"offload {base['model']}", unit="run"):
@@ -250,7 +249,7 @@ def run_offload_bench(
     model: nn.Module,
     model_name: str,
     gpu_memory: str | int,
-    workloads: list[Workload],
+    workloads: list[BenchWorkload],
     *,
     repeats: int = 3,
     stock_new_tokens: int = 3,
@@ -276,8 +275,8 @@ def run_offload_bench(
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     options = _sized_for(options or OffloadOptions(device=device), workloads)
-    if (setup := plan_offload(model, budget, options)).caches_every_expert:
-        raise ValueError(f"{model_name} fits whole in {format_bytes(budget)} ({setup.plan.describe()}): nothing to "
+    if (setup := prepare_offload(model, budget, options)).caches_every_expert:
+        raise ValueError(f"{model_name} fits whole in {format_bytes(budget)} ({setup.budget.describe()}): nothing to "
                          "offload; give a smaller budget, or run the bench without --gpu-memory")
     base = {"model": model_name, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "gpu_memory": budget}
     stock_batches = sorted({w.batch for w in workloads}) if stock_batches is None else stock_batches
@@ -307,7 +306,7 @@ def markdown_table(rows: list[dict]) -> str:
             num(r.get("speedup_vs_fetch"), ".2f") + ("x" if r.get("speedup_vs_fetch") else ""),
             num(r.get("hit_rate") and 100 * r["hit_rate"], ".1f") + ("%" if r.get("hit_rate") is not None else ""),
             num(r.get("pcie_bytes_per_token") and r["pcie_bytes_per_token"] / 2**20, ".1f"),
-            num(r.get("prefetched_per_token"), ".1f") + (f" ({100 * r['prediction_accuracy']:.0f}%)" if r.get("prediction_accuracy") is not None else ""),
+            num(r.get("prefetched_per_token"), ".1f") + (f" ({100 * r['prefetch_accuracy']:.0f}%)" if r.get("prefetch_accuracy") is not None else ""),
             num(r.get("cpu_experts_per_token"), ".1f"),
             num(r.get("cpu_expert_s_per_token") and 1e3 * r["cpu_expert_s_per_token"], ".2f"),
             num(r.get("peak_memory_gib"), ".2f"),

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..kernels.spec import Activation
-from ..patches.experts import expert_weights, is_experts_module
+from ..kernels.spec import Activation, is_experts_module
+from ..patches.experts import expert_weights
 
 # Transformers' experts modules are called as experts(hidden_states, top_k_index, top_k_weights).
 _ROUTING_ARGUMENTS = ("top_k_index", "top_k_weights")

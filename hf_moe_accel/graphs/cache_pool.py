@@ -15,19 +15,7 @@ from collections.abc import Callable
 from transformers import PretrainedConfig, StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-MIN_BUCKET = 256
-
-
-def length_bucket(max_cache_len: int) -> int:
-    """The cache length allocated for a generation needing `max_cache_len`: a power of two >= 256.
-
-    Rounding up lets generations of different lengths share one cache and its graphs; the cost is
-    attention over at most twice the needed length (masked), small beside the expert weights.
-    """
-    bucket = MIN_BUCKET
-    while bucket < max_cache_len:
-        bucket *= 2
-    return bucket
+from ..costmodel.memory import MIN_BUCKET, length_bucket
 
 
 def graph_static_cache(config: PretrainedConfig, max_cache_len: int) -> StaticCache:

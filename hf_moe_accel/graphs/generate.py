@@ -34,12 +34,21 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, masking_utils
 from transformers.generation.configuration_utils import GenerationMode
 
+from ..costmodel.memory import length_bucket
 from ..kernels.pdl import inductor_compile_options
 from ..patches.attention import DECODE_ATTENTION
-from ..patches.swap import STATE_ATTR, is_swapped, restore, swap_methods
-from .cache_pool import StaticCachePool, length_bucket, static_cache_blocker
+from ..patches.swap import is_swapped, restore, swap_methods
+from ..state import drop_state_if_empty, ensure_state, state_of
+from .cache_pool import StaticCachePool, static_cache_blocker
+from .hooks import NO_HOOKS, DecodeHooks
 from .processors import with_stand_ins
-from .runner import CACHE_ARGUMENTS, Capture, CompileBackend, DecodeGraphs, capture_cuda_graph
+from .runner import (
+    CACHE_ARGUMENTS,
+    Capture,
+    CompileBackend,
+    DecodeGraphs,
+    capture_cuda_graph,
+)
 from .stop_check import deferred_stop_checks
 
 logger = logging.getLogger("hf_moe_accel")
@@ -51,19 +60,6 @@ _SERVED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 # CUDA graph capture refuses: there the eager mask stays on the host.
 _EAGER_MASK_CAPTURABLE = Version(transformers.__version__) >= Version("5.21")
 _MASK_IN_GRAPH_ATTENTION = ("sdpa", DECODE_ATTENTION, *(("eager",) if _EAGER_MASK_CAPTURABLE else ()))
-# Set by placements whose decode step does host work (CPU offload): graphs can't capture it.
-GRAPHS_BLOCKED_ATTR = "_hf_moe_accel_graphs_blocked"
-# Set by placements whose decode steps are free of host work for some shapes only (zero-copy offload):
-# a callable (batch size, cache positions) -> why such steps can't replay graphs, or None.
-GRAPH_STEP_CHECK_ATTR = "_hf_moe_accel_graph_step_check"
-# Set by placements with host work between decode steps (the zero-copy refill): called before each replay.
-GRAPH_BEFORE_REPLAY_ATTR = "_hf_moe_accel_before_replay"
-# Set by placements that keep per-step bookkeeping (the zero-copy counters, the refill's step count): a
-# context manager factory, entered around each run of a step that its replay repeats (a capture's warm-up,
-# the capture), so that the placement counts the step once, as eager decoding does.
-GRAPH_REHEARSAL_ATTR = "_hf_moe_accel_graph_rehearsal"
-
-
 @dataclass(frozen=True)
 class GraphBackend:
     """Where decode graphs run: CUDA graphs on CUDA models (tests swap in a CPU stand-in)."""
@@ -74,6 +70,8 @@ class GraphBackend:
 
 
 CUDA_GRAPHS = GraphBackend("cuda", capture_cuda_graph)
+# Static caches (and their graphs) kept across generate() calls, by (batch size, length bucket).
+DEFAULT_POOLED_CACHES = 3
 
 
 @dataclass
@@ -83,6 +81,7 @@ class GraphDecodeState:
     pool: StaticCachePool
     runner: DecodeGraphs
     cache_blocker: str | None
+    hooks: DecodeHooks
     serving: bool = False  # True inside a generate() call that graphs serve
     defer_stop_checks: bool = True  # stop checks read one step late in served calls (stop_check.py)
     mask_in_graph: bool = True  # decode steps get the padded 2D mask; the captured forward builds the 4D one
@@ -105,50 +104,55 @@ def _compile_options(model: nn.Module, backend: GraphBackend) -> dict | None:
     return inductor_compile_options(next(model.parameters()).device) or None
 
 
-def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, compile_decode: bool = False) -> None:
+def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, compile_decode: bool = False,
+                        hooks: DecodeHooks = NO_HOOKS) -> None:
     """Make `model.generate()` decode through captured graphs whenever it can (in place); with
-    `compile_decode`, each graph captures the step compiled by torch.compile (`backend.compile_backend`)."""
+    `compile_decode`, each graph captures the step compiled by torch.compile (`backend.compile_backend`).
+    `hooks`: what the weights' placement needs of decode steps (`apply_offload` returns them)."""
     if not hasattr(model, "generate") or not hasattr(model, "_prepare_static_cache") or is_swapped(model):
         logger.info("hf_moe_accel: %s has no generate() to serve with graphs", type(model).__name__)
         return
     config = model.config.get_text_config(decoder=True)
-    # An offloaded model's budget keeps KV room for one generation: one pooled cache at a time.
-    pool = StaticCachePool(config, max_entries=1 if hasattr(model, GRAPH_STEP_CHECK_ATTR) else 3)
-    # A placement's step check and hook are set before graph decode is (accelerate() applies it last).
+    pool = StaticCachePool(config, max_entries=hooks.max_pooled_caches or DEFAULT_POOLED_CACHES)
     runner = DecodeGraphs(model, pool, backend.capture, backend.compile_backend if compile_decode else None,
                           compile_options=_compile_options(model, backend) if compile_decode else None,
-                          step_blocker=getattr(model, GRAPH_STEP_CHECK_ATTR, None),
-                          before_replay=getattr(model, GRAPH_BEFORE_REPLAY_ATTR, None),
-                          rehearsal=getattr(model, GRAPH_REHEARSAL_ATTR, None))
+                          step_blocker=hooks.step_blocker, before_replay=hooks.before_replay, rehearsal=hooks.rehearsal)
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
-    state = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config))
-    swap_methods(model, _METHODS, state)
+    ensure_state(model).decode = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config), hooks)
+    swap_methods(model, _METHODS)
 
 
 def disable_graph_decode(model: nn.Module) -> None:
     """Undo `enable_graph_decode`: free the pooled caches and graphs, restore the class."""
-    state = _state(model)
+    state = decode_state(model)
     if state is None:
         return
     state.runner.clear()
     state.pool.clear()
     state.all_ones_masks.clear()
     restore(model)
+    state_of(model).decode = None
+    drop_state_if_empty(model)
 
 
 def graph_stats(model: nn.Module) -> dict | None:
     """Captures, capture time, graph memory, replays, eager steps, generate() calls with deferred stop
     checks, pooled KV-cache bytes and, with compile_decode, compiled captures, compile time and failed
     compiles; None without graph decode."""
-    state = _state(model)
+    state = decode_state(model)
     if state is None:
         return None
     return {**asdict(state.runner.stats), "pooled_caches": len(state.pool), "pooled_kv_cache_bytes": state.pool.kv_cache_bytes()}
 
 
-def _state(model: nn.Module) -> GraphDecodeState | None:
-    state = model.__dict__.get(STATE_ATTR)
-    return state if isinstance(state, GraphDecodeState) else None
+def decode_state(model: nn.Module) -> GraphDecodeState | None:
+    """The graph decode state of a model `enable_graph_decode` served, or None."""
+    state = state_of(model)
+    return None if state is None else state.decode
+
+
+def _served_state(model: nn.Module) -> GraphDecodeState:
+    return state_of(model).decode  # the swapped class's methods run only while the decode state is set
 
 
 def _resolved_generation_config(model: nn.Module, kwargs: dict) -> GenerationConfig:
@@ -161,11 +165,11 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
     """Why this generate() call can't decode through graphs, or None when it can."""
     if model.device.type != state.backend.device_type:
         return f"the model is on {model.device.type}; decode graphs need {state.backend.device_type}"
-    if getattr(model, GRAPHS_BLOCKED_ATTR, None):
-        return getattr(model, GRAPHS_BLOCKED_ATTR)
+    if state.hooks.blocked_reason:
+        return state.hooks.blocked_reason
     devices = set(getattr(model, "hf_device_map", {}).values())
     # A zero-copy offload's map has its experts on the CPU, where its kernels read them: its step check decides.
-    if len(devices) > 1 and getattr(model, GRAPH_STEP_CHECK_ATTR, None) is None:
+    if len(devices) > 1 and state.hooks.step_blocker is None:
         return f"the model is spread over several devices ({', '.join(sorted(map(str, devices)))})"
     if model.training:
         return "the model is in train() mode"
@@ -179,7 +183,7 @@ def _eager_reason(model: nn.Module, state: GraphDecodeState, kwargs: dict) -> st
             return f"{name} was given"
     config = _resolved_generation_config(model, kwargs)
     batch = _batch_size(kwargs, config)
-    if batch is not None and (reason := _step_blocker(model, batch, 0)) is not None:
+    if batch is not None and (reason := _step_blocker(state, batch, 0)) is not None:
         return reason  # the cache-length part of the check waits for _prepare_static_cache
     mode = config.get_generation_mode(kwargs.get("assistant_model"))
     if mode not in _SERVED_MODES:
@@ -200,7 +204,7 @@ def _batch_size(kwargs: dict, config: GenerationConfig) -> int | None:
 
 
 def _generate(self, *args, **kwargs):
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    state = _served_state(self)
     original = super(type(self), self).generate
     # generate(inputs, generation_config, ...) positionally
     named = {**dict(zip(("inputs", "generation_config"), args)), **kwargs}
@@ -227,8 +231,8 @@ def _returned_cache_field(output: object) -> str:
 
 
 def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
-    reason = _step_blocker(self, batch_size, length_bucket(max_cache_len)) if state.serving else None
+    state = _served_state(self)
+    reason = _step_blocker(state, batch_size, length_bucket(max_cache_len)) if state.serving else None
     if reason is not None:  # a cache of the call's own, outside the pool: the runner runs its steps eagerly
         _log_eager_once(state, reason)
     if not state.serving or reason is not None:
@@ -236,8 +240,8 @@ def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_
     return state.pool.get(batch_size, max_cache_len)
 
 
-def _step_blocker(model: nn.Module, batch_size: int, cache_tokens: int) -> str | None:
-    check = getattr(model, GRAPH_STEP_CHECK_ATTR, None)
+def _step_blocker(state: GraphDecodeState, batch_size: int, cache_tokens: int) -> str | None:
+    check = state.hooks.step_blocker
     return None if check is None else check(batch_size, cache_tokens)
 
 
@@ -248,27 +252,27 @@ def _log_eager_once(state: GraphDecodeState, reason: str) -> None:
 
 
 def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: GenerationConfig) -> bool:
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    state = _served_state(self)
     if state.serving:
         return True
     return super(type(self), self)._valid_auto_compile_criteria(model_kwargs, generation_config)
 
 
 def _get_compiled_call(self, compile_config) -> Callable:
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    state = _served_state(self)
     if state.serving:
         return state.runner
     return super(type(self), self).get_compiled_call(compile_config)
 
 
 def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    state = _served_state(self)
     processors = super(type(self), self)._get_logits_processor(*args, **kwargs)
     return with_stand_ins(processors) if state.serving else processors
 
 
 def _create_masks_for_generate(self, *args, **kwargs):
-    state: GraphDecodeState = getattr(self, STATE_ATTR)
+    state = _served_state(self)
     if getattr(state.original_class, "create_masks_for_generate", None) is not None:  # a model's own masks: left to it
         return super(type(self), self).create_masks_for_generate(*args, **kwargs)
     if not args and state.serving and state.mask_in_graph:

@@ -17,7 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
 
 
 class EosBelowLengthProcessor(LogitsProcessor):

@@ -12,7 +12,7 @@ import torch
 from .experts_reference import experts_reference
 from .routing_reference import route_reference
 from .spec import Activation, ExpertAddresses, ExpertWeights, RoutingSpec
-from .tuning import KernelPath, interpreting
+from .tuning import KernelPath, address_path, interpreting
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,14 +60,6 @@ def fused_experts(
 
         return fused_experts_triton(hidden_states, weights, topk_ids, topk_weights)
     return experts_reference(hidden_states, weights, topk_ids, topk_weights)
-
-
-def address_path(num_tokens: int) -> KernelPath:
-    """The kernel path `fused_experts_at` takes for a forward of `num_tokens` tokens: the decode path
-    (one program per pair, no sort) for one token, whose top-k experts are distinct; the grouped
-    prefill path above that, which reads an expert shared by several tokens once per forward
-    rather than once per pair (bytes over PCIe when the expert is in host memory)."""
-    return "decode" if num_tokens <= 1 else "prefill"
 
 
 def fused_experts_at(

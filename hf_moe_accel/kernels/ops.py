@@ -12,8 +12,8 @@ time on every call (eager prefill, the CPU-offload path).
 import torch
 
 from . import fused_experts as _fused_experts
-from .decode_linear import decode_linears_triton
 from . import route as _route
+from .decode_linear import decode_linears_triton
 from .spec import Activation, ExpertWeights, RoutingSpec
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 Scoring = Literal["softmax", "sigmoid", "softmax_topk_logits"]
 GroupScore = Literal["max", "top2_sum"]
@@ -135,3 +136,8 @@ def row_addresses(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < tensor.shape[0]):
         raise IndexError(f"rows {int(rows.min())}..{int(rows.max())} of a tensor of {tensor.shape[0]} rows")
     return tensor.data_ptr() + rows * (tensor.stride(0) * tensor.element_size())
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether `module` carries the layout flags of Transformers' experts decorator."""
+    return all(hasattr(module, flag) for flag in ("is_transposed", "is_concatenated", "has_bias", "has_gate"))

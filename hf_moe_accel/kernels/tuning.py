@@ -34,6 +34,15 @@ import triton
 
 KernelPath = Literal["decode", "prefill"]
 
+
+def address_path(num_tokens: int) -> KernelPath:
+    """The kernel path `fused_experts_at` takes for a forward of `num_tokens` tokens: the decode path
+    (one program per pair, no sort) for one token, whose top-k experts are distinct; the grouped
+    prefill path above that, which reads an expert shared by several tokens once per forward
+    rather than once per pair (bytes over PCIe when the expert is in host memory)."""
+    return "decode" if num_tokens <= 1 else "prefill"
+
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 _INTERPRETER_CONFIGS = {

@@ -16,7 +16,7 @@ from torch import nn
 from .. import kernels
 from ..kernels import ops
 from ..kernels.spec import Activation, ExpertWeights
-from .swap import STATE_ATTR
+from .swap import STATE_ATTR, swapped_state
 
 # Activation modules of `transformers.activations` (and torch) by class name: names are
 # stable across the supported Transformers versions, classes may move.
@@ -31,11 +31,6 @@ _ACTIVATION_BY_CLASS_NAME = {
     "ReLU": "relu",
     "ReLUSquaredActivation": "relu2",
 }
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """Whether `module` carries the layout flags of Transformers' experts decorator."""
-    return all(hasattr(module, flag) for flag in ("is_transposed", "is_concatenated", "has_bias", "has_gate"))
 
 
 # Plain functions some families store as `act_fn` (LFM2-MoE: F.silu).
@@ -77,6 +72,12 @@ def expert_weights(experts: nn.Module, activation: Activation) -> ExpertWeights:
 class ExpertsState:
     original_forward: object
     activation: Activation
+
+
+def experts_state(module: nn.Module) -> ExpertsState | None:
+    """The fused-experts state of an experts module `patch_model` swapped, or None."""
+    state = swapped_state(module)
+    return state if isinstance(state, ExpertsState) else None
 
 
 def accelerated_experts_forward(

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..kernels.spec import is_experts_module
 from .adapter import FamilyAdapter
-from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn, is_experts_module
-from .families import ADAPTERS
 from .attention import apply_decode_attention, remove_decode_attention
+from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn
+from .families import ADAPTERS
 from .norms import patch_norms
 from .projections import patch_projections
 from .router import patch_router

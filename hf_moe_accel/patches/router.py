@@ -41,7 +41,7 @@ class RouterState:
     routing: RoutingBuilder
 
 
-def _resolve(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
+def _submodule_or_tensor(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
     return functools.reduce(getattr, path.split("."), module) if path else module
 
 
@@ -71,7 +71,7 @@ def accelerated_router_forward(self: nn.Module, hidden_states: torch.Tensor, *ar
     spec = state.specs.get(hidden_states.dtype)
     if self.training or spec is None:  # the kernels have no backward; some dtypes keep the stock path
         return state.original_forward(self, hidden_states, *args, **kwargs)
-    linear = _resolve(self, state.router_linear)
+    linear = _submodule_or_tensor(self, state.router_linear)
     x = hidden_states.reshape(-1, linear.weight.shape[-1])
     logits = router_logits(x, linear.weight, getattr(linear, "bias", None), state.logits)
     correction_bias = None
@@ -79,7 +79,7 @@ def accelerated_router_forward(self: nn.Module, hidden_states: torch.Tensor, *ar
         # Passed by the block (positionally in Transformers; a keyword under any name is accepted too),
         # else the router's own attribute.
         passed = args[0] if args else next(iter(kwargs.values()), None)
-        correction_bias = passed if passed is not None else _resolve(self, state.correction_bias)
+        correction_bias = passed if passed is not None else _submodule_or_tensor(self, state.correction_bias)
         correction_bias = correction_bias.reshape(-1)  # Ernie stores it as [1, E]
     # Traced (compile_decode): one opaque op; eager calls skip the op dispatch.
     weights, ids = (ops.route if torch.compiler.is_compiling() else kernels.route)(logits, spec, correction_bias)
@@ -125,7 +125,7 @@ def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
     """Swap in the fused routing forward; False when the family (or this router) keeps its own."""
     if adapter.routing is None:
         return False
-    weight = getattr(_resolve(router, adapter.router_linear), "weight", None)
+    weight = getattr(_submodule_or_tensor(router, adapter.router_linear), "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
     order = stock_output_order(router, weight)

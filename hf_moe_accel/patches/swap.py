@@ -17,8 +17,8 @@ _ORIGINAL_CLASS_ATTR = "_hf_moe_accel_original_class"
 _SUBCLASS_CACHE: dict[tuple, type] = {}
 
 
-def swap_methods(module: nn.Module, methods: Mapping[str, Callable[..., Any]], state: Any) -> None:
-    """Give `module` a subclass overriding `methods`, keeping `state` on it as `module._hf_moe_accel_state`.
+def swap_methods(module: nn.Module, methods: Mapping[str, Callable[..., Any]], state: Any = None) -> None:
+    """Give `module` a subclass overriding `methods`, keeping `state` (if given) on it for `swapped_state`.
 
     The subclass keeps the original class name: `save_pretrained` writes it to the config as the
     architecture, which must stay loadable.
@@ -29,13 +29,19 @@ def swap_methods(module: nn.Module, methods: Mapping[str, Callable[..., Any]], s
         namespace = {**methods, "__qualname__": original.__qualname__, "__module__": original.__module__}
         _SUBCLASS_CACHE[key] = type(original.__name__, (original,), namespace)
     object.__setattr__(module, _ORIGINAL_CLASS_ATTR, original)
-    object.__setattr__(module, STATE_ATTR, state)
+    if state is not None:
+        object.__setattr__(module, STATE_ATTR, state)
     module.__class__ = _SUBCLASS_CACHE[key]
 
 
 def swap_forward(module: nn.Module, forward: Callable[..., Any], state: Any) -> None:
-    """Make `module` run `forward(module, *args)`, keeping `state` on it as `module._hf_moe_accel_state`."""
+    """Make `module` run `forward(module, *args)`, keeping `state` on it for `swapped_state`."""
     swap_methods(module, {"forward": forward}, state)
+
+
+def swapped_state(module: nn.Module) -> Any:
+    """The state a swap keeps on `module` (the swapped methods read it as `getattr(self, STATE_ATTR)`), or None."""
+    return module.__dict__.get(STATE_ATTR)
 
 
 def is_swapped(module: nn.Module) -> bool:

@@ -1,2 +1,2 @@
-"""Fewer activated experts and what they cost: the `top_k` / `expert_threshold` options
-(`selection`) and the quality measurements behind `hf-moe-accel eval`."""
+"""Fewer activated experts at run time: the `top_k` and `expert_threshold` options of accelerate().
+Their quality cost is measured by `hf-moe-accel eval` (bench/quality.py)."""

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..patches.experts import ExpertsState
+from ..patches.experts import experts_state
 from ..patches.router import is_fused_router, select_experts
-from ..patches.swap import STATE_ATTR
 
 TopK = int | Sequence[int]
 
@@ -74,7 +73,7 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module | None]]:
     layers = []
     for name, block in model.named_modules():
         children = list(block.children())
-        if any(isinstance(child.__dict__.get(STATE_ATTR), ExpertsState) for child in children):
+        if any(experts_state(child) is not None for child in children):
             layers.append((name, next((child for child in children if is_fused_router(child)), None)))
     return layers
 

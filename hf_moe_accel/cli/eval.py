@@ -1,0 +1,85 @@
+"""`hf-moe-accel eval`: perplexity, greedy agreement, experts per token and decode speed of a local
+checkpoint for each static top-k and expert threshold, beside the full model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .args import DTYPES as _DTYPES
+from .args import write_outputs
+
+
+def _numbers(kind: type, text: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+    return values
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval",
+        help="quality (perplexity, greedy agreement) and speed with fewer activated experts",
+        description="Measure each setting (stock, full, each --top-k, each --threshold) on the same weights and text.",
+    )
+    parser.add_argument("--model", required=True, help="path of a local Hugging Face MoE checkpoint (with its tokenizer)")
+    parser.add_argument("--text", required=True, help="UTF-8 text file for perplexity and prompts (held-out text)")
+    parser.add_argument("--top-k", type=lambda t: _numbers(int, t), default=[],
+                        help="comma-separated static top-k values, e.g. 3,2,1")
+    parser.add_argument("--threshold", type=lambda t: _numbers(float, t), default=[],
+                        help="comma-separated expert thresholds in [0, 1), e.g. 0.05,0.1,0.2")
+    parser.add_argument("--window", type=int, default=256, help="perplexity window in tokens (non-overlapping; default 256)")
+    parser.add_argument("--max-tokens", type=int, help="perplexity over the text's first N tokens only (default: all)")
+    parser.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts for greedy agreement (default 16)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    parser.add_argument("--speed-batch", type=int,
+                        help="batch of the decode-speed run; 0 skips it (default 32 on a GPU, 0 on CPU, where the "
+                             "reference path's speed says nothing about the kernels')")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--plot", help="write a plot of quality against decode speed to this PNG file")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..bench.quality import EvalConfig, evaluate, sweep_settings
+    from ..bench.quality_report import markdown_table, plot
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    speed_batch = args.speed_batch if args.speed_batch is not None else (32 if cuda else 0)
+    try:
+        settings = sweep_settings(args.top_k, args.threshold)
+        config = EvalConfig(
+            window=args.window, max_tokens=args.max_tokens, batch=args.batch, prompts=args.prompts,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, speed_batch=speed_batch,
+        )
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (TypeError, ValueError, OSError) as error:
+        print(f"hf-moe-accel eval: {error}", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device).eval()
+    token_ids = AutoTokenizer.from_pretrained(args.model)(text, return_tensors="pt").input_ids[0]
+    try:
+        result = evaluate(model, token_ids, settings, config)
+    except ValueError as error:  # e.g. a top-k above the model's number of experts
+        print(f"hf-moe-accel eval: {error}", file=sys.stderr)
+        return 2
+    result = {"model": args.model, "text": args.text, **result}
+    print(markdown_table(result))
+    write_outputs(args, result, plot)
+    return 0

@@ -1,0 +1,268 @@
+"""`hf-moe-accel bench | plan | generate | eval | env` (also `python -m hf_moe_accel ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+from . import eval as eval_cli
+from . import plan as plan_cli
+from .args import DTYPES as _DTYPES
+from .args import int_list as _int_list
+from .args import write_outputs
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..bench.ab import STOCK_BASELINES, BenchWorkload, markdown_table, plot, run_ab
+    from ..costmodel.presets import PRESETS, build_preset
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    # The built-in default: a real-size preset on a GPU, a tiny one a 2-core CPU runs in seconds.
+    preset = args.preset or (None if args.model else ("olmoe-1b-7b" if cuda else "tiny-qwen3-moe"))
+    # Offload decodes at PCIe/host speed: fewer, shorter runs by default.
+    if cuda:
+        default_batches, default_new_tokens = ([1, 8, 32], 32) if args.gpu_memory else ([1, 8, 32, 128], 128)
+    else:
+        default_batches, default_new_tokens = [1, 4], 32
+    batches = args.batch or default_batches
+    prompt_len = args.prompt_len or (128 if cuda else 32)
+    new_tokens = args.new_tokens or default_new_tokens
+    baselines = tuple(args.stock.split(","))
+    if preset is not None and preset not in PRESETS:
+        print(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    if unknown := sorted(set(baselines) - set(STOCK_BASELINES)):
+        print(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}", file=sys.stderr)
+        return 2
+    if args.compile_decode and (args.no_cuda_graphs or args.gpu_memory):
+        print("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
+              "--no-cuda-graphs or --gpu-memory (the offloaded decode step is captured uncompiled)", file=sys.stderr)
+        return 2
+    if args.no_zero_copy and not args.gpu_memory:
+        print("--no-zero-copy is an option of expert offload: it needs --gpu-memory", file=sys.stderr)
+        return 2
+    if args.gpu_memory:
+        return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
+    options = {"cuda_graphs": not args.no_cuda_graphs}
+    if args.compile_decode:
+        options["compile_decode"] = True
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    if args.threshold is not None:
+        options["expert_threshold"] = args.threshold
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device)).eval()
+        name = args.model
+    else:
+        print(f"building {preset} with random weights on {device} ...")
+        model = build_preset(preset, device, dtype)
+        name = preset
+    print(f"{name} on {device} ({dtype}), prompt {prompt_len}, {new_tokens} new tokens, batches {batches}, "
+          f"stock baselines {', '.join(baselines)}")
+    workloads = [BenchWorkload(b, prompt_len, new_tokens) for b in batches]
+    results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
+                     accelerate_options=options)
+    print(markdown_table(results))
+    write_outputs(args, results, plot)
+    return 0
+
+
+def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dtype, batches: list[int],
+                   prompt_len: int, new_tokens: int) -> int:
+    """`bench --gpu-memory X`: a model larger than the budget, loaded on the host as users load it;
+    stock with an offloading device map for the same budget, ours, ours fetch-every-miss."""
+    from ..bench.ab import BenchWorkload
+    from ..bench.offload import (
+        build_preset_on_host,
+        markdown_table,
+        plot,
+        run_offload_bench,
+    )
+    from ..costmodel.memory import parse_memory_size
+    from ..offload.engine import OffloadOptions
+
+    try:  # before a model of tens of GB is built or loaded
+        parse_memory_size(args.gpu_memory)
+    except (TypeError, ValueError) as error:
+        print(f"error: --gpu-memory: {error}", file=sys.stderr)
+        return 2
+    if args.stock_new_tokens < 2:
+        print("error: --stock-new-tokens must be at least 2 (a first token, then decode)", file=sys.stderr)
+        return 2
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map="cpu").eval()
+        name = args.model
+    else:
+        print(f"building {preset} with random weights in host memory ...")
+        model = build_preset_on_host(preset, dtype, pin_experts=False)  # pageable, as from_pretrained leaves it
+        name = preset
+    print(f"{name} ({dtype}) with a GPU budget of {args.gpu_memory}, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"batches {batches}; stock with an offloading device map runs {args.stock_new_tokens} tokens at batch "
+          f"{min(batches)} only (it copies the offloaded layers at every step)")
+    workloads = [BenchWorkload(b, prompt_len, new_tokens) for b in batches]
+    try:
+        rows = run_offload_bench(model, name, args.gpu_memory, workloads, repeats=args.repeats,
+                                 stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)],
+                                 options=OffloadOptions(zero_copy=False if args.no_zero_copy else None))
+    except ValueError as error:  # a budget too small, or one that holds the whole model
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    for row in rows:
+        if "decode_stats" in row:
+            total = row["decode_stats"]["total"]
+            print(f"{row['system']}, batch {row['batch']}: decode hit rate {100 * total['hit_rate']:.1f}%, "
+                  f"PCIe {total['pcie_bytes'] / 2**20:.1f} MiB, CPU experts {total['cpu_experts']} "
+                  f"({total['cpu_expert_s']:.3f} s, calibrated {total['cpu_calibrated_s']:.3f} s), fetched {total['fetched']} "
+                  "(per layer: --json)")
+    write_outputs(args, rows, plot)
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _env(args: argparse.Namespace) -> int:
+    import os
+
+    from .. import __version__, supported_families
+    from ..kernels.pdl import (
+        ENV_SWITCH,
+        INDUCTOR_SWITCH,
+        inductor_pdl_off_reason,
+        pdl_off_reason,
+    )
+
+    lines = {
+        "hf_moe_accel": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "accelerate": _version("accelerate"),
+        "CUDA available": str(torch.cuda.is_available()),
+        **{name: os.environ.get(name, "unset") for name in ("TRITON_INTERPRET", ENV_SWITCH, INDUCTOR_SWITCH)},
+    }
+    if torch.cuda.is_available():
+        lines["CUDA (torch build)"] = str(torch.version.cuda)
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            lines[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+        for key, off_reason, on in (("programmatic dependent launch", pdl_off_reason, "on (decode kernels, GPU 0)"),
+                                    ("PDL in compile_decode's inductor kernels", inductor_pdl_off_reason, "on (GPU 0)")):
+            try:
+                lines[key] = off_reason(torch.device("cuda", 0)) or on
+            except ValueError as error:  # a switch set to a value it does not take: the report says so
+                lines[key] = f"error: {error}"
+    families = supported_families()
+    lines["supported families"] = f"{len(families)}: {', '.join(families)}"
+    if args.preset or args.model:
+        lines.update(_patch_summary(args.preset, args.model))
+    width = max(len(k) for k in lines)
+    for key, value in lines.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]:
+    """What accelerate() patches on a model, from its config alone (built on the meta device: no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import accelerate, patch_report
+    from ..costmodel.presets import PRESETS
+    from ..graphs.cache_pool import static_cache_blocker
+    from ..kernels.decode_linear import DECODE_MAX_ROWS
+
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    config = PRESETS[preset]() if preset else AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    accelerate(model, cuda_graphs=False)
+    report = patch_report(model)
+    blocker = static_cache_blocker(model.config.get_text_config(decoder=True))
+    return {
+        "model": f"{preset or model_path} ({type(model).__name__})",
+        "families patched": ", ".join(sorted(report.families)),
+        "MoE blocks patched": str(len(report.experts)),
+        "routers fused": f"{len(report.routers)} of {len(report.experts)}",
+        "RMSNorms fused": "checked when the weights are loaded (each norm is verified against the kernel's formula)",
+        "decode attention": _decode_attention_summary(report.decode_attention),
+        "attention projections": f"{len(report.projections)} attention modules: q/k/v in one launch at up to "
+                                 f"{DECODE_MAX_ROWS} tokens (CUDA)" if report.projections else "as Transformers runs them",
+        "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
+    }
+
+
+def _decode_attention_summary(switched: bool) -> str:
+    from ..patches.attention import UNGROUPED_KERNEL_MAX_KEYS
+
+    if switched:
+        return ("one-token queries on the Triton decode kernel (CUDA; grouped heads, or batch x cache length <= "
+                f"{UNGROUPED_KERNEL_MAX_KEYS}), else grouped heads folded onto their KV head (no repeat_kv copies)")
+    return "as Transformers runs it (not the sdpa implementation)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-moe-accel", description="Fast MoE inference for Hugging Face Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="A/B decode benchmark against stock Transformers (default: built-in model)")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="random-weight model shape (default: olmoe-1b-7b on a GPU, tiny-qwen3-moe on CPU)")
+    source.add_argument("--model", help="path of a local Hugging Face checkpoint")
+    bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,8,32 with --gpu-memory, 1,4 on CPU)")
+    bench.add_argument("--prompt-len", type=int, help="prompt tokens (default 128 on a GPU, 32 on CPU)")
+    bench.add_argument("--new-tokens", type=int, help="new tokens, forced (default 128 on a GPU, 32 with --gpu-memory or on CPU)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per run; the median is reported")
+    bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
+    bench.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    bench.add_argument("--stock", default="default,static",
+                       help="stock baselines: default (its default experts implementation), static (static cache, compiled on a GPU)")
+    bench.add_argument("--stock-passes", type=int, choices=[1, 2], default=2,
+                       help="time stock before ours only (1) or before and after (2, the protocol's default)")
+    bench.add_argument("--no-cuda-graphs", action="store_true", help="ours without CUDA-graph decode (accelerate(cuda_graphs=False))")
+    bench.add_argument("--compile-decode", action="store_true",
+                       help="ours with the decode step compiled by torch.compile inside its CUDA graphs (accelerate(compile_decode=True))")
+    bench.add_argument("--top-k", type=int, help="ours with this many experts per token (accelerate(top_k=...))")
+    bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
+    bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "
+                       "offload against stock with an offloading device map and our own fetch-every-miss policy")
+    bench.add_argument("--no-zero-copy", action="store_true",
+                       help="with --gpu-memory: ours without zero-copy decode (OffloadOptions(zero_copy=False)): every "
+                            "decode step runs the expert cache's host round trip, eagerly")
+    bench.add_argument("--stock-new-tokens", type=int, default=3,
+                       help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
+    bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")
+    bench.add_argument("--plot", help="write a bar chart of decode tokens/s to this PNG file (needs matplotlib)")
+    bench.set_defaults(run=_bench)
+
+    eval_cli.add_parser(sub)
+    plan_cli.add_parsers(sub)
+
+    env = sub.add_parser("env", help="print versions and hardware for a bug report")
+    target = env.add_mutually_exclusive_group()
+    target.add_argument("--preset", help="also say what accelerate() patches on this preset (from its config, no weights)")
+    target.add_argument("--model", help="also say what accelerate() patches on this checkpoint (reads its config only)")
+    env.set_defaults(run=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
