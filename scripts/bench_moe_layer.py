@@ -9,7 +9,7 @@ from a CUDA graph. Stock: the family's real sparse-MoE block from Transformers w
 its per-pair weight copies would pass --batched-mm-limit-gb). Every figure cycles over 4 copies of
 the layer's weights (one graph holds the 4 calls) so L2 does not hold them, median per call.
 The HBM limit is (distinct experts touched) x 3 x H x I x 2 bytes over the measured copy
-bandwidth (read + write bytes counted) and over 3.35 TB/s (BENCH_PROTOCOL.md). Our output is
+bandwidth (read + write bytes counted) and over 3.35 TB/s (the MoE-layer bar of docs/BENCHMARKS.md). Our output is
 checked against stock's on the same weights and inputs before any timing.
 """
 
@@ -34,7 +34,7 @@ from hf_moe_accel.kernels.spec import Activation, ExpertWeights, RoutingSpec
 
 try:
     from hf_moe_accel.kernels import route
-    from hf_moe_accel.kernels.routing import route_triton
+    from hf_moe_accel.kernels.routing import route_triton  # noqa: F401  (an availability probe)
 
     ROUTE_IMPL = "route_triton"
 except ImportError:
@@ -44,10 +44,10 @@ except ImportError:
     print("note: hf_moe_accel.kernels.routing.route_triton not found; ours uses route_reference (plain torch)")
 
 COPIES = 4
-PROTOCOL_BANDWIDTH = 3.35e12  # bytes/s, H100 80GB HBM3 spec, as BENCH_PROTOCOL.md reports
+PROTOCOL_BANDWIDTH = 3.35e12  # bytes/s, H100 80GB HBM3 spec, the bar of docs/BENCHMARKS.md
 MAX_REL_ERROR = 2e-2
 
-# Public dimensions of the BENCH_PROTOCOL.md presets (routed experts only). `family` names the
+# Public dimensions of the benchmark presets (docs/BENCHMARKS.md) (routed experts only). `family` names the
 # Transformers MoE block the stock side is built from (None: tuning only, no stock builder here).
 SHAPES = {
     "olmoe-1b-7b": dict(family="olmoe", E=64, k=8, H=2048, I=1024, renormalize=False),

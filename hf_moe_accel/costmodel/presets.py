@@ -1,6 +1,6 @@
 """Model shapes of real MoE checkpoints (public dimensions), built with random weights: no download.
 
-The shapes are those of BENCH_PROTOCOL.md. `tiny-qwen3-moe` is the CPU default: a real family
+The shapes are those of the benchmark method (docs/BENCHMARKS.md). `tiny-qwen3-moe` is the CPU default: a real family
 at a size a 2-core machine runs in seconds.
 """
 
