@@ -7,7 +7,7 @@ the router (o_proj with --linears qkv,o,router, for comparison), at each row cou
 microseconds per call as the replay of one CUDA graph cycling over 8 weight copies (so L2 does not
 hold them), for a small grid of block configs, each checked against F.linear first. Prints a
 markdown table; JSON (every config's time) to OUT/decode_linear.json. `--write`: the best config per
-shape and row count, or null where cuBLAS was faster, merged into
+shape and row count, or null where cuBLAS is faster, merged into
 hf_moe_accel/kernels/configs/<device>.json under "decode_linear" (format: kernels/decode_linear.py).
 """
 

@@ -4,19 +4,18 @@ offload_sweep.png to --out (the JSON after each part, so a cut-off run keeps wha
 
     python scripts/bench_offload.py --out results/offload
 
-Measured on the H100 (2026-11-23), in a run cut off at 400 s: the fixtures' sweep 38 s; pinning
-the experts 41 s; ours and fetch-every-miss (24 new tokens each) 20 s at batch 1 and 55 s at
-batch 8; the rest went to building the qwen3-30b-a3b shape (random weights, 61 GB in bf16, in
-pageable host memory as from_pretrained(device_map="cpu") leaves it), stock with an offloading
-device map at 16GiB (batch 1, 3 tokens) and the unfinished batch 32. Each row is saved
-to offload.json and printed as it is measured. Budget about 10 minutes for everything, or split
-it: `--skip sweep --batch 1,8` first, then `--skip fixtures,main` (the sweep over 8/16/32/64
-slots per layer at batch 1) and `--skip fixtures,sweep --batch 32 --stock-batches ''`.
+The parts, in order: the fixtures' sweep; the --preset shape built once with random weights in
+pageable host memory (as from_pretrained(device_map="cpu") leaves it); the main part (ours and
+fetch-every-miss at each --batch, stock with an offloading device map at --stock-batches); the preset
+sweep. Each row is saved to offload.json and printed as it is measured, and offload.json's timings_s
+holds each part's seconds. To run in parts: `--skip sweep --batch 1,8` first, then
+`--skip fixtures,main` (the sweep over 8/16/32/64 slots per layer at batch 1) and
+`--skip fixtures,sweep --batch 32 --stock-batches ''`.
 Targets (issue 4): qwen3 16GiB batch 1 >= 6 tok/s and >= 1.5x fetch-every-miss.
 
-The random-weight preset routes nearly every decode step to the same experts (98.7% hits with
-20.8% cached, H200, 2026-12-03): `--routing uniform` draws each token's experts uniformly instead
-(hf_moe_accel.bench.routing), for the preset parts, every system alike.
+The random-weight preset routes nearly every decode step to the same experts (see
+hf_moe_accel.bench.routing): `--routing uniform` draws each token's experts uniformly instead, for the
+preset parts, every system alike.
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--prefetch-experts", type=int, help="prefetch limit per layer for the fixture sweep (0: off)")
     parser.add_argument("--no-zero-copy", action="store_true",
                         help="main part and preset sweep: ours without zero-copy decode (OffloadOptions(zero_copy=False): "
-                             "the expert cache's host round trip every decode step, eagerly), as until 2026-12-03")
+                             "the expert cache's host round trip every decode step, eagerly)")
     parser.add_argument("--zero-copy-refill-every", type=int, default=0,
                         help="main part and preset sweep: OffloadOptions.zero_copy_refill_every (experimental; 0: off)")
     parser.add_argument("--with-round-trip", action="store_true",

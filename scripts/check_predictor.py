@@ -47,9 +47,10 @@ PLANS = {
     "offload-16": (PlacementPlan("offload", 1, True), 16.0),
     "offload-32": (PlacementPlan("offload", 1, True), 32.0),
 }
-# Seconds of set-up, from the H100 runs of 2026-11-23: building a random-weight model on the GPU
-# (~2 GB/s of initialisation; the host-side build for offload, experts pinned as written, took 54 s
-# for the qwen3 shape on the H200) and moving weights between the GPU and the host (pageable, ~6 GB/s).
+# Set-up rates (GB/s) behind the expected time of each run (--dry-run, --time-limit): building a
+# random-weight model on the GPU, and moving weights between the GPU and the host (pageable). They
+# only schedule the runs; re-derive them from a run's run_s against expected_run_s in
+# OUT/predictor_check.json.
 BUILD_GB_S = 2.0
 MOVE_GB_S = 6.0
 

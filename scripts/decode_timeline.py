@@ -7,8 +7,8 @@ for several numbers of new tokens, 5 calls each; a least-squares line through th
 the fixed part per call (the intercept) and the time per step (the slope). One 128-token call is
 then followed on the host: when each decode step's runner call started and returned, relative to
 the first logits, and when generate() returned. `--stock-first` runs stock's generate() first, as the
-bench does, to see whether that slows ours (it did: docs/BENCHMARKS.md, tenth run; the eleventh found
-why: any other CUDA graph in the process); `--reset-after-stock` then clears what stock left
+bench does, to see whether that slows ours (another CUDA graph in the process can: kernels/pdl.py,
+scripts/replay_state_probe.py); `--reset-after-stock` then clears what stock left
 (`bench.ab.run_stock_first`). JSON to OUT/decode_timeline_b{batch}[_stock_first[_reset]].json.
 """
 

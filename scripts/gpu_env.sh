@@ -1,4 +1,4 @@
-# Sourced at the start of a command on a GPU machine (the device runner copies the working tree there):
+# Sourced at the start of a command on a GPU machine that holds a copy of the working tree:
 # installs the project without dependencies, points the tests at the fixtures carried in .fx/ (a copy of
 # ../shared/fixtures), and records the versions and GPU under $OUT/versions.txt.
 #   source scripts/gpu_env.sh && python -m pytest -q -m gpu

@@ -16,11 +16,11 @@ GPU) of a 16-token generate() call, OUT/trace_b{batch}.json, to see where the GP
 `--decode-linear-data FILE`: the decode linears' tuned data from FILE (an A/B of two config files, each
 in its own process on the same machine: compare their bare replays). `--attention`: "ours" as accelerate() sets it (patches/attention.py); "transformers" keeps
 Transformers' own "sdpa"; "folded" keeps the Triton decode kernel off (grouped heads folded onto their
-KV head in SDPA, as before the kernel was on). Rows carry "pdl": whether the kernels launched with
+KV head in SDPA: accelerate()'s path where the kernel does not serve). Rows carry "pdl": whether the kernels launched with
 programmatic dependent launch (kernels/pdl.py; HF_MOE_ACCEL_PDL=0 in the environment turns it off: an A/B is
-two processes). `--stock-first` runs stock's generate() before ours, as the bench does (ours ran 6.5-8.6%
-slower a step after it: docs/BENCHMARKS.md, tenth run; the eleventh found why: any other CUDA graph in
-the process), `--reset-after-stock` then clears what stock left.
+two processes). `--stock-first` runs stock's generate() before ours, as the bench does (another CUDA graph
+in the process can slow our step: kernels/pdl.py, scripts/replay_state_probe.py), `--reset-after-stock`
+then clears what stock left.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def replay_launch_us(replay, cache, positions) -> float:
     """Host µs of one replay() (cudaGraphLaunch) while the GPU is busy, so the launch itself is timed."""
     times = []
     for _ in range(10):
-        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU work queued ahead
+        torch.cuda._sleep(20_000_000)  # 20M GPU cycles (milliseconds) queued ahead of the launch
         start = time.perf_counter()
         replay()
         times.append(time.perf_counter() - start)
@@ -226,8 +226,8 @@ def main() -> None:
     parser.add_argument("--reset-after-stock", action="store_true",
                         help="with --stock-first: then reset dynamo, collect garbage, empty the allocator's cache")
     parser.add_argument("--decode-linear-data", type=Path, default=None,
-                        help="take the decode linears' launch data from this config file (e.g. an earlier "
-                             "NVIDIA_H200.json) instead of the device's: A/B of tuned data on one machine")
+                        help="take the decode linears' launch data from this config file (e.g. another git revision "
+                             "of the device's file) instead of the device's: A/B of tuned data on one machine")
     args = parser.parse_args()
     if args.reset_after_stock and not args.stock_first:
         parser.error("--reset-after-stock resets what --stock-first's stock runs left: give both, or neither")

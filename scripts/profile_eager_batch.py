@@ -2,10 +2,9 @@
 
     python scripts/profile_eager_batch.py --out OUT [--preset qwen3-30b-a3b] [--batch 1,32,128] [--layers N]
 
-The predictor prices an eager step as the host's time per layer plus the GPU's work. On the H200,
-qwen3-30b-a3b's eager step grew from 86 ms at batch 1 to 129 ms at batch 128, where its CUDA-graph
-step at batch 128 took 21.6 ms. This runs the preset (random weights, uniform routing as
-check_predictor.py measures) through `accelerate(model, cuda_graphs=False)` and, per batch: the step
+The predictor prices an eager step as the host's time per layer plus the GPU's work; this shows what
+else in an eager step grows with the batch (results: docs/BENCHMARKS.md). It runs the preset (random
+weights, uniform routing as check_predictor.py measures) through `accelerate(model, cuda_graphs=False)` and, per batch: the step
 time (generate() of N tokens less one token, over N - 1), and from torch.profiler traces of the same
 two generate() calls (their difference over N - 1, so prefill drops out): the GPU kernel time per
 step, the host calls that wait for the GPU or the allocator (synchronize, device-to-host copies,

@@ -9,8 +9,8 @@ warms up, then profiles `--steps` decode steps of one generate() call (sampled t
 weights' greedy text repeats one token, whose experts stay cached): the step time against the
 same layers fully on the GPU (eager, the offload path's baseline), the offload counters, the host
 functions by own time (cProfile) and the kernels and copies (torch.profiler; a Chrome trace goes to
-OUT/offload_trace.json). Writes OUT/profile_offload_step.json. About 1 minute on an H100 with 8
-layers. Without CUDA the CPU stands in for the GPU (a smoke test: `--preset tiny-qwen3-moe`).
+OUT/offload_trace.json). Writes OUT/profile_offload_step.json. The run time grows with `--layers` and
+`--steps`. Without CUDA the CPU stands in for the GPU (a smoke test: `--preset tiny-qwen3-moe`).
 """
 
 from __future__ import annotations

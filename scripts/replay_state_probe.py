@@ -2,16 +2,16 @@
 
     python scripts/replay_state_probe.py --preset qwen3-30b-a3b --first stock --out OUT
 
-In a process where stock's generate() ran first, our qwen3 decode replay ran 6.5-8.6% slower than in
-a fresh one (docs/BENCHMARKS.md, tenth run). This runs one thing first (`--first`):
+In a process where stock's generate() ran first, our decode replay can run slower than in a fresh one.
+This runs one thing first (`--first`):
 nothing; stock's generate() as the bench does (default, then static-cache compiled twice); one tiny
 CUDA graph (an add, no Triton), kept alive or destroyed again; or an emptied allocator cache. Then
 accelerate() and three generate() calls, our step's bare replay and host launch time; the replay again
 with a tiny graph alive beside ours, and once that is destroyed; then the step captured again in the
 same process (the runner's graphs cleared: same compiled code, a new graph and pool), the new graph's
 replay and the first graph's replayed again. Last, a chain of 256 fused-RMSNorm launches captured
-with PDL on and off shows whether PDL still overlaps launches in that state. JSON to OUT/replay_state_<first>.json.
-Measured: docs/BENCHMARKS.md, eleventh run.
+with PDL on and off shows whether PDL still overlaps launches in that state. JSON to OUT/replay_state_<first>.json;
+results: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Short microbenchmarks of this machine (well under a minute on a GPU), cached to a JSON file.
+"""Short microbenchmarks of this machine, cached to a JSON file (`hf-moe-accel plan --calibrate` re-measures).
 
 Measured: HBM copy bandwidth, bf16 GEMM rate, pinned PCIe bandwidth, the GPU-to-GPU link when the
 process sees several GPUs, the CPU's expert-matmul rates, and the time of our own decode path on
 tiny patched models (hidden 256, so their bytes are negligible and what remains is overhead):
 eager host time per layer and per step; under graph replay the host loop, the part of it the GPU
 waits for and the GPU floor per layer; and the offload engine's host round trip per MoE layer.
-The result is a `Hardware`; later runs read it back from the cache file.
+The result is a `Hardware`; later runs read it back from the cache file. The target is under a minute
+in all; `python scripts/check_predictor.py` times a fresh calibration against it.
 """
 
 from __future__ import annotations
@@ -144,10 +145,9 @@ def _cpu_rates(device: torch.device | None, hidden: int = 4096, inner: int = 409
     """An expert-sized bf16 matmul on the CPU, as the offload's CPU lane meets it: each run on another of
     `matrices` weight matrices (32 MiB each: together larger than a CPU's caches, so the weights come
     from memory, as a missed expert's do), with the copy lane moving pinned memory to `device`
-    meanwhile (its DMA reads host memory too). One matrix timed over and over on an idle host gave
-    51 GB/s on the H200 machine, where the engine's CPU experts then streamed 3-7 GB/s while decoding
-    (on a 2-core machine: 21 GB/s for one matrix, 12 for eight in turn). Streaming rate at 1 token,
-    FLOP rate at 64."""
+    meanwhile (its DMA reads host memory too). One matrix timed over and over on an idle host would
+    stream from the CPU's caches, well above what the engine's CPU experts reach while decoding
+    (`offload_stats(model)`'s cpu_expert_s). Streaming rate at 1 token, FLOP rate at 64."""
     weights = [torch.randn(inner, hidden, dtype=torch.bfloat16) for _ in range(matrices)]
     one, batch = torch.randn(1, hidden, dtype=torch.bfloat16), torch.randn(64, hidden, dtype=torch.bfloat16)
     with _copy_lane_busy(device):
@@ -165,7 +165,8 @@ def _cycling(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], torch
 @contextlib.contextmanager
 def _copy_lane_busy(device: torch.device | None, nbytes: int = 256 << 20, copies: int = 64) -> Iterator[None]:
     """Within: `copies` host-to-device copies of `nbytes` of pinned memory queued on a side stream
-    (about 0.3 s at 55 GB/s), as the offload's copy lane runs beside its CPU experts; nothing on CPU."""
+    (16 GiB in all, to keep the lane busy through the CPU timings), as the offload's copy lane runs beside
+    its CPU experts; nothing on CPU."""
     if device is None or device.type != "cuda":
         yield
         return
@@ -235,9 +236,9 @@ EAGER_LEVER = (2, 24)
 def _host_overheads(device: torch.device) -> dict:
     """Decode-step overheads of our path, from tiny models whose GPU bytes are negligible.
 
-    Eager: 2- and 24-layer models give the host time per layer and per step. (A 1-to-3-layer lever
-    read 0.98 ms a layer on an H200 host where a 48-layer qwen3 took about 1.8 on the same machine: a
-    lever spanning a real model's depth prices deep models closer.) Graphs: a 3-layer model
+    Eager: 2- and 24-layer models give the host time per layer and per step (a lever spanning a real
+    model's depth: the host time per layer grows with depth, so a shallow lever underprices deep models;
+    `python scripts/profile_eager_step.py --layers 2,8,48` shows the slope by depth). Graphs: a 3-layer model
     is host-bound (its replay hides behind generate()'s loop): the loop's time. 24- and 64-layer
     models are replay-bound: their slope is the GPU floor per layer, the intercept the host time
     the replay waits for. Offload: the 24-layer model with every expert in a slot, against eager.

@@ -2,8 +2,9 @@
 
 A random-weight model's routing barely depends on the token: in decode its residual stream is
 dominated by attention outputs that change little from one step to the next, so the same experts
-win every step (98.7% expert-cache hits with 20.8% of qwen3-30b-a3b's experts cached, sampled
-decode, H200, 2026-12-03), and a cache benchmark on it measures nothing. Inside `uniform_routing`,
+win every step (a hit rate far above the cached share of the experts, even in sampled decode:
+`python scripts/bench_offload.py --routing model`; figures in docs/BENCHMARKS.md), and a cache
+benchmark on it measures nothing. Inside `uniform_routing`,
 every MoE layer's experts receive, instead of the router's choice, k distinct experts drawn
 uniformly per token with equal weights: the routing the placement predictor assumes, with a hit
 rate near the cached share of the experts. The outputs are no longer the model's: speed only.

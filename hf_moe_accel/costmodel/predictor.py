@@ -49,12 +49,14 @@ PLAN_KINDS: tuple[str, ...] = ("single", "pp", "ep", "tp", "dp", "offload")
 # Plans that run one process per GPU over torch.distributed (launched with torchrun).
 DISTRIBUTED_KINDS = ("ep", "tp", "dp")
 
-# Constants of our code, not of the hardware (sources in the comments).
-# The fused MoE layer reaches 89-97% of the measured copy bandwidth from 16 tokens up
-# (docs/BENCHMARKS.md, graph replay); dense cuBLAS GEMVs are taken alike.
+# Constants of our code, not of the hardware (how to re-derive each in its comment; the figures behind
+# them: docs/BENCHMARKS.md). Predicted against measured over whole plans: `python scripts/check_predictor.py`.
+# The share of the measured copy bandwidth the fused MoE layer streams at from 16 tokens up, graph replay
+# (the "% of HBM limit" column of `python scripts/bench_moe_layer.py --tokens 16,64,256`); dense cuBLAS
+# GEMVs are taken alike.
 STREAM_EFFICIENCY = 0.92
-# Grouped expert GEMMs at 4096 tokens ran at 300-490 TFLOP/s on the H100 against ~650 for a large
-# cuBLAS matmul; dense projections nearer cuBLAS's rate.
+# The grouped expert GEMMs' FLOP rate at 4096 tokens (`python scripts/bench_moe_layer.py --tokens 4096`)
+# over a large cuBLAS bf16 matmul's; dense projections nearer cuBLAS's rate.
 MOE_GEMM_EFFICIENCY = 0.6
 DENSE_GEMM_EFFICIENCY = 0.85
 # Host time of one collective call (eager) and of accelerate's device-alignment hooks per layer.
@@ -408,7 +410,7 @@ def _predict_data_parallel(shape, hw, plan, workload) -> Prediction:
 
 
 def offload_slot_budget(shape: ModelShape, hw: Hardware, workload: Workload) -> SlotBudget:
-    """The offload engine's own split of the budget (placement/budget.py) for this workload: the GPU's
+    """The offload engine's own split of the budget (memory.split_budget) for this workload: the GPU's
     memory less RESERVE_GIB, a reserve sized for batch x (prompt + new tokens) of KV cache and a
     batch x prompt prefill, expert slots in the rest. ValueError when the budget is too small.
 

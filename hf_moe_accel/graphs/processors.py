@@ -7,9 +7,9 @@ MinNewTokensLengthLogitsProcessor every step, and each rebuilds an EOS mask over
 (arange, isin, clone, where: several launches a step). The stand-in computes the same scores with the
 mask made once per call: one launch a step (a masked fill below the length, a clone from there on, as
 the originals return a new tensor). It replaces only instances of exactly those two classes, inside the
-calls we serve. On the H200's host, olmoe-1b-7b at batch 1 with a forced length: generate()'s host work
-a step 1.31 -> 0.70 ms, the step 1.27 -> 1.11 ms over a 0.97 ms replay (docs/BENCHMARKS.md, fourteenth
-run).
+calls we serve. The host work a step with the stand-ins: `python scripts/profile_host_step.py --family
+olmoe` (`--no-eos`: with no length processors at all); the whole step: `python scripts/profile_decode_step.py`
+(figures: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Deferred stop checks inside the generate() calls our CUDA graphs serve.
 
 generate()'s loop reads `unfinished_sequences.max() == 0` on the host after every step, so the host
-waits for each step to finish before it prepares the next, and the GPU idles meanwhile (0.59 ms of a
-2.02 ms step for olmoe-1b-7b at batch 1 on the H200, measured with scripts/profile_decode_step.py).
+waits for each step to finish before it prepares the next, and the GPU idles meanwhile (how long:
+the step against the bare replay in `python scripts/profile_decode_step.py`).
 Transformers (from 5.18) has the remedy, `DeferredStopCheck`: the flag is copied asynchronously and
 read one step late, the one extra step is undone at the end (tokens, scores), and a streamer gets
 each token one step later. It turns it on for MPS only. Inside the calls we serve, we turn it on for

@@ -16,7 +16,7 @@ With few (batch, KV head) pairs for the GPU's SMs (small batches) or long caches
 split is used (`launch_plan`): the K range is cut into `num_splits` pieces, each program writes its
 partial (max, sum, unnormalised output) and a second small launch combines them. `use_dot=False` computes the scores
 and p.v as float32 broadcast-and-sums instead of tensor-core dots padded to 16 rows (meant for 1-2
-query heads a KV head; off by default until measured on a GPU: `_MAX_ROWS_WITHOUT_DOT`). No host syncs and no data-dependent shapes: the call can be captured in
+query heads a KV head; off by default: `_MAX_ROWS_WITHOUT_DOT`). No host syncs and no data-dependent shapes: the call can be captured in
 a CUDA graph. `decode_attention_op` is the same call as a torch custom op (opaque to torch.compile).
 
 Fully masked rows (every key False or -inf): the output is zeros (SDPA gives NaN there). A row
@@ -36,20 +36,19 @@ from .pdl import pdl_launch_options, prologue
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # powers of two in between
-# The launch plan (`launch_plan`), from H200 sweeps at batch 1 (`scripts/bench_decode_attention.py --sweep`,
-# docs/BENCHMARKS.md, fifteenth run): a program's latency is a few dependent memory round trips an
+# The launch plan (`launch_plan`): a program's latency is a few dependent memory round trips an
 # iteration, so the keys are cut (flash decoding: `splits` pieces a (batch, KV head) pair, combined by a
 # second launch) until each program holds one tile of at most _KEYS_PER_PROGRAM keys, and further, in
 # power-of-two pieces down to _MIN_SPLIT_KEYS, while there are fewer programs than half the SMs; never more
-# than _PROGRAMS_PER_SM x SMs programs or _MAX_SPLITS pieces. 32 query / 4 KV heads over 256 keys: 16 pieces
-# of 16 keys, 3.9 us a call with the combine, against 5.5 us for 2 pieces of 128 (the best unsplit launch: 5.1).
+# than _PROGRAMS_PER_SM x SMs programs or _MAX_SPLITS pieces. The constants are re-derived at batch 1 with
+# `python scripts/bench_decode_attention.py --sweep --batch 1` (results: docs/BENCHMARKS.md).
 _KEYS_PER_PROGRAM = 64
 _MIN_SPLIT_KEYS = 16
 _PROGRAMS_PER_SM = 2
 _MAX_SPLITS = 64
 # Up to this many query heads a KV head, float32 broadcast-and-sum instead of tensor-core dots padded to
-# 16 rows. 0 (dots always) until `scripts/bench_decode_attention.py --sweep` says otherwise: the dot path
-# is the one checked on an H200 so far.
+# 16 rows. 0: dots always; raise it only where `python scripts/bench_decode_attention.py --sweep` shows the
+# broadcast-and-sum path winning at that many heads.
 _MAX_ROWS_WITHOUT_DOT = 0
 
 

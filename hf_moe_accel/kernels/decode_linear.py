@@ -13,9 +13,9 @@ by `scripts/bench_decode_linear.py --write`:
     "decode_linear": {"N=4096+512+512,K=2048": {"1": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 8},
                                                 "4": null}}
 
-per output sizes and hidden size, by row count (the nearest is used); null where cuBLAS measured
-faster. Calls of shapes without data on their GPU keep `F.linear`: the kernel runs only where it was
-measured faster. Under Triton's interpreter (tests): DEFAULT_CONFIG.
+per output sizes and hidden size, by row count (the nearest is used); null where cuBLAS times
+faster in the tuner. Calls of shapes without data on their GPU keep `F.linear`: the kernel runs only
+where the tuned data says it beats cuBLAS. Under Triton's interpreter (tests): DEFAULT_CONFIG.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from .tuning import device_config_file, interpreting, load_config_file
 # data decides within this.
 DECODE_MAX_ROWS = 4
 MAX_LINEARS = 3
-# The tuner's first guess, and the interpreter's config: BLOCK_N 8 and 8 warps won at one row on the
-# H200 for qwen3-30b-a3b's and olmoe's q/k/v and routers (scripts/bench_decode_linear.py).
+# The tuner's first guess, and the interpreter's config: BLOCK_N and num_warps as they win at one row for
+# the q/k/v and router shapes of the tuner (re-derive: `python scripts/bench_decode_linear.py --rows 1`).
 DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 8}
 # The kernel serves CUDA tensors; tests set this to serve CPU tensors too (Triton's interpreter).
 SERVE_CPU_TENSORS = False

@@ -20,9 +20,8 @@ Off under Triton's interpreter, on CPU tensors, before compute capability 9.0, w
 
 With `compile_decode`, inductor's own kernels sit between ours in the step: they launch with PDL too
 (inductor's `triton.enable_pdl`, passed to our compile only; stock's compiles are untouched), else a
-process that has captured any other CUDA graph loses most of PDL's overlap (docs/BENCHMARKS.md,
-eleventh run). On an H200, qwen3-30b-a3b batch 1 in such a process: replay 2.82-2.84 ms against
-3.13-3.17; the bench 339.1-346.6 tok/s against 318.2 (tenth, twelfth and thirteenth runs).
+process that has captured any other CUDA graph loses most of PDL's overlap (measured with
+`python scripts/replay_state_probe.py`; figures in docs/BENCHMARKS.md).
 HF_MOE_ACCEL_INDUCTOR_PDL=0 turns it off.
 """
 

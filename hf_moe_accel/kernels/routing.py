@@ -23,8 +23,9 @@ from .pdl import pdl_launch_options, prologue
 from .spec import RoutingSpec
 
 # Upper bounds on a program's tile: enough rows per program to amortise the per-program cost for
-# large T, while keeping the tile in registers and leaving enough programs to fill the GPU (on an
-# H100, 1024 elements and 16 rows were as fast as or faster than 512/8, 2048/32 and one row).
+# large T, while keeping the tile in registers and leaving enough programs to fill the GPU. To
+# re-derive: time `route_triton` with half and double these bounds and with one row a program, and
+# keep bounds no slower than any of those.
 _MAX_TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 16
 # Small tiles (decode) get fewer warps: shorter cross-warp reductions.

@@ -80,9 +80,9 @@ class MissCostModel:
 class CpuTimeCorrection:
     """Measured over calibrated time of the CPU expert jobs run so far, as a moving average. The
     calibration times one expert with the machine otherwise idle; while decoding, the CPU shares
-    host-memory bandwidth with the copy lane's transfers (1.0 ms an expert measured against 0.68 ms
-    calibrated: qwen3-30b-a3b at batch 8, H200 host), and a split on the calibrated figure alone
-    would give the CPU more than it finishes in time."""
+    host-memory bandwidth with the copy lane's transfers, so a job takes longer than calibrated, and a
+    split on the calibrated figure alone would give the CPU more than it finishes in time. The two
+    times side by side: `offload_stats(model)`'s cpu_expert_s against cpu_calibrated_s."""
 
     def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
@@ -159,9 +159,9 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
     """Time the copy of one expert into (still empty) slot 0, and its CPU compute on 1 and on `tokens`
     tokens in the weights' dtype and (half-precision weights) in float32; a layer without slots
     can't fetch (fetch_s = inf). Each CPU run takes the layer's next expert (round robin): a missed
-    expert's weights come from memory, not from the CPU's caches (a 32 MiB matrix timed over and over
-    streamed at 21 GB/s on a 2-core machine, eight in turn at 12). Milliseconds on a fast CPU; a few
-    tenths of a second on one whose half-precision GEMMs are slow."""
+    expert's weights come from memory, not from the CPU's caches (one matrix timed over and over would
+    stream from cache, faster than a miss ever does). The call is short where the CPU's half-precision
+    GEMMs are fast, and longer where they are slow."""
     host = cache.host
     fetch_s = math.inf
     if cache.num_slots > 0:
