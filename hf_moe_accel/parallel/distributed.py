@@ -1,6 +1,7 @@
 """Expert, tensor and data parallel over torch.distributed: shard a loaded, patched model in place.
 
-Every rank (a process started by torchrun) loads the same model, then keeps its share:
+Every rank (a process started by torchrun) loads the same model, then keeps its share, or loads
+only its share (`loading.load_for_rank`); `shards.py` decides the share, the same either way:
 
 - expert parallel: each MoE layer's experts split in contiguous ranges over the ranks (uneven
   counts are fine); a rank's fused experts see the routed ids of its range, the others set to -1
@@ -10,6 +11,10 @@ Every rank (a process started by torchrun) loads the same model, then keeps its 
   attention output projection and the experts each end in an all_reduce. KV heads split too, or
   are replicated when there are fewer KV heads than ranks.
 - data parallel: each rank holds a full replica and decodes its own requests.
+
+Every exchange between ranks is a torch.distributed collective (NCCL between GPUs, on one node or
+several; gloo on the CPU). A collective that fails (a rank exited, or didn't answer within the
+process group's timeout) raises `CollectiveError` on the ranks still running.
 
 Transformers' own tensor/expert parallel (`tp_plan`, `DistributedConfig`) is not used: it shards at
 `from_pretrained` into DTensors and (5.23) installs its forwards as instance attributes, which
@@ -29,8 +34,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..costmodel.shapes import is_qkvo_attention
 from ..kernels.spec import is_experts_module
+from .shards import (
+    AttentionShard,
+    ShardLayout,
+    check_loaded_shard,
+    loaded_shard,
+    shard_layout,
+)
+from .shards import split_range as split_range
+from .shards import tensor_parallel_heads as tensor_parallel_heads
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -60,11 +73,30 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
 
 
-def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, end) of part `index` of `size` items in `parts` contiguous parts, the first ones larger."""
-    base, extra = divmod(size, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
+def rank_device() -> torch.device:
+    """This process's device under torchrun: the GPU of its local rank, or the CPU without CUDA."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class CollectiveError(RuntimeError):
+    """A collective with the other ranks failed: a rank exited, or didn't answer within the process
+    group's timeout."""
+
+
+def collective_failed(what: str, error: BaseException) -> CollectiveError:
+    rank = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    return CollectiveError(
+        f"{rank}: {what} with the other ranks failed: a rank exited, or didn't answer within the process "
+        f"group's timeout (the launcher's log names the rank that failed first). {type(error).__name__}: {error}"
+    )
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None) -> None:
+    """`dist.all_reduce`, raising CollectiveError when the other ranks can't be reached."""
+    try:
+        dist.all_reduce(tensor, op=op, group=group)
+    except RuntimeError as error:
+        raise collective_failed("all_reduce", error) from error
 
 
 @contextmanager
@@ -111,7 +143,7 @@ def _add_hook(handle, undo: UndoLog) -> None:
 
 def _all_reduce_output(group: dist.ProcessGroup | None):
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=group)
+        all_reduce(output, group=group)
         return output
 
     return hook
@@ -122,26 +154,53 @@ def _refuse_training(module: nn.Module, args, kwargs) -> None:
         raise RuntimeError("a parallel placement serves inference only: call model.eval() (the sharded layers have no backward)")
 
 
+def _fingerprint(tensor: torch.Tensor, samples: int = 1 << 16) -> torch.Tensor:
+    """A float64 sum over an evenly strided sample of `tensor`: a small copy, never a whole one in
+    float64 (an embedding or a layer's experts can be gigabytes)."""
+    flat = tensor.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // samples)].double().sum().cpu()
+
+
 def check_same_weights(model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
     """Raise when the ranks hold different weights (e.g. random-initialised without a common seed).
 
-    `device` is this rank's device (where an NCCL collective must run)."""
-    probes = [model.get_input_embeddings().weight, *(m.down_proj for m in model.modules() if is_experts_module(m))][:4]
-    fingerprint = torch.stack([p.detach().double().sum().cpu() for p in probes])
+    `device` is this rank's device (where an NCCL collective must run). A model loaded as one rank's
+    share is compared on the tensors every rank holds whole."""
+    embedding = model.get_input_embeddings().weight
+    loaded = loaded_shard(model)
+    if loaded is None:
+        probes = [embedding, *(m.down_proj for m in model.modules() if is_experts_module(m))][:4]
+    else:
+        whole = (p for name, p in model.named_parameters() if name not in loaded.slices and p is not embedding)
+        probes = [embedding, *whole][:4]
+    fingerprint = torch.stack([_fingerprint(p) for p in probes])
     backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     low, high = fingerprint.to(backend_device), fingerprint.clone().to(backend_device)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
         raise ValueError("the ranks hold different weights: every process must load the same checkpoint (or seed alike)")
 
 
-# ---- expert parallel -------------------------------------------------------------------------
+# ---- expert and tensor parallel --------------------------------------------------------------
 
 
-def _experts_slice(experts: nn.Module, start: int, end: int, device: torch.device, undo: UndoLog) -> None:
-    for name, param in list(experts.named_parameters(recurse=False)):
-        _replace_parameter(experts, name, param.detach()[start:end].to(device), undo)
+def _rank_layout(model: nn.Module, kind: str, group: dist.ProcessGroup | None) -> tuple[ShardLayout, bool]:
+    """(this rank's layout, whether the model already holds just that share: `load_for_rank`)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    loaded = loaded_shard(model)
+    if loaded is not None:
+        check_loaded_shard(model, loaded, kind, rank, world)
+        return loaded, True
+    return shard_layout(model, kind, rank, world), False
+
+
+def _take_shares(model: nn.Module, layout: ShardLayout, device: torch.device, undo: UndoLog) -> None:
+    """Replace each parameter the layout splits by this rank's part of it, on `device`."""
+    for name, part in layout.slices.items():
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        _replace_parameter(module, param_name, part.take(module._parameters[param_name].detach()).to(device), undo)
 
 
 def _local_ids_hook(start: int, end: int):
@@ -163,48 +222,18 @@ def _local_ids_hook(start: int, end: int):
 
 
 def shard_expert_parallel(model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> UndoLog:
-    """Keep this rank's range of every MoE layer's experts on `device`, the rest of the model whole."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    experts_modules = [m for m in model.modules() if is_experts_module(m)]
-    num_experts = {(m.gate_up_proj if m.has_gate else m.up_proj).shape[0] for m in experts_modules}
-    if min(num_experts) < world:
-        raise ValueError(f"expert parallel over {world} ranks needs at least {world} experts per layer; this model has {min(num_experts)}")
+    """Keep this rank's range of every MoE layer's experts on `device`, the rest of the model whole.
+
+    A model loaded as this rank's share (`load_for_rank`) keeps its tensors; only the hooks go on."""
+    layout, loaded = _rank_layout(model, "ep", group)
     with _moving_to(model, device) as undo:
-        for experts in experts_modules:
-            total = (experts.gate_up_proj if experts.has_gate else experts.up_proj).shape[0]
-            start, end = split_range(total, world, rank)
-            _experts_slice(experts, start, end, device, undo)
+        if not loaded:
+            _take_shares(model, layout, device, undo)
+        for name, (start, end) in layout.expert_ranges.items():
+            experts = model.get_submodule(name)
             _add_hook(experts.register_forward_pre_hook(_local_ids_hook(start, end), with_kwargs=True), undo)
             _add_hook(experts.register_forward_hook(_all_reduce_output(group)), undo)
     return undo
-
-
-# ---- tensor parallel -------------------------------------------------------------------------
-
-
-def _inner_slice(experts: nn.Module, start: int, end: int, size: int, rank: int, device: torch.device, undo: UndoLog) -> None:
-    """Columns [start, end) of each expert's inner dimension (of `size`), in the module's own layout."""
-    transposed, interleaved = experts.is_transposed, not experts.is_concatenated
-    inner_axis = -1 if transposed else -2  # the 2I (or I) axis of gate_up
-
-    def gate_up_rows(t: torch.Tensor, axis: int) -> torch.Tensor:
-        if not experts.has_gate:
-            return t.narrow(axis, start, end - start)
-        if interleaved:  # gate0, up0, gate1, up1, ...
-            return t.narrow(axis, 2 * start, 2 * (end - start))
-        return torch.cat([t.narrow(axis, start, end - start), t.narrow(axis, size + start, end - start)], dim=axis)
-
-    gate_up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-    _replace_parameter(experts, gate_up_name, gate_up_rows(getattr(experts, gate_up_name).detach(), inner_axis).to(device), undo)
-    down = experts.down_proj.detach()
-    down_axis = -2 if transposed else -1
-    _replace_parameter(experts, "down_proj", down.narrow(down_axis, start, end - start).to(device), undo)
-    if experts.has_bias:
-        bias_name = f"{gate_up_name}_bias"
-        _replace_parameter(experts, bias_name, gate_up_rows(getattr(experts, bias_name).detach(), -1).to(device), undo)
-        # The down bias is added once, on rank 0: the all_reduce sums the ranks' partial outputs.
-        down_bias = experts.down_proj_bias.detach()
-        _replace_parameter(experts, "down_proj_bias", (down_bias if rank == 0 else torch.zeros_like(down_bias)).to(device), undo)
 
 
 class ShardedRMSNorm(nn.Module):
@@ -222,111 +251,40 @@ class ShardedRMSNorm(nn.Module):
         input_dtype = hidden_states.dtype
         x = hidden_states.to(torch.float32)
         square_sum = x.pow(2).sum(-1, keepdim=True)
-        dist.all_reduce(square_sum, group=self.group)
+        all_reduce(square_sum, group=self.group)
         x = x * torch.rsqrt(square_sum / self.full_width + self.variance_epsilon)
         return self.weight * x.to(input_dtype)
 
 
-def _t5_rms_norm_matches(norm: nn.Module) -> bool:
-    """Whether `norm` computes ShardedRMSNorm's formula (checked on a random input, on the CPU)."""
-    eps = getattr(norm, "variance_epsilon", None)
-    weight = getattr(norm, "weight", None)
-    if eps is None or weight is None or weight.dim() != 1:
-        return False
-    x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    with torch.no_grad():
-        expected = weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return torch.allclose(norm(x), expected, rtol=1e-3, atol=1e-3)
-
-
-def _shard_norm(attention: nn.Module, name: str, start: int, end: int, full: int, device, group, undo: UndoLog) -> None:
-    norm = getattr(attention, name, None)
-    if norm is None or getattr(norm, "weight", None) is None or norm.weight.numel() != full:
-        return  # absent, or per head (replicated as is)
-    if not _t5_rms_norm_matches(norm):
-        raise ValueError(
-            f"tensor parallel can't split {type(attention).__name__}.{name} ({type(norm).__name__}), a norm over all "
-            "heads of a kind it doesn't know; use parallel='ep'"
-        )
-    sharded = ShardedRMSNorm(norm.weight.detach()[start:end].to(device), norm.variance_epsilon, full, group)
-    attention._modules[name] = sharded
-    undo.push(lambda: attention._modules.__setitem__(name, norm))
-
-
-def tensor_parallel_heads(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """This rank's [start, end) of query heads and of KV heads; ValueError when they don't split."""
-    if num_heads % world:
-        raise ValueError(f"tensor parallel over {world} ranks needs the {num_heads} attention heads to split evenly; use parallel='ep'")
-    per_rank = num_heads // world
-    q = (rank * per_rank, (rank + 1) * per_rank)
-    if num_kv_heads % world == 0:
-        kv_per_rank = num_kv_heads // world
-        return q, (rank * kv_per_rank, (rank + 1) * kv_per_rank)
-    if world % num_kv_heads == 0:  # fewer KV heads than ranks: each rank keeps the one its queries read
-        kv = q[0] // (num_heads // num_kv_heads)
-        return q, (kv, kv + 1)
-    raise ValueError(
-        f"tensor parallel over {world} ranks can't split (or evenly replicate) {num_kv_heads} KV heads; use parallel='ep'"
-    )
-
-
-def _shard_attention(attention: nn.Module, config, rank: int, world: int, device, group, undo: UndoLog) -> None:
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(attention, "head_dim", None)
-    widths = (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features, attention.o_proj.in_features)
-    if head_dim is None or widths != (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim, num_heads * head_dim):
-        # e.g. a q_proj that also emits a gate (Qwen3-Next): its rows aren't one block per head
-        raise ValueError(f"tensor parallel can't split {type(attention).__name__}: its projections aren't one block per head; use parallel='ep'")
-    (q0, q1), (k0, k1) = tensor_parallel_heads(num_heads, num_kv_heads, world, rank)
-    rows = {"q_proj": (q0 * head_dim, q1 * head_dim), "k_proj": (k0 * head_dim, k1 * head_dim), "v_proj": (k0 * head_dim, k1 * head_dim)}
-    for name, (start, end) in rows.items():
-        linear = getattr(attention, name)
-        _replace_parameter(linear, "weight", linear.weight.detach()[start:end].to(device), undo)
-        if linear.bias is not None:
-            _replace_parameter(linear, "bias", linear.bias.detach()[start:end].to(device), undo)
-    _shard_norm(attention, "q_norm", q0 * head_dim, q1 * head_dim, num_heads * head_dim, device, group, undo)
-    _shard_norm(attention, "k_norm", k0 * head_dim, k1 * head_dim, num_kv_heads * head_dim, device, group, undo)
-    o_proj = attention.o_proj
-    _replace_parameter(o_proj, "weight", o_proj.weight.detach()[:, q0 * head_dim : q1 * head_dim].to(device), undo)
-    if o_proj.bias is not None:  # added once: the all_reduce sums the ranks' partial outputs
-        bias = o_proj.bias.detach()
-        _replace_parameter(o_proj, "bias", (bias if rank == 0 else torch.zeros_like(bias)).to(device), undo)
-    sinks = attention._parameters.get("sinks")
-    if sinks is not None:  # GPT-OSS: one learned sink logit per head
-        _replace_parameter(attention, "sinks", sinks.detach()[q0:q1].to(device), undo)
+def _shard_attention(attention: nn.Module, shard: AttentionShard, group, undo: UndoLog) -> None:
+    """Sharded q/k norms, local head counts and the output all-reduce on an attention module whose
+    projections already hold this rank's heads."""
+    for name, full in shard.split_norms:
+        norm = getattr(attention, name)
+        attention._modules[name] = ShardedRMSNorm(norm.weight.detach(), norm.variance_epsilon, full, group)
+        undo.push(lambda name=name, norm=norm: attention._modules.__setitem__(name, norm))
+    (q0, q1), (k0, k1) = shard.heads, shard.kv_heads
     local = {"num_key_value_groups": (q1 - q0) // (k1 - k0), "num_heads": q1 - q0, "num_attention_heads": q1 - q0,
              "num_key_value_heads": k1 - k0}
     for name, value in local.items():
         if isinstance(attention.__dict__.get(name), int):
             _set_attribute(attention, name, value, undo)
-    _add_hook(o_proj.register_forward_hook(_all_reduce_output(group)), undo)
-
-
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if any(n in type(m).__name__ for n in ("Attention", "Attn")) and hasattr(m, "o_proj")]
+    _add_hook(attention.o_proj.register_forward_hook(_all_reduce_output(group)), undo)
 
 
 def shard_tensor_parallel(model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> UndoLog:
-    """Split attention heads and every expert's inner dimension over the ranks; the rest replicated."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    config = model.config.get_text_config()
-    attentions = _attention_modules(model)
-    unsupported = sorted({type(a).__name__ for a in attentions if not is_qkvo_attention(a)})
-    if unsupported or not attentions:
-        what = ", ".join(unsupported) or "no attention module found"
-        raise ValueError(f"tensor parallel shards q/k/v/o attention; {what} has another layout: use parallel='ep'")
-    tensor_parallel_heads(config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads, world, rank)
-    experts_modules = [m for m in model.modules() if is_experts_module(m)]
+    """Split attention heads and every expert's inner dimension over the ranks; the rest replicated.
+
+    A model loaded as this rank's share (`load_for_rank`) keeps its tensors; only the hooks, the
+    sharded norms and the local head counts go on."""
+    layout, loaded = _rank_layout(model, "tp", group)
     with _moving_to(model, device) as undo:
-        for attention in attentions:
-            _shard_attention(attention, config, rank, world, device, group, undo)
-        for experts in experts_modules:
-            size = experts.down_proj.shape[-2] if experts.is_transposed else experts.down_proj.shape[-1]
-            if size < world:
-                raise ValueError(f"expert inner size {size} is smaller than {world} ranks; use parallel='ep'")
-            start, end = split_range(size, world, rank)
-            _inner_slice(experts, start, end, size, rank, device, undo)
+        if not loaded:
+            _take_shares(model, layout, device, undo)
+        for name, shard in layout.attention.items():
+            _shard_attention(model.get_submodule(name), shard, group, undo)
+        for name in layout.expert_ranges:
+            experts = model.get_submodule(name)
             _add_hook(experts.register_forward_pre_hook(_refuse_training, with_kwargs=True), undo)
             _add_hook(experts.register_forward_hook(_all_reduce_output(group)), undo)
     return undo

@@ -35,11 +35,13 @@ from .distributed import (
     check_same_weights,
     distributed_world,
     local_rank,
+    rank_device,
     replicate,
     shard_expert_parallel,
     shard_tensor_parallel,
     single_device,
 )
+from .shards import check_loaded_shard, loaded_shard
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -78,12 +80,26 @@ def choose_placement(model: nn.Module, *, devices: Devices = None, parallel: str
     """Validate `devices`/`parallel` and choose the plan, before anything changes; None: no placement."""
     if parallel is not None and parallel not in PARALLEL_CHOICES:
         raise ValueError(f"parallel={parallel!r}; expected one of {', '.join(map(repr, PARALLEL_CHOICES))}")
+    loaded = loaded_shard(model)
+    if loaded is not None:
+        parallel = _loaded_plan(model, loaded, parallel)
     if devices is None and parallel is None:
         return None
     single_device(model)  # raises for a model already spread over devices
     if distributed_world() is not None:
         return _plan_distributed(model, devices, parallel or "auto", cuda_graphs)
     return _plan_local(model, devices, parallel or "auto", cuda_graphs)
+
+
+def _loaded_plan(model: nn.Module, loaded, parallel: str | None) -> str:
+    """The plan for a model that holds one rank's share (`load_for_rank`): the one it was loaded for,
+    on the ranks it was loaded on; anything else can't run on these tensors."""
+    if parallel in (None, "auto"):
+        parallel = loaded.kind
+    world = distributed_world()
+    rank, size = world if world is not None else (0, 1)
+    check_loaded_shard(model, loaded, parallel, rank, size)
+    return parallel
 
 
 def _cuda_device(entry: int | str | torch.device) -> torch.device:
@@ -178,7 +194,7 @@ def _log_faster_elsewhere(chosen: Prediction, shape: ModelShape, hardware: Hardw
 
 def _rank_device(devices: Devices) -> torch.device:
     if devices is None or devices == "auto":
-        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        return rank_device()
     if devices == "cpu":
         return torch.device("cpu")
     resolved = _local_devices(devices)
@@ -192,7 +208,8 @@ def _plan_distributed(model: nn.Module, devices: Devices, parallel: str, cuda_gr
     if parallel not in ("auto", *DISTRIBUTED_KINDS):
         raise ValueError(f"under torch.distributed ({world} processes) parallel must be 'auto', 'ep', 'tp' or 'dp', got {parallel!r}")
     device = _rank_device(devices)
-    shape = shape_of_model(model)
+    loaded = loaded_shard(model)
+    shape = loaded.model_shape if loaded is not None else shape_of_model(model)  # the whole model's sizes
     if device.type == "cpu":
         if parallel == "auto":
             raise ValueError("parallel='auto' predicts GPU plans; on the CPU name one: 'ep', 'tp' or 'dp'")
