@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .costmodel.predictor import PlacementPlan
@@ -18,6 +21,7 @@ from .offload.engine import (
 )
 from .parallel.distributed import single_device
 from .parallel.place import (
+    PARALLEL_CHOICES,
     Devices,
     Parallel,
     PlacementDecision,
@@ -30,7 +34,6 @@ from .quality.selection import TopK, apply_expert_selection, check_expert_select
 from .state import drop_state_if_empty, ensure_state, state_of
 
 logger = logging.getLogger("hf_moe_accel")
-
 
 
 def accelerate(
@@ -73,6 +76,8 @@ def accelerate(
             "ep" (experts split over ranks), "tp" (heads and expert inner dim split), "dp" (replicas);
             "auto" (default when `devices` is given) asks the predictor.
     """
+    _check_model(model, "accelerate")
+    _check_option_types(cuda_graphs=cuda_graphs, compile_decode=compile_decode, devices=devices, parallel=parallel)
     if is_accelerated(model):
         asked = {name: value for name, value in (("top_k", top_k), ("expert_threshold", expert_threshold),
                  ("gpu_memory", gpu_memory), ("offload", offload), ("devices", devices), ("parallel", parallel),
@@ -117,7 +122,7 @@ def accelerate(
         len(report.routers),
         type(model).__name__,
         ", ".join(sorted(report.families)),
-        f"; generate() decodes through{' compiled' if compile_decode else ''} CUDA graphs on CUDA" if cuda_graphs else "",
+        _decode_summary(model, cuda_graphs, compile_decode),
     )
     return model
 
@@ -125,6 +130,7 @@ def accelerate(
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back the original modules of an accelerated model; parameters are untouched (and back on
     their devices after an offload)."""
+    _check_model(model, "unpatch")
     disable_graph_decode(model)
     remove_offload(model)
     remove_placement(model)
@@ -137,11 +143,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_accelerated(model: nn.Module) -> bool:
+    _check_model(model, "is_accelerated")
     return patch_report(model) is not None
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:
     """What `accelerate` patched on this model, or None."""
+    _check_model(model, "patch_report")
     state = state_of(model)
     return None if state is None else state.report
 
@@ -156,6 +164,46 @@ def _warn_if_dtype_unserved(model: nn.Module) -> None:
             ", ".join(unserved),
         )
 
+
+def _check_model(model: object, function: str) -> None:
+    """The model argument is a loaded torch.nn.Module (TypeError saying how to get one otherwise): a
+    path or a Hub id is the most likely mistake, so a string is told to load it first."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{function}() takes a loaded model, not a path ({os.fspath(model)!r}): load it first with "
+                        f"AutoModelForCausalLM.from_pretrained({os.fspath(model)!r}), then {function}(model)")
+    raise TypeError(f"{function}() expects a loaded torch.nn.Module (a Transformers MoE model from "
+                    f"AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}")
+
+
+def _check_option_types(*, cuda_graphs: object, compile_decode: object, devices: object, parallel: object) -> None:
+    """Options of the wrong type are refused before anything changes (TypeError naming the option).
+    A flag takes only True or False: any other value (a string "no" is truthy) would silently mean
+    something. The option values themselves are checked where they are used (ValueError)."""
+    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decode", compile_decode)):
+        if not isinstance(value, bool):
+            raise TypeError(f"accelerate(): {name} must be True or False, got {value!r} ({type(value).__name__})")
+    if parallel is not None and not isinstance(parallel, str):
+        raise TypeError(f"accelerate(): parallel must be one of {', '.join(map(repr, PARALLEL_CHOICES))} or None, "
+                        f"got {parallel!r} ({type(parallel).__name__})")
+    if devices is not None and not isinstance(devices, (str, Sequence)):
+        hint = f"; for one GPU give a list, devices=[{devices}]" if isinstance(devices, int) and not isinstance(devices, bool) else ""
+        raise TypeError(f"accelerate(): devices must be a list of GPU indices, 'auto' or 'cpu', got {devices!r} "
+                        f"({type(devices).__name__}){hint}")
+
+
+def _decode_summary(model: nn.Module, cuda_graphs: bool, compile_decode: bool) -> str:
+    """The end of accelerate()'s one log line: how generate() will decode. Graphs and the fused kernels
+    need CUDA; without CUDA in this process the plain-torch reference path runs and graphs never
+    serve, which the line says instead of promising graphs."""
+    graphs = f"CUDA graphs{' (compiled steps)' if compile_decode else ''}"
+    if not torch.cuda.is_available():
+        return f"; no CUDA here, so the plain-torch reference path runs and generate() decodes eagerly ({graphs} need CUDA)"
+    if not any(p.is_cuda for p in model.parameters()):
+        return ("; the model is not on CUDA, so the plain-torch reference path runs"
+                + (f" (generate() decodes through {graphs} once the model is on CUDA)" if cuda_graphs else ""))
+    return f"; generate() decodes through {graphs}" if cuda_graphs else "; generate() decodes eagerly (cuda_graphs=False)"
 
 
 def _on_one_device(model: nn.Module) -> bool:

@@ -4,12 +4,12 @@ checkpoint for each static top-k and expert threshold, beside the full model."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from .args import DTYPES as _DTYPES
-from .args import write_outputs
+from .args import at_least, write_outputs
+from .checkpoint import CliError, check_checkpoint, load_model, load_tokenizer
 
 
 def _numbers(kind: type, text: str) -> list:
@@ -34,13 +34,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="comma-separated static top-k values, e.g. 3,2,1")
     parser.add_argument("--threshold", type=lambda t: _numbers(float, t), default=[],
                         help="comma-separated expert thresholds in [0, 1), e.g. 0.05,0.1,0.2")
-    parser.add_argument("--window", type=int, default=256, help="perplexity window in tokens (non-overlapping; default 256)")
-    parser.add_argument("--max-tokens", type=int, help="perplexity over the text's first N tokens only (default: all)")
-    parser.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts for greedy agreement (default 16)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default 64)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
-    parser.add_argument("--speed-batch", type=int,
+    parser.add_argument("--window", type=at_least(1), default=256,
+                        help="perplexity window in tokens, 1 or more (non-overlapping; default 256)")
+    parser.add_argument("--max-tokens", type=at_least(1),
+                        help="perplexity over the text's first N tokens only, at least one window (default: all)")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="windows per forward pass, 1 or more (default 8)")
+    parser.add_argument("--prompts", type=at_least(1), default=16, help="prompts for greedy agreement, 1 or more (default 16)")
+    parser.add_argument("--prompt-len", type=at_least(1), default=64, help="tokens per prompt, 1 or more (default 64)")
+    parser.add_argument("--new-tokens", type=at_least(1), default=32,
+                        help="greedy tokens per prompt, 1 or more; 2 or more with a decode-speed run (default 32)")
+    parser.add_argument("--speed-batch", type=at_least(0),
                         help="batch of the decode-speed run; 0 skips it (default 32 on a GPU, 0 on CPU, where the "
                              "reference path's speed says nothing about the kernels')")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
@@ -52,8 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..bench.quality import EvalConfig, evaluate, sweep_settings
     from ..bench.quality_report import markdown_table, plot
 
@@ -65,20 +66,26 @@ def run(args: argparse.Namespace) -> int:
             window=args.window, max_tokens=args.max_tokens, batch=args.batch, prompts=args.prompts,
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, speed_batch=speed_batch,
         )
+        if speed_batch and args.new_tokens < 2:
+            raise ValueError("a decode-speed run (--speed-batch > 0) times decode steps: --new-tokens must be 2 or more")
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
-    except (TypeError, ValueError, OSError) as error:
-        print(f"hf-moe-accel eval: {error}", file=sys.stderr)
-        return 2
+    except OSError as error:
+        raise CliError(f"--text {args.text}: can't read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise CliError(f"--text {args.text} is not UTF-8 text (byte {error.start}); give a UTF-8 text file") from None
+    except (TypeError, ValueError) as error:
+        raise CliError(str(error)) from None
+    check_checkpoint(args.model, tokenizer=True)  # before either loads: one line naming what's wrong
     device = "cuda" if cuda else "cpu"
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device).eval()
-    token_ids = AutoTokenizer.from_pretrained(args.model)(text, return_tensors="pt").input_ids[0]
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype, device_map=device)
+    token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
     try:
         result = evaluate(model, token_ids, settings, config)
     except ValueError as error:  # e.g. a top-k above the model's number of experts
-        print(f"hf-moe-accel eval: {error}", file=sys.stderr)
-        return 2
+        raise CliError(str(error)) from None
     result = {"model": args.model, "text": args.text, **result}
     print(markdown_table(result))
     write_outputs(args, result, plot)

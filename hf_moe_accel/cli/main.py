@@ -12,12 +12,20 @@ import torch
 from . import eval as eval_cli
 from . import plan as plan_cli
 from .args import DTYPES as _DTYPES
+from .args import Parser, at_least, check_output_paths, in_range, write_outputs
 from .args import int_list as _int_list
-from .args import write_outputs
+from .checkpoint import CliError, load_config, load_model
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench.ab import STOCK_BASELINES, BenchWorkload, markdown_table, plot, run_ab
+    from ..bench.ab import (
+        CPU_REFERENCE_NOTE,
+        STOCK_BASELINES,
+        BenchWorkload,
+        markdown_table,
+        plot,
+        run_ab,
+    )
     from ..costmodel.presets import PRESETS, build_preset
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -31,22 +39,18 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         default_batches, default_new_tokens = [1, 4], 32
     batches = args.batch or default_batches
-    prompt_len = args.prompt_len or (128 if cuda else 32)
-    new_tokens = args.new_tokens or default_new_tokens
+    prompt_len = args.prompt_len if args.prompt_len is not None else (128 if cuda else 32)
+    new_tokens = args.new_tokens if args.new_tokens is not None else default_new_tokens
     baselines = tuple(args.stock.split(","))
     if preset is not None and preset not in PRESETS:
-        print(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
-        return 2
+        raise CliError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if unknown := sorted(set(baselines) - set(STOCK_BASELINES)):
-        print(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}", file=sys.stderr)
-        return 2
+        raise CliError(f"unknown stock baseline(s) {', '.join(unknown)}; choose from {', '.join(STOCK_BASELINES)}")
     if args.compile_decode and (args.no_cuda_graphs or args.gpu_memory):
-        print("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
-              "--no-cuda-graphs or --gpu-memory (the offloaded decode step is captured uncompiled)", file=sys.stderr)
-        return 2
+        raise CliError("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
+                       "--no-cuda-graphs or --gpu-memory (the offloaded decode step is captured uncompiled)")
     if args.no_zero_copy and not args.gpu_memory:
-        print("--no-zero-copy is an option of expert offload: it needs --gpu-memory", file=sys.stderr)
-        return 2
+        raise CliError("--no-zero-copy is an option of expert offload: it needs --gpu-memory")
     if args.gpu_memory:
         return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
     options = {"cuda_graphs": not args.no_cuda_graphs}
@@ -57,9 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threshold is not None:
         options["expert_threshold"] = args.threshold
     if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device)).eval()
+        model = load_model(args.model, dtype=dtype, device_map=str(device))
         name = args.model
     else:
         print(f"building {preset} with random weights on {device} ...")
@@ -67,6 +69,8 @@ def _bench(args: argparse.Namespace) -> int:
         name = preset
     print(f"{name} on {device} ({dtype}), prompt {prompt_len}, {new_tokens} new tokens, batches {batches}, "
           f"stock baselines {', '.join(baselines)}")
+    if device.type == "cpu":
+        print(CPU_REFERENCE_NOTE)
     workloads = [BenchWorkload(b, prompt_len, new_tokens) for b in batches]
     results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
                      accelerate_options=options)
@@ -92,15 +96,11 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     try:  # before a model of tens of GB is built or loaded
         parse_memory_size(args.gpu_memory)
     except (TypeError, ValueError) as error:
-        print(f"error: --gpu-memory: {error}", file=sys.stderr)
-        return 2
+        raise CliError(f"--gpu-memory: {error}") from None
     if args.stock_new_tokens < 2:
-        print("error: --stock-new-tokens must be at least 2 (a first token, then decode)", file=sys.stderr)
-        return 2
+        raise CliError("--stock-new-tokens must be at least 2 (a first token, then decode)")
     if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map="cpu").eval()
+        model = load_model(args.model, dtype=dtype, device_map="cpu")
         name = args.model
     else:
         print(f"building {preset} with random weights in host memory ...")
@@ -115,8 +115,7 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
                                  stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)],
                                  options=OffloadOptions(zero_copy=False if args.no_zero_copy else None))
     except ValueError as error:  # a budget too small, or one that holds the whole model
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise CliError(str(error)) from None
     print(markdown_table(rows))
     for row in rows:
         if "decode_stats" in row:
@@ -181,7 +180,7 @@ def _env(args: argparse.Namespace) -> int:
 
 def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]:
     """What accelerate() patches on a model, from its config alone (built on the meta device: no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .. import accelerate, patch_report
     from ..costmodel.presets import PRESETS
@@ -189,8 +188,8 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
     from ..kernels.decode_linear import DECODE_MAX_ROWS
 
     if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    config = PRESETS[preset]() if preset else AutoConfig.from_pretrained(model_path)
+        raise CliError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    config = PRESETS[preset]() if preset else load_config(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     accelerate(model, cuda_graphs=False)
@@ -205,8 +204,17 @@ def _patch_summary(preset: str | None, model_path: str | None) -> dict[str, str]
         "decode attention": _decode_attention_summary(report.decode_attention),
         "attention projections": f"{len(report.projections)} attention modules: q/k/v in one launch at up to "
                                  f"{DECODE_MAX_ROWS} tokens (CUDA)" if report.projections else "as Transformers runs them",
-        "CUDA-graph decode": "served (greedy and sampling)" if blocker is None else f"eager: {blocker}",
+        "CUDA-graph decode": _graph_decode_summary(blocker),
     }
+
+
+def _graph_decode_summary(blocker: str | None) -> str:
+    """Whether generate() would decode this model through CUDA graphs; graphs need CUDA, so a machine
+    without it is told so before what the model itself allows."""
+    on_cuda = "served (greedy and sampling)" if blocker is None else f"eager: {blocker}"
+    if torch.cuda.is_available():
+        return on_cuda
+    return f"needs CUDA, none here (decode runs eagerly on the plain-torch reference path); on a CUDA machine: {on_cuda}"
 
 
 def _decode_attention_summary(switched: bool) -> str:
@@ -219,7 +227,7 @@ def _decode_attention_summary(switched: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-moe-accel", description="Fast MoE inference for Hugging Face Transformers.")
+    parser = Parser(prog="hf-moe-accel", description="Fast MoE inference for Hugging Face Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="A/B decode benchmark against stock Transformers (default: built-in model)")
@@ -227,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="random-weight model shape (default: olmoe-1b-7b on a GPU, tiny-qwen3-moe on CPU)")
     source.add_argument("--model", help="path of a local Hugging Face checkpoint")
     bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,8,32 with --gpu-memory, 1,4 on CPU)")
-    bench.add_argument("--prompt-len", type=int, help="prompt tokens (default 128 on a GPU, 32 on CPU)")
-    bench.add_argument("--new-tokens", type=int, help="new tokens, forced (default 128 on a GPU, 32 with --gpu-memory or on CPU)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per run; the median is reported")
+    bench.add_argument("--prompt-len", type=at_least(1), help="prompt tokens, 1 or more (default 128 on a GPU, 32 on CPU)")
+    bench.add_argument("--new-tokens", type=at_least(2, "a first token, then at least one timed decode step"),
+                       help="new tokens, forced, 2 or more (default 128 on a GPU, 32 with --gpu-memory or on CPU)")
+    bench.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per run, 1 or more; the median is reported")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
     bench.add_argument("--device", choices=["auto", "cpu"], default="auto")
     bench.add_argument("--stock", default="default,static",
@@ -239,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cuda-graphs", action="store_true", help="ours without CUDA-graph decode (accelerate(cuda_graphs=False))")
     bench.add_argument("--compile-decode", action="store_true",
                        help="ours with the decode step compiled by torch.compile inside its CUDA graphs (accelerate(compile_decode=True))")
-    bench.add_argument("--top-k", type=int, help="ours with this many experts per token (accelerate(top_k=...))")
-    bench.add_argument("--threshold", type=float, help="ours with this expert threshold (accelerate(expert_threshold=...))")
+    bench.add_argument("--top-k", type=at_least(1), help="ours with this many experts per token (accelerate(top_k=...))")
+    bench.add_argument("--threshold", type=in_range(0.0, 1.0, high_open=True),
+                       help="ours with this expert threshold in [0, 1) (accelerate(expert_threshold=...))")
     bench.add_argument("--gpu-memory", help="GPU budget (e.g. 16GiB) for a model larger than it: ours with CPU expert "
                        "offload against stock with an offloading device map and our own fetch-every-miss policy")
     bench.add_argument("--no-zero-copy", action="store_true",
@@ -264,5 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Run one command; returns its exit status: 0, or 2 for a bad input (one line on stderr saying
+    what and how to fix it)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's refusal (already printed) or --help: a status, as every command returns
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        check_output_paths(args)
+        return args.run(args)
+    except CliError as error:
+        print(f"hf-moe-accel {args.command}: {error}", file=sys.stderr)
+        return 2

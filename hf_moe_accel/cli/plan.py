@@ -16,7 +16,9 @@ from ..costmodel.hardware import GIB, Hardware, preset_names, resolve_hardware
 from ..costmodel.memory import parse_memory_size
 from ..costmodel.predictor import PLAN_KINDS, Prediction, Workload
 from .args import DTYPES as _DTYPES
+from .args import at_least, in_range, non_empty
 from .args import int_list as _int_list
+from .checkpoint import CliError, check_checkpoint, load_model, load_tokenizer
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -38,24 +40,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="rank the ways to place a model on GPUs, with predicted tokens/s and memory")
     plan.add_argument("--model", required=True, help="a preset shape (e.g. qwen3-235b-a22b) or a checkpoint folder (its config only)")
     plan.add_argument("--hardware", help=f"stated hardware: a preset ({', '.join(preset_names())}) or a JSON file; default: calibrate this machine")
-    plan.add_argument("--gpus", type=int, help="GPUs to plan for (default: all of the hardware's)")
+    plan.add_argument("--gpus", type=at_least(1), help="GPUs to plan for, 1 or more (default: all of the hardware's)")
     plan.add_argument("--gpu-memory", type=_gib, help="memory per GPU to plan with, e.g. 24GiB (default: the GPU's)")
     plan.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
-    plan.add_argument("--prompt-len", type=int, default=128)
-    plan.add_argument("--new-tokens", type=int, default=128)
-    plan.add_argument("--hit-rate", type=float, help="expert-cache hit rate for the offload plan (default: uniform routing)")
+    plan.add_argument("--prompt-len", type=at_least(1), default=128, help="prompt tokens, 1 or more (default 128)")
+    plan.add_argument("--new-tokens", type=at_least(1), default=128,
+                      help="new tokens, 1 or more; 2 or more with --measure (default 128)")
+    plan.add_argument("--hit-rate", type=in_range(0.0, 1.0),
+                      help="expert-cache hit rate in [0, 1] for the offload plan (default: uniform routing)")
     plan.add_argument("--plans", type=_kinds, help=f"only these plans, comma-separated ({', '.join(PLAN_KINDS)})")
     plan.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     plan.add_argument("--calibrate", action="store_true", help="re-measure this machine (otherwise the cached calibration is used)")
     plan.add_argument("--measure", action="store_true", help="also run each feasible plan briefly here and print measured beside predicted")
-    plan.add_argument("--repeats", type=int, default=1, help="timed repeats per measured plan (--measure)")
+    plan.add_argument("--repeats", type=at_least(1), default=1, help="timed repeats per measured plan, 1 or more (--measure)")
     plan.add_argument("--json", help="write the predictions (and measurements) to this JSON file")
     plan.set_defaults(run=run_plan)
 
     gen = sub.add_parser("generate", help="greedy text from a checkpoint; runs under torchrun for ep/tp/dp")
     gen.add_argument("--model", required=True, help="a Hugging Face checkpoint folder")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--prompt", action="append", required=True, type=non_empty, help="a prompt, not empty (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=at_least(1), default=64, help="new tokens, 1 or more (default 64)")
     gen.add_argument("--parallel", choices=["auto", "single", "pp", "ep", "tp", "dp"], default="auto",
                      help="the plan (default auto: the predictor's pick; under torchrun ep/tp/dp)")
     gen.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu runs on the CPU (gloo under torchrun)")
@@ -104,11 +108,19 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from ..costmodel.presets import PRESETS
     from ..costmodel.ranking import candidate_plans, format_table, rank_plans
     from ..costmodel.shapes import load_shape
 
+    if args.measure and args.new_tokens < 2:
+        raise CliError("--measure times decode steps: --new-tokens must be 2 or more (a first token, then decode)")
+    if args.model not in PRESETS and os.path.isdir(args.model):
+        check_checkpoint(args.model, weights=args.measure)  # --measure loads the weights
     hardware = _hardware(args)
-    shape = load_shape(args.model, _DTYPES[args.dtype])
+    try:
+        shape = load_shape(args.model, _DTYPES[args.dtype])
+    except OSError as error:  # Transformers' config reader: a checkpoint folder it can't read
+        raise CliError(f"--model {args.model}: can't read its config ({' '.join(str(error).split())})") from None
     workloads = [Workload(b, args.prompt_len, args.new_tokens, args.hit_rate) for b in args.batch]
     say = print if _is_rank_zero() else (lambda *_: None)  # under torchrun, rank 0 speaks
     say(shape.summary())
@@ -180,7 +192,6 @@ def _init_distributed(on_cpu: bool) -> bool:
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..api import accelerate
 
@@ -189,9 +200,10 @@ def run_generate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         dtype = _DTYPES[args.dtype] if args.dtype else (torch.float32 if on_cpu else torch.bfloat16)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        check_checkpoint(args.model, tokenizer=True)  # before either loads: one line naming what's wrong
+        tokenizer = load_tokenizer(args.model)
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        model = load_model(args.model, dtype=dtype)
         if distributed or not on_cpu:
             accelerate(model, devices="cpu" if on_cpu else "auto", parallel=args.parallel, cuda_graphs=not args.no_cuda_graphs)
         else:
@@ -220,6 +232,9 @@ def run_generate(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def _generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    empty = [i for i, row in enumerate(batch["attention_mask"]) if not row.any()] if "attention_mask" in batch else []
+    if batch["input_ids"].shape[-1] == 0 or empty:  # generate() can't start from no token
+        raise ValueError(f"--prompt {prompts[empty[0]] if empty else prompts[0]!r} has no tokens; give text the model can continue")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in out]

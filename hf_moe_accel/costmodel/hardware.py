@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,40 @@ def hardware_preset(name: str) -> Hardware:
     return dataclasses.replace(base, name=name.lower(), gpu_count=count, host_memory_gib=host, source=f"preset {name.lower()}")
 
 
+# The valid range of each number of a hardware description: (lowest, whether the lowest itself is
+# valid, highest, unit).
+# Rates, bandwidths and sizes divide the predictor's byte and FLOP counts, so they must be positive;
+# times only add, so zero is a valid figure; the zero-copy share is a share of the PCIe copy rate.
+_TEXT_FIELDS = frozenset({"name", "gpu_name", "source"})
+_INF = math.inf
+FIELD_RANGES: dict[str, tuple[float, bool, float, str]] = {
+    "gpu_count": (1, True, _INF, "GPUs"),
+    **{name: (0, False, _INF, unit) for name, unit in (
+        ("gpu_memory_gib", "GiB"), ("hbm_tb_s", "TB/s"), ("gemm_tflops", "TFLOP/s"), ("pcie_gb_s", "GB/s"),
+        ("link_gb_s", "GB/s"), ("cpu_gb_s", "GB/s"), ("cpu_tflops", "TFLOP/s"), ("host_memory_gib", "GiB"))},
+    **{name: (0, True, _INF, "us") for name in (
+        "link_latency_us", "eager_layer_host_us", "eager_step_host_us", "graph_step_host_us", "graph_host_exposed_us",
+        "graph_layer_us", "offload_layer_host_us")},
+    "zero_copy_share": (0, False, 1, "a share of pcie_gb_s"),
+}
+
+
+def field_problem(name: str, value: object) -> str | None:
+    """Why `value` can't be the Hardware field `name` (with the valid range), or None when it can."""
+    if name in _TEXT_FIELDS:
+        return None if isinstance(value, str) else f"field {name} must be a string, got {value!r}"
+    low, low_allowed, high, unit = FIELD_RANGES[name]
+    kind = "an integer" if name == "gpu_count" else "a number"
+    bounds = f"{'>=' if low_allowed else '>'} {low:g}" if high == _INF else f"in ({low:g}, {high:g}]"
+    expected = f"field {name} must be {kind} {bounds} ({unit})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{expected}, got {value!r}"
+    in_range = math.isfinite(value) and (value >= low if low_allowed else value > low) and value <= high
+    if not in_range or (name == "gpu_count" and not float(value).is_integer()):
+        return f"{expected}, got {value!r}"
+    return None
+
+
 def hardware_from_json(path: str | Path) -> Hardware:
     """A JSON object of Hardware fields; `"base": PRESET` fills the fields it leaves out."""
     path = Path(path)
@@ -178,14 +213,17 @@ def hardware_from_json(path: str | Path) -> Hardware:
     unknown = sorted(set(data) - set(fields) - {"base"})
     if unknown:
         raise ValueError(f"{path}: unknown hardware field(s) {', '.join(unknown)}; fields: base, {', '.join(fields)}")
+    if "base" in data and not isinstance(data["base"], str):
+        raise ValueError(f"{path}: \"base\" must be a preset name ({', '.join(preset_names())}), got {data['base']!r}")
     base = hardware_preset(data.pop("base")).to_json() if "base" in data else {}
     merged = {**base, **data, "source": data.get("source", f"file {path}")}
     missing = sorted(name for name, f in fields.items() if name not in merged and f.default is dataclasses.MISSING)
     if missing:
         raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (or give \"base\": a preset to fill them)")
-    for name in merged.keys() & fields.keys():
-        if name not in ("name", "gpu_name", "source") and not isinstance(merged[name], (int, float)):
-            raise ValueError(f"{path}: field {name} must be a number, got {merged[name]!r}")
+    for name in sorted(data.keys() & fields.keys()):  # the base's own figures are valid
+        if (problem := field_problem(name, merged[name])) is not None:
+            raise ValueError(f"{path}: {problem}")
+    merged["gpu_count"] = int(merged["gpu_count"])  # 2.0 in a file is 2 GPUs
     return Hardware(**merged)
 
 
