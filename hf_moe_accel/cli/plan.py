@@ -15,6 +15,7 @@ import torch
 from ..costmodel.hardware import GIB, Hardware, preset_names, resolve_hardware
 from ..costmodel.memory import parse_memory_size
 from ..costmodel.predictor import PLAN_KINDS, Prediction, Workload
+from ..parallel.loading import LOADING_KINDS, join_process_group, load_for_rank
 from .args import DTYPES as _DTYPES
 from .args import at_least, in_range, non_empty
 from .args import int_list as _int_list
@@ -180,11 +181,9 @@ def _init_distributed(on_cpu: bool) -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if not dist.is_initialized():
-        if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("gloo" if on_cpu else "nccl")
-    return True
+    # with a timeout on every collective: a rank whose peer died raises instead of waiting for ever
+    join_process_group(torch.device("cpu") if on_cpu else None)
+    return dist.is_initialized()
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -203,7 +202,10 @@ def run_generate(args: argparse.Namespace) -> int:
         check_checkpoint(args.model, tokenizer=True)  # before either loads: one line naming what's wrong
         tokenizer = load_tokenizer(args.model)
         tokenizer.padding_side = "left"
-        model = load_model(args.model, dtype=dtype)
+        if distributed and args.parallel in LOADING_KINDS:  # each rank reads only the tensors it keeps
+            model = load_for_rank(args.model, args.parallel, dtype=dtype, device="cpu" if on_cpu else None)
+        else:
+            model = load_model(args.model, dtype=dtype)
         if distributed or not on_cpu:
             accelerate(model, devices="cpu" if on_cpu else "auto", parallel=args.parallel, cuda_graphs=not args.no_cuda_graphs)
         else:
