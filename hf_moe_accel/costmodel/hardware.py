@@ -18,20 +18,14 @@ from pathlib import Path
 GIB = 2**30
 
 
-# Defaults of the fields older calibrations lack, derived from H100 measurements of docs/BENCHMARKS.md
-# (the Hardware field defaults; presets take them too):
-# - graph_host_exposed_us 600: profile of an olmoe batch-1 graph step, 0.60 ms of generate()'s loop
-#   with the GPU idle before the 2.93 ms replay.
-# - graph_layer_us 95: that replay less its expert kernels (0.62 ms) is 2.31 ms for 16 attention
-#   blocks; less the 0.78 ms the fused RMSNorm saved since (0.98 ms of unfused norms -> 65 kernels
-#   at ~3 us) and the ~0.2 ms of their weight bytes, 1.33 ms: 83 us per layer; plus the MoE layer's
-#   own floor, 12.5 us (46.0 us graph replay at 1 token against its 33.5 us HBM limit).
-# - offload_layer_host_us 1400: tiny-qwen3-moe (4 layers) with every expert cached decoded at
-#   74.9 tok/s (13.35 ms per step) against ~7.7 ms for the same 4 layers eagerly (calibrated
-#   2.4 ms per step + 1.34 ms per layer): 5.6 ms more, 1.4 ms per MoE layer.
-# - zero_copy_share 0.8: H200 (2026-12-03, docs/BENCHMARKS.md "Zero-copy decode in CUDA graphs"): qwen3-30b-a3b
-#   at 16 GiB decoding zero-copy in graphs read 2.73-2.87 GB a token from pinned host memory at 42-44 GB/s
-#   (batch 1 and 8), where that host's copies ran at 55 GB/s.
+# Defaults of the overhead fields, for presets and for calibration files written before these fields
+# existed. Each is what `hf-moe-accel plan --calibrate` measures on a machine (graph_host_exposed_us:
+# generate()'s host loop the GPU waits for under replay; graph_layer_us: a replayed decoder layer's GPU
+# time beyond its bytes; offload_layer_host_us: the expert cache's host round trip per MoE layer),
+# except zero_copy_share, the rate of zero-copy reads from pinned host memory over the pinned copy rate,
+# which `python scripts/bench_offload.py --preset qwen3-30b-a3b --gpu-memory 16GiB` re-derives
+# (PCIe bytes per token over decode time, against the calibrated pcie_gb_s). How each default was
+# derived: docs/BENCHMARKS.md, "Cost model".
 _GRAPH_AND_OFFLOAD = dict(graph_host_exposed_us=600.0, graph_layer_us=95.0, offload_layer_host_us=1400.0,
                           zero_copy_share=0.8)
 
@@ -59,8 +53,7 @@ class Hardware:
     zero_copy_share     the rate of the fused kernels reading experts from pinned host memory (zero-copy
                         decode), as a share of pcie_gb_s
 
-    The last four were added after the first calibrations: cache files without them read as the
-    defaults below (H100 figures, and the H200's for zero_copy_share; see _GRAPH_AND_OFFLOAD).
+    Calibration files without the last four read them as the defaults in _GRAPH_AND_OFFLOAD.
     """
 
     name: str
@@ -106,14 +99,12 @@ class Hardware:
         return dataclasses.asdict(self)
 
 
-# Host figures: eager decode measured on the lent H100 machine (docs/BENCHMARKS.md: olmoe-1b-7b, 16
-# layers, 26.5 ms per step at batch 1 -> about 1.5 ms per layer plus ~2 ms per step); the graph
-# step's host loop as the H100 calibration of 2026-11-23 measured it (1.56 ms, a 3-layer tiny model).
-# A calibration replaces them.
+# Host time of our decode path, for presets until `hf-moe-accel plan --calibrate` measures the machine
+# (eager: per decoder layer and per step outside the layers; graphs: generate()'s loop per step).
 _HOST = dict(eager_layer_host_us=1500.0, eager_step_host_us=2000.0, graph_step_host_us=1500.0)
 # Fields older calibrations and hardware files may still carry; read and ignored.
 RETIRED_FIELDS = frozenset({"kernel_gap_us"})
-# A 16-core server host of the lent machines (bf16 matmul through torch's CPU kernels).
+# A 16-core server host (bf16 matmul through torch's CPU kernels); a calibration measures the real one.
 _SERVER_CPU = dict(cpu_gb_s=20.0, cpu_tflops=0.5)
 
 # One GPU of each kind; "NAMExN" in `hardware_preset` makes N of them.
@@ -140,7 +131,7 @@ _BASE_PRESETS: dict[str, Hardware] = {
         link_latency_us=30.0, cpu_gb_s=15.0, cpu_tflops=0.3, host_memory_gib=64.0, **_HOST,
     ),
 }
-# Host RAM of the multi-GPU machines these presets stand for (560 GiB on the lent 8 x H200).
+# Host RAM of the multi-GPU machines these presets stand for, by GPU count.
 _HOST_MEMORY_BY_COUNT = {8: 560.0, 4: 512.0, 2: 256.0}
 
 
