@@ -1,14 +1,18 @@
-"""Timing of generate(): time to first token, decode tokens/s, prefill tokens/s, peak memory.
+"""Timing of generate(): time to first token, decode tokens/s, prefill tokens/s, peak memory, and
+the start-up of a process (from a setup such as accelerate() to the first token).
 
-One generate() call gives both phases: a pass-through logits processor notes when the first
-logits are ready (one device sync, at the first step only), so prefill and decode are split
-without a second, one-token run.
+A full-length generate() call gives both phases: a pass-through logits processor notes when the
+first logits are ready (one device sync, at the first step only), the point that splits prefill
+from decode. Time to first token as a request sees it is, on request, a generate() call of one new
+token timed whole (its setup, prefill, first token and return), repeated apart from the
+full-length runs.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,12 +21,29 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 @dataclass
 class GenerateTiming:
+    # Time to first token: the one-token generate() calls' median where they ran
+    # (`time_generate(..., one_token_ttft=True)`), else `first_logits_s`.
     ttft_s: float
     decode_tokens_per_s: float
+    # Prompt tokens over `ttft_s`.
     prefill_tokens_per_s: float
     peak_memory_gib: float | None
     # The untimed first run: includes torch.compile / graph capture and other one-time work.
     warmup_s: float
+    # Median time from the call to the first logits inside the full-length runs: where decode starts.
+    first_logits_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StartTiming:
+    """A process's first generate() after a setup step, every figure from the setup's start."""
+
+    setup_s: float
+    first_token_s: float
+    first_generate_s: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +107,23 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, sample_seed:
     return clock.first_logits_at - start, end - clock.first_logits_at
 
 
-def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, **generate_kwargs) -> GenerateTiming:
-    """Warm up with a full-length decode, then take the median of `repeats` timed runs."""
+def time_first_token(model, input_ids: torch.Tensor, **generate_kwargs) -> float:
+    """Seconds of one greedy generate() call of one new token, from the call to its return with the
+    device synchronized: a request's time to first token (generate()'s setup and cache included)."""
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    forced_greedy(model, input_ids, 1, **generate_kwargs)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, one_token_ttft: bool = False,
+                  **generate_kwargs) -> GenerateTiming:
+    """Warm up with a full-length decode, then take the median of `repeats` timed runs. With
+    `one_token_ttft`, then one untimed and `repeats` timed one-token calls (`time_first_token`),
+    whose median is the time to first token; without it, the time to the first logits of the
+    full-length runs is."""
     if new_tokens < 2:
         raise ValueError(f"decode timing needs at least 2 new tokens, got {new_tokens}")
     device = input_ids.device
@@ -98,8 +134,12 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = [timed_generate(model, input_ids, new_tokens, **generate_kwargs) for _ in range(repeats)]
-    ttft = statistics.median(r[0] for r in runs)
+    first_logits = statistics.median(r[0] for r in runs)
     decode_s = statistics.median(r[1] for r in runs)
+    ttft = first_logits
+    if one_token_ttft:
+        time_first_token(model, input_ids, **generate_kwargs)  # a one-token call may set up what a longer one didn't
+        ttft = statistics.median(time_first_token(model, input_ids, **generate_kwargs) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GenerateTiming(
         ttft_s=ttft,
@@ -107,7 +147,25 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int,
         prefill_tokens_per_s=batch * prompt_len / ttft,
         peak_memory_gib=peak,
         warmup_s=warmup_s,
+        first_logits_s=first_logits,
     )
+
+
+def time_start(setup: Callable[[], object], model, input_ids: torch.Tensor, new_tokens: int,
+               **generate_kwargs) -> StartTiming:
+    """`setup()` (e.g. accelerate(model)) and then the first full-length generate() call, timed from
+    the setup's start: to the setup's end, to the first logits, to the call's return. Meant as the
+    first thing a process runs on the model, so that the first call pays every one-time cost
+    (kernel compiles, graph captures, torch.compile) that the process's caches don't spare it."""
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    setup()
+    _sync(device)
+    setup_s = time.perf_counter() - start
+    first_logits_s, rest_s = timed_generate(model, input_ids, new_tokens, **generate_kwargs)
+    return StartTiming(setup_s=setup_s, first_token_s=setup_s + first_logits_s,
+                       first_generate_s=setup_s + first_logits_s + rest_s)
 
 
 def copy_bandwidth_bytes_per_s(device: torch.device, size_bytes: int = 1 << 30) -> float:

@@ -60,6 +60,24 @@ def at_least(low: int, why: str = "") -> Callable[[str], int]:
     return parse
 
 
+def list_of(item: Callable[[str], object]) -> Callable[[str], list]:
+    """argparse type: comma-separated values ("128,2048,8192"), each checked by the type `item` (e.g.
+    `at_least(1)`), whose message names a value out of range; one value is a list of one. An empty
+    entry and a value given twice are refused (a repeated run is time spent on nothing)."""
+
+    def parse(text: str) -> list:
+        entries = [entry.strip() for entry in text.split(",")]
+        if not all(entries):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each an {item.__name__}, got {text!r}")
+        values = [item(entry) for entry in entries]
+        if repeated := sorted({v for v in values if values.count(v) > 1}):
+            raise argparse.ArgumentTypeError(f"each value once, got {', '.join(map(str, repeated))} more than once in {text!r}")
+        return values
+
+    parse.__name__ = f"comma-separated list, each an {item.__name__}"
+    return parse
+
+
 def in_range(low: float, high: float, *, high_open: bool = False) -> Callable[[str], float]:
     """argparse type: a number in [low, high] (or [low, high) with `high_open`)."""
     bounds = f"[{low:g}, {high:g}{')' if high_open else ']'}"

@@ -12,7 +12,7 @@ import torch
 from . import eval as eval_cli
 from . import plan as plan_cli
 from .args import DTYPES as _DTYPES
-from .args import Parser, at_least, check_output_paths, in_range, write_outputs
+from .args import Parser, at_least, check_output_paths, in_range, list_of, write_outputs
 from .args import int_list as _int_list
 from .checkpoint import CliError, load_config, load_model
 
@@ -23,10 +23,11 @@ def _bench(args: argparse.Namespace) -> int:
         STOCK_BASELINES,
         BenchWorkload,
         markdown_table,
+        measure_start,
         plot,
         run_ab,
     )
-    from ..costmodel.presets import PRESETS, build_preset
+    from ..costmodel.presets import PRESETS
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
@@ -39,7 +40,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         default_batches, default_new_tokens = [1, 4], 32
     batches = args.batch or default_batches
-    prompt_len = args.prompt_len if args.prompt_len is not None else (128 if cuda else 32)
+    # Shortest first: stock's static cache keeps the longest length it was asked for (run_ab).
+    prompt_lens = sorted(args.prompt_len) if args.prompt_len is not None else [128 if cuda else 32]
     new_tokens = args.new_tokens if args.new_tokens is not None else default_new_tokens
     baselines = tuple(args.stock.split(","))
     if preset is not None and preset not in PRESETS:
@@ -52,7 +54,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.no_zero_copy and not args.gpu_memory:
         raise CliError("--no-zero-copy is an option of expert offload: it needs --gpu-memory")
     if args.gpu_memory:
-        return _bench_offload(args, preset, dtype, batches, prompt_len, new_tokens)
+        if len(prompt_lens) > 1:
+            raise CliError("--gpu-memory benchmarks one prompt length; give --prompt-len one value")
+        if args.start_time:
+            raise CliError("--start-time measures the A/B bench's accelerate(); it doesn't combine with --gpu-memory")
+        return _bench_offload(args, preset, dtype, batches, prompt_lens[0], new_tokens)
     options = {"cuda_graphs": not args.no_cuda_graphs}
     if args.compile_decode:
         options["compile_decode"] = True
@@ -60,22 +66,73 @@ def _bench(args: argparse.Namespace) -> int:
         options["top_k"] = args.top_k
     if args.threshold is not None:
         options["expert_threshold"] = args.threshold
-    if args.model:
-        model = load_model(args.model, dtype=dtype, device_map=str(device))
-        name = args.model
-    else:
-        print(f"building {preset} with random weights on {device} ...")
-        model = build_preset(preset, device, dtype)
-        name = preset
-    print(f"{name} on {device} ({dtype}), prompt {prompt_len}, {new_tokens} new tokens, batches {batches}, "
+    workloads = [BenchWorkload(b, p, new_tokens) for p in prompt_lens for b in batches]
+    if args.start_probe:
+        return _start_probe(args, preset, device, dtype, workloads, options)
+    starts = None
+    if args.start_time:  # before this process holds a model: each probe builds its own on the same GPU
+        print(f"start-up: per workload, two fresh processes one after the other (cold, then warm on the caches the "
+              f"first wrote): accelerate() and its first generate(), {2 * len(workloads)} processes")
+        starts = measure_start(lambda workload, out: _probe_argv(args, preset, workload, out), workloads, report=print)
+    model, name = _bench_model(args, preset, device, dtype)
+    print(f"{name} on {device} ({dtype}), prompts {prompt_lens}, {new_tokens} new tokens, batches {batches}, "
           f"stock baselines {', '.join(baselines)}")
     if device.type == "cpu":
         print(CPU_REFERENCE_NOTE)
-    workloads = [BenchWorkload(b, prompt_len, new_tokens) for b in batches]
     results = run_ab(model, name, workloads, repeats=args.repeats, baselines=baselines, stock_passes=args.stock_passes,
                      accelerate_options=options)
+    for row, start in zip(results, starts or []):
+        row["start"] = start
     print(markdown_table(results))
     write_outputs(args, results, plot)
+    return 0
+
+
+def _bench_model(args: argparse.Namespace, preset: str | None, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """The bench's model and its name: the checkpoint of `--model`, else the preset built with random weights."""
+    from ..costmodel.presets import build_preset
+
+    if args.model:
+        return load_model(args.model, dtype=dtype, device_map=str(device)), args.model
+    if not args.start_probe:
+        print(f"building {preset} with random weights on {device} ...")
+    return build_preset(preset, device, dtype), preset
+
+
+def _probe_argv(args: argparse.Namespace, preset: str | None, workload, out: str) -> list[str]:
+    """The arguments after `python` of a start-up probe of `workload`: this bench's model, device, dtype
+    and accelerate() options, writing its result to `out` (`--start-probe`)."""
+    argv = ["-m", "hf_moe_accel", "bench", *(["--model", args.model] if args.model else ["--preset", preset]),
+            "--device", args.device]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if args.no_cuda_graphs:
+        argv.append("--no-cuda-graphs")
+    if args.compile_decode:
+        argv.append("--compile-decode")
+    if args.top_k is not None:
+        argv += ["--top-k", str(args.top_k)]
+    if args.threshold is not None:
+        argv += ["--threshold", repr(args.threshold)]
+    return argv + ["--batch", str(workload.batch), "--prompt-len", str(workload.prompt_len),
+                   "--new-tokens", str(workload.new_tokens), "--start-probe", out]
+
+
+def _start_probe(args: argparse.Namespace, preset: str | None, device: torch.device, dtype: torch.dtype,
+                 workloads: list, options: dict) -> int:
+    """`bench --start-probe FILE` (internal: `--start-time` runs it): in this fresh process, build the
+    model, then time accelerate() and the first generate() of the one workload; JSON to FILE."""
+    import json
+
+    from ..bench.ab import probe_start
+
+    if len(workloads) != 1:
+        raise CliError("--start-probe times one workload: give --batch and --prompt-len one value each")
+    model, _ = _bench_model(args, preset, device, dtype)
+    result = probe_start(model, workloads[0], options)
+    with open(args.start_probe, "w") as f:
+        json.dump(result, f, indent=2)
     return 0
 
 
@@ -235,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="random-weight model shape (default: olmoe-1b-7b on a GPU, tiny-qwen3-moe on CPU)")
     source.add_argument("--model", help="path of a local Hugging Face checkpoint")
     bench.add_argument("--batch", type=_int_list, help="comma-separated batch sizes (default 1,8,32,128 on a GPU, 1,8,32 with --gpu-memory, 1,4 on CPU)")
-    bench.add_argument("--prompt-len", type=at_least(1), help="prompt tokens, 1 or more (default 128 on a GPU, 32 on CPU)")
+    bench.add_argument("--prompt-len", type=list_of(at_least(1)),
+                       help="comma-separated prompt lengths in tokens, each 1 or more, run shortest first "
+                            "(default 128 on a GPU, 32 on CPU; one value with --gpu-memory)")
     bench.add_argument("--new-tokens", type=at_least(2, "a first token, then at least one timed decode step"),
                        help="new tokens, forced, 2 or more (default 128 on a GPU, 32 with --gpu-memory or on CPU)")
     bench.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per run, 1 or more; the median is reported")
@@ -258,8 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "decode step runs the expert cache's host round trip, eagerly")
     bench.add_argument("--stock-new-tokens", type=int, default=3,
                        help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
+    bench.add_argument("--start-time", action="store_true",
+                       help="also time ours' start-up per workload: accelerate() and its first generate() in a fresh "
+                            "process with empty on-disk compile caches (cold), then in a second one that finds them (warm)")
+    bench.add_argument("--start-probe", help=argparse.SUPPRESS)  # internal: one process of --start-time, JSON to this file
     bench.add_argument("--json", help="write the per-run results (stock, ours, speedup) to this JSON file")
-    bench.add_argument("--plot", help="write a bar chart of decode tokens/s to this PNG file (needs matplotlib)")
+    bench.add_argument("--plot", help="write bar charts of decode tokens/s, time to first token and prefill tokens/s "
+                                      "to this PNG file (needs matplotlib)")
     bench.set_defaults(run=_bench)
 
     eval_cli.add_parser(sub)
