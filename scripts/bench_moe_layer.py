@@ -11,6 +11,15 @@ the layer's weights (one graph holds the 4 calls) so L2 does not hold them, medi
 The HBM limit is (distinct experts touched) x 3 x H x I x 2 bytes over the measured copy
 bandwidth (read + write bytes counted) and over 3.35 TB/s (the MoE-layer bar of docs/BENCHMARKS.md). Our output is
 checked against stock's on the same weights and inputs before any timing.
+
+`--fp8` adds a row per (shape, tokens) with the same weights block-quantized to FP8 as Transformers' fine-grained
+FP8 quantizer stores them (float8_e4m3fn, one float32 scale per 128x128 block): ours on FP8 weights, eager and
+graph, beside ours on the bf16 weights timed in the same row. Its HBM limit counts FP8 bytes: (distinct experts
+touched) x (3 x H x I bytes + the experts' float32 block scales). The FP8 output is checked against the FP8
+reference (dequantized weights, same routing) before timing; its distance from stock bf16 (the quantization
+error) is reported. `--fp8-only` skips the bf16 rows (and stock):
+
+    python scripts/bench_moe_layer.py --shapes qwen3-30b-a3b --tokens 1,4,16,32,64 --fp8-only --json moe_fp8.json
 """
 
 from __future__ import annotations
@@ -29,6 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_moe_accel.kernels import tuning
+from hf_moe_accel.kernels.experts_fp8_reference import (
+    FP8_DTYPE,
+    experts_fp8_reference,
+    quantize_expert_weights,
+)
 from hf_moe_accel.kernels.experts_triton import fused_experts_triton
 from hf_moe_accel.kernels.spec import Activation, ExpertWeights, RoutingSpec
 
@@ -46,6 +60,9 @@ except ImportError:
 COPIES = 4
 PROTOCOL_BANDWIDTH = 3.35e12  # bytes/s, H100 80GB HBM3 spec, the bar of docs/BENCHMARKS.md
 MAX_REL_ERROR = 2e-2
+FP8_BLOCK = (128, 128)  # Transformers' FineGrainedFP8Config default weight_block_size
+# FP8 against stock bf16: e4m3 keeps 3 mantissa bits, so a few percent is expected; far more means a broken kernel.
+FP8_MAX_QUANTIZATION_ERROR = 0.15
 
 # Public dimensions of the benchmark presets (docs/BENCHMARKS.md) (routed experts only). `family` names the
 # Transformers MoE block the stock side is built from (None: tuning only, no stock builder here).
@@ -202,10 +219,22 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+def block_experts(blocks: list) -> list[ExpertWeights]:
+    """Each stock block's expert weights, in place (no copy)."""
+    return [ExpertWeights(b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+
+
+def fp8_expert_bytes(shape: dict) -> int:
+    """Bytes of one expert in FP8: 3 x H x I e4m3 values plus the float32 scales of gate_up and down."""
+    H, I = shape["H"], shape["I"]
+    blocks = -(-2 * I // FP8_BLOCK[0]) * -(-H // FP8_BLOCK[1]) + -(-H // FP8_BLOCK[0]) * -(-I // FP8_BLOCK[1])
+    return 3 * H * I + 4 * blocks
+
+
 def bench_row(name: str, shape: dict, blocks: list, tokens: int, bandwidth: float, limit_gb: float) -> dict:
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     spec = routing_spec(shape)
-    experts = [ExpertWeights(b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+    experts = block_experts(blocks)
     torch.manual_seed(tokens)
     x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
 
@@ -260,6 +289,79 @@ def bench_row(name: str, shape: dict, blocks: list, tokens: int, bandwidth: floa
     return row
 
 
+def bench_fp8_row(name: str, shape: dict, blocks: list, fp8_experts: list[ExpertWeights], tokens: int,
+                  bandwidth: float) -> dict:
+    """Ours on FP8 weights (`fp8_experts`, the blocks' weights quantized) and on the bf16 ones, same inputs."""
+    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    spec = routing_spec(shape)
+    experts = block_experts(blocks)
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+
+    def ours(block, weights):
+        topk_weights, topk_ids = route(F.linear(x, block.gate.weight), spec)
+        return fused_experts_triton(x, weights, topk_ids, topk_weights)
+
+    fp8_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, fp8_experts)]
+    bf16_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, experts)]
+    path = "decode" if tuning.use_decode_path(E, I, H, tokens, k, FP8_DTYPE, x.device) else "prefill"
+    topk_weights, ids = route(F.linear(x, blocks[0].gate.weight), spec)
+    distinct = ids.unique().numel()
+    expert_bytes = distinct * fp8_expert_bytes(shape)
+    row = dict(shape=name, tokens=tokens, path=path, distinct_experts=distinct, fp8_bytes=expert_bytes,
+               hbm_limit_us=expert_bytes / bandwidth * 1e6, hbm_limit_us_protocol=expert_bytes / PROTOCOL_BANDWIDTH * 1e6)
+
+    reference = experts_fp8_reference(x, fp8_experts[0], ids, topk_weights)
+    out = fp8_fns[0]()
+    row["max_rel_error"] = rel_error(out, reference)
+    set_experts_implementation(blocks, "grouped_mm")
+    stock = blocks[0](x.view(1, tokens, H)).view(tokens, H)
+    row["rel_error_vs_stock_bf16"] = rel_error(out, stock)
+    if row["max_rel_error"] > MAX_REL_ERROR or row["rel_error_vs_stock_bf16"] > FP8_MAX_QUANTIZATION_ERROR:
+        print(f"!!!!! {name} tokens={tokens} FP8: ours differs from the FP8 reference by {row['max_rel_error']:.2e} "
+              f"(> {MAX_REL_ERROR}?) and from stock bf16 by {row['rel_error_vs_stock_bf16']:.2e} "
+              f"(> {FP8_MAX_QUANTIZATION_ERROR}?): row not timed !!!!!", flush=True)
+        return row
+
+    row["ours_fp8_eager_us"] = time_eager(fp8_fns)
+    row["ours_fp8_graph_us"], graph_outputs = time_graph(fp8_fns)
+    row["max_rel_error_graph"] = rel_error(graph_outputs[0], reference)
+    if row["max_rel_error_graph"] > MAX_REL_ERROR:
+        print(f"!!!!! {name} tokens={tokens} FP8: ours replayed from a CUDA graph differs from the reference by "
+              f"{row['max_rel_error_graph']:.2e} !!!!!", flush=True)
+    del graph_outputs
+    row["ours_bf16_graph_us"], _ = time_graph(bf16_fns)
+    torch.cuda.empty_cache()
+    row["pct_hbm_limit"] = 100 * row["hbm_limit_us"] / row["ours_fp8_graph_us"]
+    row["pct_hbm_limit_protocol"] = 100 * row["hbm_limit_us_protocol"] / row["ours_fp8_graph_us"]
+    row["speedup_vs_ours_bf16"] = row["ours_bf16_graph_us"] / row["ours_fp8_graph_us"]
+    return row
+
+
+def markdown_fp8(rows: list[dict]) -> str:
+    def us(row, key):
+        value = row.get(key)
+        return f"{value:.1f}" if isinstance(value, float) else "-"
+
+    lines = [
+        "| shape | tokens | path | FP8 HBM limit us (measured / 3.35 TB/s) | ours bf16 graph us | ours FP8 eager us "
+        "| ours FP8 graph us | % of FP8 HBM limit (measured / 3.35 TB/s) | FP8 speedup vs our bf16 | rel error vs stock bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "ours_fp8_graph_us" not in r:
+            lines.append(f"| {r['shape']} | {r['tokens']} | MISMATCH: rel error {r['max_rel_error']:.2e} "
+                         f"(vs stock bf16 {r['rel_error_vs_stock_bf16']:.2e}) |||||||")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['path']} | {us(r, 'hbm_limit_us')} / {us(r, 'hbm_limit_us_protocol')} "
+            f"| {us(r, 'ours_bf16_graph_us')} | {us(r, 'ours_fp8_eager_us')} | {us(r, 'ours_fp8_graph_us')} "
+            f"| {r['pct_hbm_limit']:.0f}% / {r['pct_hbm_limit_protocol']:.0f}% | {r['speedup_vs_ours_bf16']:.2f}x "
+            f"| {r['rel_error_vs_stock_bf16']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     def us(row, key):
         value = row.get(key)
@@ -289,7 +391,10 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
     parser.add_argument("--batched-mm-limit-gb", type=float, default=20.0)
+    parser.add_argument("--fp8", action="store_true", help="add rows with the weights block-quantized to FP8")
+    parser.add_argument("--fp8-only", action="store_true", help="FP8 rows only (no bf16 rows, no stock timings)")
     args = parser.parse_args()
+    args.fp8 = args.fp8 or args.fp8_only
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -299,18 +404,23 @@ def main() -> None:
     start = time.perf_counter()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); routing: {ROUTE_IMPL}")
-    rows = []
+    rows, fp8_rows = [], []
     for name in names:
         blocks = build_stock_blocks(SHAPES[name])
         with torch.inference_mode():
+            fp8_experts = [quantize_expert_weights(w, FP8_BLOCK) for w in block_experts(blocks)] if args.fp8 else None
             for tokens in token_counts:
                 print(f"[{time.perf_counter() - start:5.0f}s] {name} tokens={tokens}", flush=True)
-                rows.append(bench_row(name, SHAPES[name], blocks, tokens, bandwidth, args.batched_mm_limit_gb))
-        del blocks
+                if not args.fp8_only:
+                    rows.append(bench_row(name, SHAPES[name], blocks, tokens, bandwidth, args.batched_mm_limit_gb))
+                if args.fp8:
+                    fp8_rows.append(bench_fp8_row(name, SHAPES[name], blocks, fp8_experts, tokens, bandwidth))
+        del blocks, fp8_experts
         torch.cuda.empty_cache()
 
-    table = markdown(rows)
-    print(f"\n{table}\n\n{time.perf_counter() - start:.0f}s in all")
+    table = markdown(rows) if rows else ""
+    fp8_table = markdown_fp8(fp8_rows) if fp8_rows else ""
+    print(f"\n{table}\n\n{fp8_table}\n\n{time.perf_counter() - start:.0f}s in all")
     if args.json:
         import transformers
         import triton
@@ -318,9 +428,11 @@ def main() -> None:
         meta = dict(device=torch.cuda.get_device_name(), copy_bandwidth_bytes_per_s=bandwidth,
                     protocol_bandwidth_bytes_per_s=PROTOCOL_BANDWIDTH, routing=ROUTE_IMPL, copies=COPIES,
                     torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1) + "\n")
+        meta["fp8_block_size"] = list(FP8_BLOCK)
+        report = {"meta": meta, "rows": rows, "table": table, "fp8_rows": fp8_rows, "fp8_table": fp8_table}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
-    if any("ours_graph_us" not in r for r in rows):
+    if any("ours_graph_us" not in r for r in rows) or any("ours_fp8_graph_us" not in r for r in fp8_rows):
         sys.exit(1)
 
 

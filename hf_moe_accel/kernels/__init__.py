@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .experts_fp8_reference import experts_fp8_reference
 from .experts_reference import experts_reference
 from .routing_reference import route_reference
-from .spec import Activation, ExpertAddresses, ExpertWeights, RoutingSpec
+from .spec import Activation, BlockScales, ExpertAddresses, ExpertWeights, RoutingSpec
 from .tuning import KernelPath, address_path, interpreting
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,10 +20,12 @@ SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 __all__ = [
     "SERVED_DTYPES",
     "Activation",
+    "BlockScales",
     "ExpertAddresses",
     "ExpertWeights",
     "RoutingSpec",
     "address_path",
+    "block_scaled_kernels_serve",
     "fused_experts",
     "fused_experts_at",
     "kernels_serve",
@@ -33,6 +36,17 @@ __all__ = [
 def kernels_serve(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels run for these tensors (on a GPU, in a served dtype)."""
     return all(t.is_cuda and t.dtype in SERVED_DTYPES for t in tensors)
+
+
+def block_scaled_kernels_serve(hidden_states: torch.Tensor, weights: ExpertWeights) -> bool:
+    """Whether the Triton kernels run for block-scaled weights: activations as `kernels_serve` says,
+    weights and scales on the same GPU, and float8 weights only where the GPU converts them in
+    hardware (compute capability 8.9 and later: Triton has no float8 loads before that)."""
+    tensors = (weights.gate_up, weights.down, weights.scales.gate_up, weights.scales.down)
+    if not (kernels_serve(hidden_states) and all(t.device == hidden_states.device for t in tensors)):
+        return False
+    fp8 = any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in (weights.gate_up, weights.down))
+    return not fp8 or torch.cuda.get_device_capability(hidden_states.device) >= (8, 9)
 
 
 def route(
@@ -54,7 +68,16 @@ def fused_experts(
     An id of -1 means "no expert": the pair adds nothing, its weight is ignored, and no work is
     done for it (a token whose ids are all -1 gets zeros). Variable expert counts per token are
     written this way, so that shapes stay static (CUDA graphs).
+
+    Block-scaled (FP8) weights (`weights.scales`) are read as stored and dequantized in the kernels;
+    the result is in hidden_states' dtype, as `experts_fp8_reference` (the path off the GPU) computes it.
     """
+    if weights.scales is not None:
+        if block_scaled_kernels_serve(hidden_states, weights):
+            from .experts_triton import fused_experts_triton
+
+            return fused_experts_triton(hidden_states, weights, topk_ids, topk_weights)
+        return experts_fp8_reference(hidden_states, weights, topk_ids, topk_weights)
     if kernels_serve(hidden_states, weights.gate_up, weights.down):
         from .experts_triton import fused_experts_triton
 
@@ -70,6 +93,8 @@ def fused_experts_at(
     zero-copy), in the per-expert layout of `layout`'s tensors; no biases. Ids as in `fused_experts`.
     `path`: default `address_path(tokens)`. Triton only: CUDA tensors, or CPU tensors under Triton's
     interpreter (tests)."""
+    if layout.scales is not None:
+        raise ValueError("experts by address take no block-scaled (FP8) weights yet")
     if not (kernels_serve(hidden_states, layout.gate_up, layout.down) or interpreting()):
         raise ValueError("experts by address run in the Triton kernels: CUDA tensors of a served dtype")
     from .experts_triton import fused_experts_at_triton

@@ -21,6 +21,15 @@ Weights are read in place through their strides (transposed or not), gate/up con
 after the GEMM). All arithmetic accumulates in float32; the intermediate is stored in the
 weights' dtype, like the reference. Every size depends only on T, k, E and the config, and
 nothing syncs with the host, so a call can be captured in a CUDA graph.
+
+Block-scaled (FP8) weights (`ExpertWeights.scales`) run the same four kernels with BLOCK_SCALED
+set: each weight tile is loaded in its stored dtype, multiplied in float32 by its rows' block
+scales (one scale per weight row per K tile: BLOCK_K is cut to divide the scale block's K extent,
+`fit_scale_blocks`, so a K tile never straddles two blocks), and then used as the bf16 path uses
+its tile: cast to the activations' dtype for the prefill dots, kept in float32 by the decode GEMVs.
+Activations stay in their dtype and the intermediate is stored in it (weight-only FP8, as
+`experts_fp8_reference`). Without scales the switch is off at compile time: the bf16 kernels are
+compiled exactly as before, with no scale argument.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .align import align_pairs
+from .experts_fp8_reference import check_block_scales
 from .pdl import pdl_launch_options, prologue
 from .spec import CLAMPED_SWIGLUS, ExpertAddresses, ExpertWeights
 from .tuning import KernelPath, get_config, use_decode_path
@@ -46,13 +56,16 @@ def fused_experts_triton(
 ) -> torch.Tensor:
     """hidden_states [T, H], topk_ids [T, k] (int32/int64), topk_weights [T, k] -> [T, H].
 
-    Equal to `experts_reference` up to float32 rounding. `path` forces "decode" or "prefill"
-    (default: from the tuning data); `config` overrides the launch parameters entirely (the
-    tuner's hook; same format as `tuning.get_config`).
+    Equal to `experts_reference` up to float32 rounding (`experts_fp8_reference` for block-scaled
+    weights). `path` forces "decode" or "prefill" (default: from the tuning data); `config` overrides
+    the launch parameters entirely (the tuner's hook; same format as `tuning.get_config`; with
+    block-scaled weights its BLOCK_K is cut as `fit_scale_blocks` says).
     """
     num_tokens, hidden = hidden_states.shape
     if not weights.has_gate and weights.activation.kind in CLAMPED_SWIGLUS:
         raise ValueError(f"the {weights.activation.kind} activation needs a gate")
+    if weights.scales is not None:
+        check_block_scales(weights)
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
     top_k = topk_ids.shape[1]
@@ -60,8 +73,45 @@ def fused_experts_triton(
         layer = (weights.num_experts, weights.intermediate_size, hidden, num_tokens, top_k, weights.gate_up.dtype,
                  hidden_states.device, weights.transposed)
         config = get_config(path or ("decode" if use_decode_path(*layer) else "prefill"), *layer)
+    if weights.scales is not None:
+        config = fit_scale_blocks(config, weights)
     run = _decode if config["path"] == "decode" else _prefill
     return run(hidden_states, weights, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config)
+
+
+def fit_scale_blocks(config: dict, weights: ExpertWeights) -> dict:
+    """`config` with both kernels' BLOCK_K cut to at most the largest power of two that divides the
+    scale block's K extent (the reduction axis: the block's columns, its rows when transposed), so
+    that every K tile lies in one scale block. A new dict; `config` is left as it is."""
+    block_k = weights.scales.block_size[0 if weights.transposed else 1]
+    limit = block_k & -block_k
+    if limit < 16:  # tl.dot's smallest K tile
+        raise ValueError(f"block-scaled weights need a scale block whose K extent is a multiple of 16, got {block_k}")
+    fitted = {kernel: {**config[kernel], "BLOCK_K": min(config[kernel]["BLOCK_K"], limit)}
+              for kernel in ("gate_up", "down")}
+    return {**config, **fitted}
+
+
+def _scale_args(weights: ExpertWeights, scale: torch.Tensor | None) -> dict:
+    """The BLOCK_SCALED kernels' scale arguments ((expert, N, K) strides and block extents, as
+    constexprs); none without scales, so the unscaled kernels launch exactly as before."""
+    if scale is None:
+        return {}
+    rows, cols = weights.scales.block_size
+    if weights.transposed:  # stored [E, K, N]: the block's rows run along K
+        stride_se, stride_sk, stride_sn = scale.stride()
+        block_n, block_k = cols, rows
+    else:
+        stride_se, stride_sn, stride_sk = scale.stride()
+        block_n, block_k = rows, cols
+    return dict(scale_ptr=scale, BLOCK_SCALED=True, STRIDE_SE=stride_se, STRIDE_SN=stride_sn, STRIDE_SK=stride_sk,
+                SCALE_BN=block_n, SCALE_BK=block_k)
+
+
+def _compute_dtype(x: torch.Tensor, weights: ExpertWeights) -> torch.dtype:
+    """The dtype the GEMMs' inputs and the intermediate take: the weights' (bf16 path), or the
+    activations' when the weights are block-scaled (dequantized to it)."""
+    return x.dtype if weights.scales is not None else weights.gate_up.dtype
 
 
 def _weight_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
@@ -86,6 +136,7 @@ def _gate_up_args(x: torch.Tensor, weights: ExpertWeights) -> dict:
         alpha=weights.activation.alpha, limit=weights.activation.limit,
         HAS_BIAS=weights.gate_up_bias is not None, HAS_GATE=weights.has_gate,
         INTERLEAVED=weights.has_gate and weights.interleaved, ACT=weights.activation.kind,
+        **_scale_args(weights, weights.scales.gate_up if weights.scales is not None else None),
     )
 
 
@@ -97,6 +148,7 @@ def _down_args(weights: ExpertWeights) -> dict:
         w_ptr=w, bias_ptr=bias, N=weights.hidden_size, K=weights.intermediate_size,
         stride_we=stride_we, stride_wn=stride_wn, stride_wk=stride_wk, stride_be=stride_be, stride_bn=stride_bn,
         HAS_BIAS=weights.down_bias is not None,
+        **_scale_args(weights, weights.scales.down if weights.scales is not None else None),
     )
 
 
@@ -116,9 +168,10 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
     num_experts = addresses.num_experts if by_address else weights.num_experts
     sorted_pairs, block_experts = align_pairs(ids, num_experts, block_m)
     num_blocks = block_experts.numel()
-    precision = _dot_precision(weights.gate_up.dtype)
+    compute_dtype = _compute_dtype(x, weights)
+    precision = _dot_precision(compute_dtype)
 
-    inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
+    inter = torch.empty(num_pairs, inter_size, dtype=compute_dtype, device=x.device)
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gate_up["BLOCK_N"]),)](
         **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0),
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
@@ -149,7 +202,7 @@ def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
     down_table = addresses.down if by_address else ids
     pdl = pdl_launch_options(x.device)
 
-    inter = torch.empty(num_pairs, inter_size, dtype=weights.gate_up.dtype, device=x.device)
+    inter = torch.empty(num_pairs, inter_size, dtype=_compute_dtype(x, weights), device=x.device)
     _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
         **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, w_table_ptr=gate_up_table,
         TOP_K=top_k, BY_ADDRESS=by_address, **gate_up, **pdl,
@@ -170,6 +223,8 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
     pairs (once per forward below BLOCK_M tokens an expert)."""
     if layout.gate_up_bias is not None or layout.down_bias is not None:
         raise ValueError("experts by address take no biases")
+    if layout.scales is not None:
+        raise ValueError("experts by address take no block-scaled (FP8) weights yet")
     if not layout.has_gate and layout.activation.kind in CLAMPED_SWIGLUS:
         raise ValueError(f"the {layout.activation.kind} activation needs a gate")
     num_tokens, hidden = hidden_states.shape
@@ -195,6 +250,17 @@ def _expert_base(w_ptr, table_ptr, expert, stride_we, BY_ADDRESS: tl.constexpr):
     else:
         base = w_ptr + expert * stride_we
     return base
+
+
+@triton.jit
+def _dequantize(w, scale_ptr, expert, k0, rows, row_mask, dtype: tl.constexpr, STRIDE_SE: tl.constexpr,
+                STRIDE_SN: tl.constexpr, STRIDE_SK: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):
+    """A [BLOCK_K, rows] tile of stored weights (K from k0, inside one scale block) times each row's
+    block scale, in float32, returned in `dtype`. Masked-off rows get scale 0 (their weights are
+    masked to 0 too)."""
+    scale_ptrs = scale_ptr + expert * STRIDE_SE + (k0 // SCALE_BK) * STRIDE_SK + (rows // SCALE_BN) * STRIDE_SN
+    scale = tl.load(scale_ptrs, mask=row_mask, other=0.0)
+    return (w.to(tl.float32) * scale[None, :]).to(dtype)
 
 
 @triton.jit
@@ -287,6 +353,8 @@ def _prefill_gate_up_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
     ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
+    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """inter[pair, n-tile] = act(x[token] @ gate^T, x[token] @ up^T) for one block of an expert's pairs."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -307,11 +375,21 @@ def _prefill_gate_up_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
+        if BLOCK_SCALED:  # the dots run in the activations' dtype, on dequantized tiles
+            x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if BLOCK_SCALED:
+            w = _dequantize(w, scale_ptr, expert, k0, cols, col_mask, x.dtype,
+                            STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if HAS_GATE and not INTERLEAVED:
             w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            if BLOCK_SCALED:
+                w_up = _dequantize(w_up, scale_ptr, expert, k0, cols + N, col_mask, x.dtype,
+                                   STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -331,6 +409,8 @@ def _prefill_down_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
+    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """out[pair * SPLIT_K + split] = routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -355,6 +435,9 @@ def _prefill_down_kernel(
         k_mask = offs_k < k_end - (k0 - k_start)
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if BLOCK_SCALED:
+            w = _dequantize(w, scale_ptr, expert, k0, offs_n, n_mask, a.dtype,
+                            STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -385,6 +468,8 @@ def _decode_gate_up_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
     ACT: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
+    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
     prologue(USE_PDL)
@@ -407,9 +492,18 @@ def _decode_gate_up_kernel(
         k_mask = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[:, None]
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x
-        if HAS_GATE and not INTERLEAVED:
-            acc_up += tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0).to(tl.float32) * x
+        if BLOCK_SCALED:
+            w = _dequantize(tl.load(w_ptrs, mask=w_mask, other=0.0), scale_ptr, expert, k0, cols, col_mask,
+                            tl.float32, STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+            acc += w * x
+            if HAS_GATE and not INTERLEAVED:
+                w_up = _dequantize(tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0), scale_ptr, expert, k0,
+                                   cols + N, col_mask, tl.float32, STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+                acc_up += w_up * x
+        else:
+            acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x
+            if HAS_GATE and not INTERLEAVED:
+                acc_up += tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0).to(tl.float32) * x
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -428,6 +522,8 @@ def _decode_down_kernel(
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
+    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
@@ -455,6 +551,10 @@ def _decode_down_kernel(
             w_ptrs = _expert_base(w_ptr, w_table_ptr, tl.maximum(expert, 0), stride_we, BY_ADDRESS) \
                 + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if BLOCK_SCALED:  # "no expert" masks its scales off too
+                scale_mask = offs_n < tl.where(used, N, 0)
+                w = _dequantize(w, scale_ptr, tl.maximum(expert, 0), k0, offs_n, scale_mask, tl.float32,
+                                STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc += w.to(tl.float32) * (a.to(tl.float32) * routing)[:, None]
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:

@@ -14,7 +14,7 @@ import torch
 from . import fused_experts as _fused_experts
 from . import route as _route
 from .decode_linear import decode_linears_triton
-from .spec import Activation, ExpertWeights, RoutingSpec
+from .spec import Activation, BlockScales, ExpertWeights, RoutingSpec
 
 
 @torch.library.custom_op("hf_moe_accel::fused_experts", mutates_args=())
@@ -32,15 +32,22 @@ def fused_experts_op(
     limit: float,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+    scale_block_rows: int = 0,
+    scale_block_cols: int = 0,
 ) -> torch.Tensor:
+    # Block scales (FP8 weights) travel as their two tensors and the block's extents; none for plain weights.
+    scales = None if gate_up_scale is None else BlockScales(gate_up_scale, down_scale, (scale_block_rows, scale_block_cols))
     weights = ExpertWeights(gate_up, down, gate_up_bias, down_bias, transposed, interleaved, has_gate,
-                            Activation(activation, alpha, limit))
+                            Activation(activation, alpha, limit), scales)
     return _fused_experts(hidden_states, weights, topk_ids, topk_weights)
 
 
 @fused_experts_op.register_fake
 def _fused_experts_fake(hidden_states, gate_up, down, gate_up_bias, down_bias, transposed, interleaved, has_gate,
-                        activation, alpha, limit, topk_ids, topk_weights) -> torch.Tensor:
+                        activation, alpha, limit, topk_ids, topk_weights, gate_up_scale=None, down_scale=None,
+                        scale_block_rows=0, scale_block_cols=0) -> torch.Tensor:
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)  # [T, H], hidden_states' dtype
 
 
@@ -79,9 +86,12 @@ def fused_experts(
 ) -> torch.Tensor:
     """`kernels.fused_experts` as one opaque op (for code torch.compile traces)."""
     act = weights.activation
-    return fused_experts_op(hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias,
-                            weights.transposed, weights.interleaved, weights.has_gate, act.kind, act.alpha, act.limit,
-                            topk_ids, topk_weights)
+    args = (hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias, weights.transposed,
+            weights.interleaved, weights.has_gate, act.kind, act.alpha, act.limit, topk_ids, topk_weights)
+    if weights.scales is None:
+        return fused_experts_op(*args)
+    scales = weights.scales
+    return fused_experts_op(*args, scales.gate_up, scales.down, *scales.block_size)
 
 
 def route(

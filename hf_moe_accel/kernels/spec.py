@@ -81,6 +81,26 @@ class Activation:
     limit: float = 7.0
 
 
+@dataclass(frozen=True)
+class BlockScales:
+    """The per-block scales of block-quantized (FP8) expert weights, as Transformers' fine-grained FP8
+    quantizer stores them (`FP8Experts`: `gate_up_proj_scale_inv`, `down_proj_scale_inv`).
+
+    `block_size` is (rows, columns) of one block over the last two axes of the weight *as stored*
+    (Transformers' `weight_block_size` / `FP8Experts.block_size`, `[block_n, block_k]` for its
+    [E, N, K] weights; usually (128, 128)). Each scale is float32 [E, >= cdiv(rows, b0), >= cdiv(cols, b1)]
+    and the weight's real value is `stored[e, r, c] * scale[e, r // b0, c // b1]`: the blocks tile the
+    whole stored matrix, so a size that is not a multiple of the block ends in a partial block with
+    its own scale, and gate and up rows of a concatenated gate_up share a block where the 2I axis
+    puts them in one (Transformers' own dequantization, `_dequantize_fp8_weight`, reads it so).
+    Rows of the grid past cdiv are ignored (Transformers allocates at least two for gate_up).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    block_size: tuple[int, int] = (128, 128)
+
+
 @dataclass
 class ExpertWeights:
     """References (never copies) to one MoE layer's expert tensors and how they are laid out.
@@ -90,6 +110,8 @@ class ExpertWeights:
     Along the 2I axis the gate comes first then up ("concatenated"), or they alternate
     gate0, up0, gate1, up1, ... ("interleaved", GPT-OSS).
     Biases, when present: gate_up_bias [E, 2I] (same order as the weight), down_bias [E, H].
+    `scales`, when present, says the weights are block-quantized (FP8 storage, see `BlockScales`):
+    the kernels dequantize them and compute in the activations' dtype.
     """
 
     gate_up: torch.Tensor
@@ -100,6 +122,7 @@ class ExpertWeights:
     interleaved: bool = False
     has_gate: bool = True
     activation: Activation = Activation()
+    scales: BlockScales | None = None
 
     @property
     def num_experts(self) -> int:

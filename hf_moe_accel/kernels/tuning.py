@@ -17,8 +17,10 @@ BLOCK_N, BLOCK_K, num_warps, num_stages, plus GROUP_M (prefill) and SPLIT_K (pre
 token-count key nearest to the call's token count is used, as in vLLM. A top-k absent from the
 file for a shape that is there (fewer activated experts: `accelerate(model, top_k=...)`) uses the
 nearest tuned top-k's entry at the same number of (token, expert) pairs: per expert, the GEMMs see
-the same rows. Shapes absent from the file, and every shape under TRITON_INTERPRET=1 (small blocks,
-fast CPU tests), use a heuristic.
+the same rows. Block-scaled FP8 weights have their own keys ("dtype=float8_e4m3fn"); a shape tuned
+in bf16 only lends them its bf16 entry (same kernels and grid; `experts_triton.fit_scale_blocks` then
+cuts BLOCK_K to the scale block). Shapes absent from the file, and every shape under
+TRITON_INTERPRET=1 (small blocks, fast CPU tests), use a heuristic.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def address_path(num_tokens: int) -> KernelPath:
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Weight dtypes whose tuned entries fall back to another dtype's entry of the same shape.
+_FALLBACK_DTYPES = {torch.float8_e4m3fn: torch.bfloat16, torch.float8_e5m2: torch.bfloat16}
 
 _INTERPRETER_CONFIGS = {
     "decode": {
@@ -91,7 +96,8 @@ def _tuned(num_experts, N, K, top_k, dtype, device, transposed) -> tuple[dict, i
         if entry is not None:
             by_top_k[tuned_top_k] = entry
     if not by_top_k:
-        return None
+        fallback = _FALLBACK_DTYPES.get(dtype)
+        return None if fallback is None else _tuned(num_experts, N, K, top_k, fallback, device, transposed)
     nearest = min(by_top_k, key=lambda tuned_top_k: (abs(tuned_top_k - top_k), -tuned_top_k))
     return by_top_k[nearest], nearest
 
