@@ -8,6 +8,7 @@ checkers only.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,17 @@ class AcceleratedState:
 
     def is_empty(self) -> bool:
         return self.report is None and self.decode is None and self.offload is None and self.placement is None
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # Pickled as None: a pickled accelerated model loads as a stock one (patches/swap.py), and its
+        # stages' state (graphs, caches, threads) has no meaning in another process.
+        return type(None), ()
+
+    def __deepcopy__(self, memo: dict) -> AcceleratedState:
+        copied = AcceleratedState()
+        memo[id(self)] = copied  # before the fields: graph decode's runner leads back to the model, and to this
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
 
 def state_of(model: nn.Module) -> AcceleratedState | None:

@@ -25,6 +25,7 @@ from torch import nn
 import hf_moe_accel
 from hf_moe_accel import UnsupportedMoEError, accelerate, patch_report, unpatch
 from hf_moe_accel.kernels.spec import is_experts_module
+from hf_moe_accel.patches.experts import EXPERTS_IMPLEMENTATION
 from hf_moe_accel.patches.families import ADAPTERS
 from hf_moe_accel.patches.registry import ADAPTER_BY_MODEL_TYPE
 
@@ -180,6 +181,9 @@ CASES: tuple[Case, ...] = (
     ),
     Case("mistral4", "mistral4", {**GROUPED, "head_dim": 16}, model_class="Mistral4ForCausalLM"),
     Case("mistral_large4_text", "mistral_large4", GROUPED, model_class="MistralLarge4TextModel"),
+    # Sparse attention picking 4 of the 9 keys (index_topk): its code tests the attention name against "sdpa".
+    Case("mistral_large4_text", "mistral_large4", {**GROUPED, "index_topk": 4}, model_class="MistralLarge4TextModel",
+         id="mistral_large4_text-sparse"),
     Case("gpt_oss", "gpt_oss"),
     Case("openai_privacy_filter", "openai_privacy_filter", {"num_experts_per_tok": 4}, model_class="OpenAIPrivacyFilterForTokenClassification"),
     Case("aria_text", "aria", {"moe_topk": 2}),
@@ -195,6 +199,7 @@ CASES: tuple[Case, ...] = (
     Case("cohere2_moe", "cohere2_moe", {"expert_selection_fn": "sigmoid"}, id="cohere2_moe-sigmoid"),
     Case("deepseek_v3", "deepseek_v3", GROUPED),
     Case("deepseek_v32", "deepseek_v32", GROUPED),
+    Case("deepseek_v32", "deepseek_v32", {**GROUPED, "index_topk": 4}, id="deepseek_v32-sparse"),
     Case("glm4_moe", "glm4_moe", GROUPED),
     Case("glm4_moe_lite", "glm4_moe_lite", GROUPED),
     Case(
@@ -204,8 +209,10 @@ CASES: tuple[Case, ...] = (
         model_class="Glm4vMoeTextModel",
     ),
     Case("glm_moe_dsa", "glm_moe_dsa", GROUPED),
+    Case("glm_moe_dsa", "glm_moe_dsa", {**GROUPED, "index_topk": 4}, id="glm_moe_dsa-sparse"),
     Case("dots1", "dots1", {**GROUPED, "n_shared_experts": 1}),
     Case("dots3_note_text", "dots3_note", GROUPED),
+    Case("dots3_note_text", "dots3_note", {**GROUPED, "index_topk": 4}, id="dots3_note_text-sparse"),
     Case(
         "dots3_note_vision_encoder",
         "dots3_note",
@@ -230,6 +237,7 @@ CASES: tuple[Case, ...] = (
     Case("minicpm5_moe", "minicpm5_moe", {**GROUPED, "mlp_layer_types": ["sparse", "sparse"]}),
     Case("axk2", "axk2", {**GROUPED, "n_group": None, "topk_group": None}),
     Case("axk2", "axk2", GROUPED, fused_router=False, id="axk2-grouped"),
+    Case("axk2", "axk2", {**GROUPED, "n_group": None, "topk_group": None, "index_topk": 4}, id="axk2-sparse"),
     # Clamped SwiGLU experts: the expert projections have std ~1.6 in these tiny models, so swiglu_limit
     # 1.0 clips ~26% of gate and ~53% of up values (the tests fail without the clamp).
     Case(
@@ -424,6 +432,7 @@ def test_family_matches_stock(case: Case) -> None:
         ids = torch.randn(2, 9, found[0][1].config.hidden_size, generator=torch.Generator().manual_seed(1))
     types_before = {name: type(module) for name, module in model.named_modules()}
     state_before = tensors(model)
+    implementations_before = experts_implementations(model)
     stock = forward(model, ids)
     stock_router_logits = None
     if "router_logits" in _recordable_outputs(model):
@@ -434,6 +443,9 @@ def test_family_matches_stock(case: Case) -> None:
     try:
         report = patch_report(model)
         assert len(report.experts) == len(found)
+        # (6) the experts run through Transformers' experts interface: their configs name ours, classes stay.
+        assert set(experts_implementations(model)) == {EXPERTS_IMPLEMENTATION}
+        assert all(type(module) is types_before[name] for name, module in found)
         adapter = ADAPTER_BY_MODEL_TYPE[case.model_type]
         routers = [router_of(model, name) for name, _ in found]
         expect_fused = adapter.routing is not None and all(
@@ -462,11 +474,52 @@ def test_family_matches_stock(case: Case) -> None:
     finally:
         unpatch(model)
 
-    # (4) unpatch restores every class and every tensor, bitwise.
+    # (4) unpatch restores every class, every tensor (bitwise) and the experts implementation names.
     assert {name: type(module) for name, module in model.named_modules()} == types_before
+    assert experts_implementations(model) == implementations_before
     state_after = tensors(model)
     assert state_after.keys() == state_before.keys()
     assert all(torch.equal(state_after[key], state_before[key]) for key in state_before)
+
+
+def experts_implementations(model: nn.Module) -> list[str | None]:
+    return [module.config._experts_implementation for _, module in experts_modules(model)]
+
+
+def set_experts_implementation(model: nn.Module, name: str) -> None:
+    """As a user would: the model's own method; a stack of blocks (no PreTrainedModel) through its configs."""
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(name)
+    else:
+        for _, module in experts_modules(model):
+            module.config._experts_implementation = name
+    assert set(experts_implementations(model)) == {name}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_family_honours_a_stock_experts_choice(case: Case, monkeypatch) -> None:
+    """After accelerate, set_experts_implementation("eager") runs Transformers' experts (never our kernel),
+    with the same outputs as stock "eager"; setting ours back runs the kernel again."""
+    model = build(case)
+    ids = input_ids()
+    if case.inputs_embeds:
+        ids = torch.randn(2, 9, experts_modules(model)[0][1].config.hidden_size, generator=torch.Generator().manual_seed(1))
+    set_experts_implementation(model, "eager")
+    stock = main_output(forward(model, ids))
+    set_experts_implementation(model, "grouped_mm")
+    calls = []
+    real = hf_moe_accel.kernels.fused_experts
+    monkeypatch.setattr(hf_moe_accel.kernels, "fused_experts", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    accelerate(model)
+    try:
+        set_experts_implementation(model, "eager")
+        error = rel_max_error(main_output(forward(model, ids)), stock)
+        assert not calls and error < 1e-4, (len(calls), error)
+        set_experts_implementation(model, EXPERTS_IMPLEMENTATION)
+        error = rel_max_error(main_output(forward(model, ids)), stock)
+        assert calls and error < 1e-4, (len(calls), error)  # (Ernie-VL's vision experts see no tokens here)
+    finally:
+        unpatch(model)
 
 
 def _recordable_outputs(model: nn.Module) -> set[str]:
@@ -635,6 +688,41 @@ def test_training_mode_keeps_the_stock_path() -> None:
         router = model.model.layers[0].mlp.gate
         assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
         assert model.model.layers[0].mlp.experts.gate_up_proj.grad is not None
+    finally:
+        unpatch(model)
+
+
+def test_attention_name_tests_keep_sdpa() -> None:
+    """Modeling code that compares the attention implementation's name with "sdpa" would take its
+    non-SDPA branch under our decode attention's name: such models keep "sdpa" (the sparse cases above
+    check their logits); common families are switched."""
+    from hf_moe_accel.patches.attention import DECODE_ATTENTION, sdpa_name_test
+
+    model = build(CASE_BY_NAME["qwen3_moe"])
+    assert sdpa_name_test(model) is None
+    accelerate(model)
+    assert model.config._attn_implementation == DECODE_ATTENTION
+    unpatch(model)
+    model = build(CASE_BY_NAME["deepseek_v32-sparse"])
+    assert sdpa_name_test(model) == "transformers.models.deepseek_v32.modeling_deepseek_v32"
+    accelerate(model)
+    assert model.config._attn_implementation == "sdpa"
+    unpatch(model)
+
+
+def test_gemma4_kv_shared_layers_match_stock_when_keeping_several_logits() -> None:
+    """Gemma-4 (Transformers 5.25) slices its KV-shared layers' queries to the kept logits unless the
+    implementation is named "sdpa" and a mask is None; under another name SDPA's causal flag would
+    misalign them. Logits for 1, 2 and 3 kept positions equal stock's."""
+    case = CASE_BY_NAME["gemma4_text"]
+    model = build(Case(case.model_type, case.family, {**case.config, "num_hidden_layers": 3, "num_kv_shared_layers": 1,
+                                                      "layer_types": ["sliding_attention", "full_attention", "full_attention"]}))
+    ids = input_ids()
+    stock = [forward(model, ids, logits_to_keep=keep).logits for keep in (1, 2, 3)]
+    accelerate(model, cuda_graphs=False)
+    try:
+        for keep, expected in zip((1, 2, 3), stock):
+            assert rel_max_error(forward(model, ids, logits_to_keep=keep).logits, expected) < 1e-4, keep
     finally:
         unpatch(model)
 

@@ -9,6 +9,7 @@ capture the bfloat16 fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -400,3 +401,64 @@ def test_the_mask_stays_generate_s_for_flash_and_flex_attention(fixture_path):
         assert (mask is not None and mask.shape == (2, 256) and mask[:, :30].all() and not mask[:, 30:].any()) if padded else mask is None
     prefill = {**kwargs, "inputs_embeds": torch.empty(2, 30, 0), "config": SimpleNamespace(_attn_implementation="sdpa")}
     assert _graph_decode_mask(state, prefill) is None
+
+
+def implementation_bound_capture(model):
+    """The stand-in capture, plus what a CUDA graph has and the stand-in lacks: a graph replays the kernels its
+    capture ran, so a replay under other attention/experts implementation names than its capture's fails."""
+
+    def names() -> tuple:
+        return model.config._attn_implementation, model.config._experts_implementation
+
+    def capture(forward, pool):
+        captured = names()
+        replay, output = stand_in_capture(forward, pool)
+
+        def bound_replay() -> None:
+            assert names() == captured, f"a graph captured under {captured} replayed under {names()}"
+            replay()
+
+        return bound_replay, output
+
+    return capture
+
+
+@pytest.mark.parametrize("switch", ["experts", "attention"])
+def test_switching_an_implementation_drops_the_captured_graphs(fixture_path, monkeypatch, switch):
+    """set_experts_implementation / set_attn_implementation between generate() calls: the next call drops the
+    graphs captured under the old names and captures again; its tokens are stock's with the same choice,
+    and switching back to ours gives stock's default tokens again."""
+    from hf_moe_accel.patches.attention import DECODE_ATTENTION
+    from hf_moe_accel.patches.experts import EXPERTS_IMPLEMENTATION
+
+    from .test_experts_interface import KernelCalls
+
+    kernel_calls = KernelCalls(monkeypatch)
+    tokenizer = AutoTokenizer.from_pretrained(fixture_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32).eval()
+    stock = AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32).eval()
+    accelerate(model, cuda_graphs=False)
+    enable_graph_decode(model, GraphBackend("cpu", implementation_bound_capture(model)))
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    expected = stock.generate(**inputs, **kwargs)
+    assert torch.equal(model.generate(**inputs, **kwargs), expected)
+    captures = graph_stats(model)["captures"]
+    assert captures == 1 and graph_stats(model)["replays"] == 9
+    if switch == "experts":
+        choices, ours, set_choice = ("eager", "batched_mm"), EXPERTS_IMPLEMENTATION, "set_experts_implementation"
+    else:
+        choices, ours, set_choice = ("sdpa", "eager"), DECODE_ATTENTION, "set_attn_implementation"
+    for choice in choices:
+        getattr(model, set_choice)(choice)
+        getattr(stock, set_choice)(choice)
+        with kernel_calls.refused() if switch == "experts" else contextlib.nullcontext():
+            tokens = model.generate(**inputs, **kwargs)
+        assert torch.equal(tokens, stock.generate(**inputs, **kwargs)), choice
+        captures += 1
+        assert graph_stats(model)["captures"] == captures  # captured again under the new names
+    getattr(model, set_choice)(ours)
+    calls = kernel_calls.count
+    assert torch.equal(model.generate(**inputs, **kwargs), expected)
+    assert graph_stats(model)["captures"] == captures + 1
+    assert switch != "experts" or kernel_calls.count > calls

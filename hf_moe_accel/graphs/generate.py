@@ -16,6 +16,11 @@ be served by graphs,
   EOS mask over the vocabulary every step, for stand-ins that compute the same scores with the mask
   made once per call (`_get_logits_processor`, `processors.py`).
 A call graphs can't serve runs Transformers' generate() unchanged, with one log line saying why.
+
+A captured graph replays the kernels of the attention and experts implementations its capture ran.
+The configs name those (`set_attn_implementation`, `set_experts_implementation`: a user may switch
+either between calls), so each call compares them with the names the graphs were captured under and
+drops every graph on a change; the steps are captured again under the new ones.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from ..costmodel.memory import length_bucket
 from ..kernels.pdl import inductor_compile_options
 from ..patches.attention import DECODE_ATTENTION
+from ..patches.implementations import implementations, model_configs
 from ..patches.swap import is_swapped, restore, swap_methods
 from ..state import drop_state_if_empty, ensure_state, state_of
 from .cache_pool import StaticCachePool, static_cache_blocker
@@ -82,6 +88,8 @@ class GraphDecodeState:
     runner: DecodeGraphs
     cache_blocker: str | None
     hooks: DecodeHooks
+    configs: list  # the configs whose implementation names the graphs depend on
+    implementations: tuple  # those names when the graphs were captured (patches.implementations)
     serving: bool = False  # True inside a generate() call that graphs serve
     defer_stop_checks: bool = True  # stop checks read one step late in served calls (stop_check.py)
     mask_in_graph: bool = True  # decode steps get the padded 2D mask; the captured forward builds the 4D one
@@ -118,7 +126,9 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
                           compile_options=_compile_options(model, backend) if compile_decode else None,
                           step_blocker=hooks.step_blocker, before_replay=hooks.before_replay, rehearsal=hooks.rehearsal)
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
-    ensure_state(model).decode = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config), hooks)
+    configs = model_configs(model)
+    ensure_state(model).decode = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config), hooks,
+                                                  configs, implementations(configs))
     swap_methods(model, _METHODS)
 
 
@@ -205,6 +215,7 @@ def _batch_size(kwargs: dict, config: GenerationConfig) -> int | None:
 
 def _generate(self, *args, **kwargs):
     state = _served_state(self)
+    _drop_graphs_of_other_implementations(state)
     original = super(type(self), self).generate
     # generate(inputs, generation_config, ...) positionally
     named = {**dict(zip(("inputs", "generation_config"), args)), **kwargs}
@@ -223,6 +234,15 @@ def _generate(self, *args, **kwargs):
     if cache is not None and state.pool.owns(cache):
         state.pool.release(cache)  # returned to the user (return_dict_in_generate): theirs now, never reset by us
     return output
+
+
+def _drop_graphs_of_other_implementations(state: GraphDecodeState) -> None:
+    """Once per call: a graph must never replay kernels of an implementation the configs no longer name."""
+    now = implementations(state.configs)
+    if now != state.implementations:
+        state.runner.clear()
+        state.implementations = now
+        logger.info("hf_moe_accel: attention/experts implementations changed; decode graphs will be captured again")
 
 
 def _returned_cache_field(output: object) -> str:

@@ -15,6 +15,7 @@ the attention blocks' small elementwise kernels come fused; the MoE kernels stay
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -161,6 +162,20 @@ class DecodeGraphs:
         self._failed: set[tuple] = set()
         self._memory_pool = None
         self._warm_up_stream: torch.cuda.Stream | None = None
+
+    # What a deep copy of the model starts without: captured graphs replay the memory (weights, caches,
+    # buffers) of the model they were captured on, and a compiled model is bound to that model too.
+    _NOT_COPIED = {"_steps": dict, "_failed": set, "_memory_pool": lambda: None, "_compiled_model": lambda: None,
+                   "_warm_up_stream": lambda: None, "stats": GraphStats}
+
+    def __deepcopy__(self, memo: dict) -> DecodeGraphs:
+        """A runner for the copied model that captures its own graphs."""
+        copied = object.__new__(DecodeGraphs)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            fresh = self._NOT_COPIED.get(name)
+            copied.__dict__[name] = fresh() if fresh is not None else copy.deepcopy(value, memo)
+        return copied
 
     def __call__(self, **kwargs):
         cache_name = next((name for name in CACHE_ARGUMENTS if name in kwargs), "past_key_values")

@@ -33,7 +33,7 @@ from ..costmodel.predictor import ZERO_COPY_MAX_BATCH
 from ..graphs.hooks import DecodeHooks
 from ..kernels.spec import Activation, is_experts_module
 from ..kernels.tuning import interpreting
-from ..patches.experts import expert_weights, experts_state
+from ..patches.experts import EXPERTS_IMPLEMENTATION, expert_weights, experts_state
 from ..patches.registry import ADAPTER_BY_MODEL_TYPE
 from ..state import drop_state_if_empty, ensure_state, state_of
 from .cpu_experts import CpuExpertsWorker
@@ -215,6 +215,8 @@ class OffloadEngine:
         self.setup = setup
         self.placement = placement
         self.routed_modules: list[nn.Module] = []  # experts modules whose forward is ours
+        # Their configs: an offloaded layer runs whatever these name, so they must keep naming ours.
+        self.experts_configs = tuple({id(module.config): module.config for _, module in setup.experts}.values())
         self.phase_hook = None
         self.saved_device_map = None
         self.options = setup.options
@@ -389,6 +391,7 @@ class OffloadEngine:
 
     def set_phase(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the model: one new token per sequence is decode, anything else prefill."""
+        self._refuse_other_experts_implementation()
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -397,6 +400,18 @@ class OffloadEngine:
             # a rehearsal (and any capture) is not a step of its own: the replay after it is
             if not (self._rehearsing or (tokens.is_cuda and torch.cuda.is_current_stream_capturing())):
                 self.before_decode_step()
+
+    def _refuse_other_experts_implementation(self) -> None:
+        """Offloaded experts run through their OffloadedLayer (an instance-level forward, which Transformers'
+        experts dispatch never reaches): a config switched to another experts implementation can't be honoured."""
+        for config in self.experts_configs:
+            if config._experts_implementation != EXPERTS_IMPLEMENTATION:
+                raise RuntimeError(
+                    f"hf_moe_accel: this model's experts are offloaded (accelerate(gpu_memory=...)) and run hf_moe_accel's "
+                    f"offloaded forward, but config._experts_implementation was set to {config._experts_implementation!r}. "
+                    f"Call hf_moe_accel.unpatch(model) first (it keeps that choice), or set it back with "
+                    f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r})."
+                )
 
 
 def _attribute_at(module: nn.Module, path: str):

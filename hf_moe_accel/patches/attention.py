@@ -14,11 +14,20 @@ inputs only Transformers knows (`_DELEGATED_KWARGS`):
   torch.compile traces, which is how `compile_decode=True` captures its steps.
 Anything else goes to Transformers' own SDPA.
 
-`apply_decode_attention` switches an "sdpa" model to it, on every Transformers version;
-`remove_decode_attention` switches it back to "sdpa".
+`apply_decode_attention` switches an "sdpa" model to it, on every Transformers version, unless the
+model's code tests the implementation's name against "sdpa" (`sdpa_name_test`);
+`remove_decode_attention` switches it back to "sdpa". The configs then read DECODE_ATTENTION, which
+is SDPA with the one-token paths above: a user's `set_attn_implementation("sdpa" | "eager" | ...)`
+runs that implementation instead, as in stock (graph decode drops graphs captured under another).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +41,19 @@ from ..kernels.decode_attention import (
     decode_attention_op,
     decode_attention_supported,
 )
+from .implementations import ImplementationName, model_configs, stock_name
+
+logger = logging.getLogger("hf_moe_accel")
 
 DECODE_ATTENTION = "hf_moe_accel_decode"
+# Code comparing the attention implementation's name with "sdpa" (==, !=, in (...), "sdpa" in ...).
+# Under our name such code takes its non-SDPA branch, which differs: DeepSeek-V3.2-style sparse
+# attention hands its top-k key indices to the implementation instead of masking the other keys
+# (SDPA, ours included, ignores them); Gemma-4 slices its KV-shared layers' queries where SDPA must not.
+_SDPA_NAME_TEST = re.compile(
+    r"""_attn_implementation\s*(?:[!=]=\s*["']sdpa["']|(?:not\s+)?in\s*[(\[{][^)\]}]*["']sdpa["'])"""
+    r"""|["']sdpa["']\s*(?:[!=]=|(?:not\s+)?in)\s*[\w.]*_attn_implementation"""
+)
 # Extra inputs only Transformers' own implementation knows what to do with.
 _DELEGATED_KWARGS = ("s_aux", "sinks", "position_bias", "softcap", "cache")
 # Where one-token queries may go to the Triton kernel: "cuda" (CUDA tensors), "never", or "always"
@@ -92,12 +112,38 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
 AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # the masks SDPA takes
 
 
+@functools.cache
+def _tests_sdpa_name(module_name: str) -> bool:
+    try:
+        source = inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):  # no source to read: nothing known to branch on the name
+        return False
+    return _SDPA_NAME_TEST.search(source) is not None
+
+
+def sdpa_name_test(model: nn.Module) -> str | None:
+    """The module of `model`'s code (its modules' classes, with their bases) that tests the attention
+    implementation's name against "sdpa", or None. Such a model must keep the name "sdpa"."""
+    names = {cls.__module__ for module in model.modules() for cls in type(module).__mro__}
+    ours = __name__.split(".")[0]
+    return next((name for name in sorted(names)
+                 if name.split(".")[0] not in ("builtins", "torch", ours) and _tests_sdpa_name(name)), None)
+
+
 def apply_decode_attention(model: nn.Module) -> bool:
     """Switch an "sdpa" model (grouped heads or not) to DECODE_ATTENTION; True when switched
     (`remove_decode_attention` switches back)."""
     if not hasattr(model, "set_attn_implementation") or model.config._attn_implementation != "sdpa":
         return False
+    if (tested_in := sdpa_name_test(model)) is not None:
+        logger.info("hf_moe_accel: %s keeps SDPA attention: %s tests the attention implementation's name", type(model).__name__, tested_in)
+        return False
+    configs = model_configs(model)
+    before = [stock_name(config._attn_implementation) for config in configs]
     model.set_attn_implementation(DECODE_ATTENTION)
+    for config, name in zip(configs, before):
+        if config._attn_implementation == DECODE_ATTENTION:  # pickled as the name it replaced (implementations.py)
+            config._attn_implementation_internal = ImplementationName(DECODE_ATTENTION, name)
     return model.config._attn_implementation == DECODE_ATTENTION
 
 

@@ -1,22 +1,42 @@
-"""The accelerated forward for experts modules that follow Transformers' experts layout.
+"""Our fused experts as a Transformers experts implementation, registered as EXPERTS_IMPLEMENTATION.
 
 Transformers' `use_experts_implementation` decorator stores layout flags on each experts
 module (`is_transposed`, `is_concatenated`, `has_bias`, `has_gate`); together with the
 activation they fully describe the computation, so one forward serves every such family.
+
+The decorated forward calls `ALL_EXPERTS_FUNCTIONS.get_interface(config._experts_implementation, ...)`
+on every call, with the experts module as `self`. `fused_experts_forward` is registered there (at
+import, process-wide, as patches/attention.py registers the decode attention), and `patch_model`
+writes its name into the patched experts' configs and keeps each patched module's `ExpertsState` in
+the module's `__dict__`. So the config says what runs, and a user's
+`model.set_experts_implementation("grouped_mm" | "batched_mm" | "eager")` runs stock experts, as in
+stock; setting it back to EXPERTS_IMPLEMENTATION runs ours again. A module whose config reads our
+name but that `patch_model` didn't patch (another model built from the same config object) runs
+the stock implementation the config had before, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from .. import kernels
 from ..kernels import ops
 from ..kernels.spec import Activation, ExpertWeights
+from .implementations import stock_name
 from .swap import STATE_ATTR, swapped_state
+
+logger = logging.getLogger("hf_moe_accel")
+
+EXPERTS_IMPLEMENTATION = "hf_moe_accel"
+# What Transformers runs for experts when nothing says otherwise (a config built with our name).
+_STOCK_DEFAULT = "grouped_mm"
 
 # Activation modules of `transformers.activations` (and torch) by class name: names are
 # stable across the supported Transformers versions, classes may move.
@@ -70,23 +90,78 @@ def expert_weights(experts: nn.Module, activation: Activation) -> ExpertWeights:
 
 @dataclass(frozen=True)
 class ExpertsState:
-    original_forward: object
+    """What a patched experts module keeps in its `__dict__` (STATE_ATTR)."""
+
     activation: Activation
+    previous: str | None  # the config's experts implementation before accelerate(): train() runs it
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return type(None), ()  # a pickled accelerated model loads as a stock one (patches/swap.py)
+
+    def __deepcopy__(self, memo: dict) -> ExpertsState:
+        return self  # frozen: a deep copy of the model shares it
 
 
 def experts_state(module: nn.Module) -> ExpertsState | None:
-    """The fused-experts state of an experts module `patch_model` swapped, or None."""
+    """The fused-experts state of an experts module `patch_model` patched, or None."""
     state = swapped_state(module)
     return state if isinstance(state, ExpertsState) else None
 
 
-def accelerated_experts_forward(
+def dispatches_through_interface(module: nn.Module) -> bool:
+    """Whether the module's forward is the decorator's dispatch through ALL_EXPERTS_FUNCTIONS, the only
+    one that can reach our implementation. Quantized experts (FP8) dispatch through an interface of
+    their own, and a subclass overriding forward dispatches through none."""
+    forward = getattr(type(module), "forward", None)
+    code, closure = getattr(forward, "__code__", None), getattr(forward, "__closure__", None)
+    if code is None or not closure or not hasattr(forward, "__wrapped__"):
+        return False
+    cells = dict(zip(code.co_freevars, closure))
+    return "experts_interface" in cells and cells["experts_interface"].cell_contents is ALL_EXPERTS_FUNCTIONS
+
+
+def _runnable(name: str | None) -> str:
+    """The implementation Transformers runs for `name`: "eager" for none, its default for ours."""
+    if name == EXPERTS_IMPLEMENTATION:
+        return _STOCK_DEFAULT
+    return "eager" if name is None else name
+
+
+def stock_experts_forward(module: nn.Module, name: str | None) -> Callable[..., torch.Tensor]:
+    """The forward Transformers runs for the experts implementation `name` (ours: its default)."""
+    eager = type(module).forward.__wrapped__  # the decorated class's own forward
+    name = _runnable(name)
+    return eager if name == "eager" else ALL_EXPERTS_FUNCTIONS.get_interface(name, eager)
+
+
+_warned_unpatched: set[str] = set()
+
+
+def _warn_unpatched_once(module: nn.Module, fallback: str | None) -> None:
+    name = type(module).__name__
+    if name not in _warned_unpatched:
+        _warned_unpatched.add(name)
+        logger.warning(
+            "hf_moe_accel: a %s reads experts implementation %r from its config but was not patched by accelerate() "
+            "(a config object shared with an accelerated model?): it runs %r", name, EXPERTS_IMPLEMENTATION, _runnable(fallback),
+        )
+
+
+def fused_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    state: ExpertsState = getattr(self, STATE_ATTR)
-    if self.training:  # the kernels have no backward: training keeps the stock path
-        return state.original_forward(self, hidden_states, top_k_index, top_k_weights)
+    """The EXPERTS_IMPLEMENTATION: both experts GEMMs in the fused kernels."""
+    state = getattr(self, STATE_ATTR, None)
+    if not isinstance(state, ExpertsState):
+        fallback = stock_name(self.config._experts_implementation)
+        _warn_unpatched_once(self, fallback)
+        return stock_experts_forward(self, fallback)(self, hidden_states, top_k_index, top_k_weights)
+    if self.training:  # the kernels have no backward: training runs what the config said before
+        return stock_experts_forward(self, state.previous)(self, hidden_states, top_k_index, top_k_weights)
     weights = expert_weights(self, state.activation)
     if torch.compiler.is_compiling():  # one opaque op in the traced graph; eager calls skip the op dispatch
         return ops.fused_experts(hidden_states, weights, top_k_index, top_k_weights)
     return kernels.fused_experts(hidden_states, weights, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fused_experts_forward)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -10,12 +11,19 @@ from torch import nn
 from ..kernels.spec import is_experts_module
 from .adapter import FamilyAdapter
 from .attention import apply_decode_attention, remove_decode_attention
-from .experts import ExpertsState, accelerated_experts_forward, activation_from_act_fn
+from .experts import (
+    EXPERTS_IMPLEMENTATION,
+    ExpertsState,
+    activation_from_act_fn,
+    dispatches_through_interface,
+    experts_state,
+)
 from .families import ADAPTERS
+from .implementations import ImplementationName, stock_name
 from .norms import patch_norms
 from .projections import patch_projections
 from .router import patch_router
-from .swap import is_swapped, restore, swap_forward
+from .swap import STATE_ATTR, is_swapped, restore
 
 ADAPTER_BY_MODEL_TYPE: dict[str, FamilyAdapter] = {t: a for a in ADAPTERS for t in a.model_types}
 # Class names that look like an MoE block Transformers runs with its own eager forward.
@@ -53,6 +61,12 @@ def _unsupported(what: str) -> UnsupportedMoEError:
 def _check_layout(experts: nn.Module, adapter: FamilyAdapter):
     """The experts' Activation; raises when the layout is one the kernels don't compute."""
     name = type(experts).__name__
+    if not dispatches_through_interface(experts):
+        raise _unsupported(
+            f"{name} doesn't dispatch its forward through Transformers' ALL_EXPERTS_FUNCTIONS (quantized experts "
+            "such as FP8 dispatch through their own interface; a subclass may override forward), so the "
+            f"{EXPERTS_IMPLEMENTATION!r} experts implementation can't reach it"
+        )
     if getattr(experts, "has_post_expert_norm", False):
         raise _unsupported(f"{name} applies a norm after each expert, which the fused kernels don't compute")
     if getattr(experts, "_is_expert_parallel", False):
@@ -101,9 +115,13 @@ def patch_model(model: nn.Module) -> PatchReport:
         plan.append((name, parent, experts, adapter, _check_layout(experts, adapter)))
 
     report = PatchReport()
+    previous: dict[int, str | None] = {}  # by id(config): its experts implementation before this call
     try:
         for name, parent, experts, adapter, activation in plan:
-            swap_forward(experts, accelerated_experts_forward, ExpertsState(type(experts).forward, activation))
+            config = experts.config
+            if id(config) not in previous:
+                previous[id(config)] = _claim_experts_config(config)
+            object.__setattr__(experts, STATE_ATTR, ExpertsState(activation, previous[id(config)]))
             report.experts.append(name)
             report.families.add(experts.config.model_type)
             router = getattr(parent, adapter.router_attr, None)
@@ -119,8 +137,48 @@ def patch_model(model: nn.Module) -> PatchReport:
 
 
 def unpatch_model(model: nn.Module) -> None:
-    """Put every swapped module of `model` back to its original class, and its attention implementation."""
+    """Put every swapped module of `model` back to its original class, its attention implementation, and
+    its experts' configs back to the experts implementation they had (unless the user has set another)."""
     remove_decode_attention(model)
+    released: dict[int, tuple] = {}
     for module in model.modules():
+        state = experts_state(module)
+        if state is not None:
+            released.setdefault(id(module.config), (module.config, state.previous))
+            del module.__dict__[STATE_ATTR]
         if is_swapped(module):
             restore(module)
+    for config, before in released.values():
+        _release_experts_config(config, before)
+
+
+# Accelerated models holding each experts config, by id(config): two models built from one config
+# object share it, and its implementation goes back only when the last of them is unpatched. Each
+# entry's finalizer drops it with its config (whose id may then be reused).
+_HOLDERS: dict[int, tuple[int, weakref.finalize]] = {}
+
+
+def _claim_experts_config(config) -> str | None:
+    """Make `config` name our experts implementation; returns the name it had (the stock one behind it
+    when another accelerated model already set ours)."""
+    before = stock_name(config._experts_implementation)
+    key = id(config)
+    holders, finalizer = _HOLDERS.get(key) or (0, weakref.finalize(config, _HOLDERS.pop, key, None))
+    _HOLDERS[key] = (holders + 1, finalizer)
+    # On the config itself, not through set_experts_implementation: that writes nothing for a model
+    # whose source it doesn't recognise, and recurses into sub-configs we didn't patch.
+    config._experts_implementation_internal = ImplementationName(EXPERTS_IMPLEMENTATION, before)
+    return before
+
+
+def _release_experts_config(config, before: str | None) -> None:
+    """One holder of `config` unpatched; the last puts `before` back, unless the user set another name."""
+    holders, finalizer = _HOLDERS.get(id(config)) or (1, None)  # a deep copy's config: held by its model alone
+    if holders > 1:
+        _HOLDERS[id(config)] = (holders - 1, finalizer)
+        return
+    if finalizer is not None:
+        finalizer.detach()
+        del _HOLDERS[id(config)]
+    if config._experts_implementation == EXPERTS_IMPLEMENTATION:
+        config._experts_implementation_internal = before
