@@ -27,7 +27,7 @@ from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
 from hf_moe_accel.bench.timing import timed_generate
 from hf_moe_accel.costmodel.presets import build_preset
-from hf_moe_accel.patches.swap import STATE_ATTR
+from hf_moe_accel.graphs.generate import decode_state
 
 
 class _TimedRunner:
@@ -89,7 +89,7 @@ def main() -> None:
         decode_ms[n] = {"median": statistics.median(runs), "min": min(runs), "runs": runs}
     intercept, slope = _line([n - 1 for n in lengths], [decode_ms[n]["median"] for n in lengths])
 
-    state = getattr(model, STATE_ATTR)
+    state = decode_state(model)
     timed = _TimedRunner(state.runner)
     state.runner = timed
     try:

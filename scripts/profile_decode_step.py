@@ -39,9 +39,9 @@ from hf_moe_accel import accelerate
 from hf_moe_accel.bench.ab import run_stock_first
 from hf_moe_accel.costmodel.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.graphs.generate import decode_state
 from hf_moe_accel.kernels import decode_linear, pdl
 from hf_moe_accel.patches import attention, registry
-from hf_moe_accel.patches.swap import STATE_ATTR
 
 
 def _generate_seconds(model, ids, new_tokens: int) -> float:
@@ -73,9 +73,9 @@ def _host_loop_ms(model, runner, ids, new_tokens: int) -> float:
 
 def captured_step(model, batch: int) -> tuple:
     """(replay, its cache, the cache's write positions now) of the graph captured for `batch`."""
-    runner = getattr(model, STATE_ATTR).runner
+    runner = decode_state(model).runner
     replay = next(s for key, s in runner._steps.items() if key[-1][0][1][0] == batch).replay  # key[-1]: input signatures
-    cache = next(c for c in getattr(model, STATE_ATTR).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
+    cache = next(c for c in decode_state(model).pool._caches.values() if c.layers[0].keys.shape[0] == batch)
     return replay, cache, [layer.cumulative_length.clone() for layer in cache.layers]
 
 
@@ -240,7 +240,7 @@ def main() -> None:
         ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
         run_stock_first(model, ids, args.new_tokens, reset=args.reset_after_stock)
     model = accelerate(model, compile_decode=args.compile_decode)
-    state = getattr(model, STATE_ATTR)
+    state = decode_state(model)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         rows.append(_measure(model, state, batch, args))

@@ -36,9 +36,9 @@ from hf_moe_accel.bench.ab import run_stock_first
 from hf_moe_accel.bench.timing import timed_generate
 from hf_moe_accel.costmodel.presets import build_preset
 from hf_moe_accel.graphs import graph_stats
+from hf_moe_accel.graphs.generate import decode_state
 from hf_moe_accel.kernels import pdl
 from hf_moe_accel.kernels.rmsnorm import rmsnorm_triton
-from hf_moe_accel.patches.swap import STATE_ATTR
 
 CHAIN_LAUNCHES = 256
 
@@ -121,7 +121,7 @@ def main() -> None:
     del other
     gc.collect()
     row["first_capture_tiny_graph_freed_replay_ms"] = bare_replay_ms(*first_step)
-    getattr(model, STATE_ATTR).runner.clear()
+    decode_state(model).runner.clear()
     for _ in range(3):  # captured again: the compiled code is reused
         timed_generate(model, ids, args.new_tokens)
     row.update(replay_figures(model, 1, "second_capture")[0])
