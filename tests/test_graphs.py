@@ -290,12 +290,17 @@ def test_cuda_graphs_false_leaves_generate_alone(fixture_path):
     assert type(model) is original_class and graph_stats(model) is None
 
 
-def test_cpu_model_with_cuda_backend_decodes_eagerly(fixture_path, caplog):
+@pytest.mark.parametrize("cuda_here", [True, False])
+def test_cpu_model_with_cuda_backend_decodes_eagerly(fixture_path, caplog, monkeypatch, cuda_here):
+    """A CPU model on a machine with CUDA gets a warning; without CUDA, accelerate() already said it
+    (one info line), so generate() says it at debug level only."""
     tokenizer = AutoTokenizer.from_pretrained(fixture_path)
     model = accelerate(AutoModelForCausalLM.from_pretrained(fixture_path, dtype=torch.float32))
-    with caplog.at_level(logging.WARNING, logger="hf_moe_accel"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    with caplog.at_level(logging.DEBUG, logger="hf_moe_accel"):
         model.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=4, do_sample=False)
-    assert any("the model is on cpu" in r.getMessage() for r in caplog.records)
+    levels = {r.levelno for r in caplog.records if "the model is on cpu" in r.getMessage()}
+    assert levels == ({logging.WARNING} if cuda_here else {logging.DEBUG})
 
 
 def test_length_buckets_and_pool_eviction(fixture_path):

@@ -221,7 +221,9 @@ def _generate(self, *args, **kwargs):
     named = {**dict(zip(("inputs", "generation_config"), args)), **kwargs}
     reason = _eager_reason(self, state, named)
     if reason is not None:
-        _log_eager_once(state, reason)
+        # without CUDA at all, accelerate() has already said once that decode runs eagerly
+        no_cuda = state.backend.device_type == "cuda" and self.device.type != "cuda" and not torch.cuda.is_available()
+        _log_eager_once(state, reason, expected=no_cuda)
         return original(*args, **kwargs)
     kwargs["cache_implementation"] = "static"
     state.serving = True
@@ -265,10 +267,11 @@ def _step_blocker(state: GraphDecodeState, batch_size: int, cache_tokens: int) -
     return None if check is None else check(batch_size, cache_tokens)
 
 
-def _log_eager_once(state: GraphDecodeState, reason: str) -> None:
+def _log_eager_once(state: GraphDecodeState, reason: str, *, expected: bool = False) -> None:
+    """Once per reason: a warning, or a debug line when `expected` (accelerate() already said it)."""
     if reason not in state.logged_reasons:
         state.logged_reasons.add(reason)
-        logger.warning("hf_moe_accel: generate() decodes eagerly: %s", reason)
+        logger.log(logging.DEBUG if expected else logging.WARNING, "hf_moe_accel: generate() decodes eagerly: %s", reason)
 
 
 def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: GenerationConfig) -> bool:
