@@ -36,7 +36,7 @@ def module_classes(model) -> dict[str, type]:
 
 
 def two_layer_preset(preset: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """Two layers of a real-shape preset (bench/presets.py), random weights drawn from seed 0."""
+    """Two layers of a real-shape preset (costmodel/presets.py), random weights drawn from seed 0."""
     from hf_moe_accel.costmodel.presets import PRESETS
 
     config = PRESETS[preset]()

@@ -62,7 +62,7 @@ logger = logging.getLogger("hf_moe_accel")
 
 def build_preset_on_host(name: str, dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, pin_experts: bool = True,
                          overrides: dict | None = None) -> nn.Module:
-    """A random-weight preset (bench/presets.py) built on the host without a second copy, for models
+    """A random-weight preset (costmodel/presets.py) built on the host without a second copy, for models
     larger than the GPU: the skeleton on the meta device, then each tensor allocated once on the host
     (experts pinned, when CUDA is there and `pin_experts`) and filled: normal(0, initializer_range)
     for matrices, ones for norm weights, zeros for other vectors. The random numbers are drawn on the

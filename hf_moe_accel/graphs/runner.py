@@ -224,7 +224,7 @@ class DecodeGraphs:
 
     def _drop_pool_if_unused(self) -> None:
         # With its last graph gone, the allocator releases the private pool: a capture into the old
-        # handle then fails an internal assert (seen on the H200 with a one-cache pool): take a new one.
+        # handle then fails an internal assert (a one-cache pool reaches this): take a new one.
         if not self._steps:
             self._memory_pool = None
 

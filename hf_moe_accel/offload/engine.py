@@ -81,14 +81,13 @@ class OffloadOptions:
         pinned host memory over PCIe (unified virtual addressing): no routing to the host, no fetch, no
         CPU expert, no sync, so decode steps replay CUDA graphs. Prefill (and larger decode batches)
         run the cache as above and fill its slots. Layouts without expert biases only. None (default):
-        on for a CUDA device and experts without biases (qwen3-30b-a3b shape at 16 GiB on the H200:
-        3.0x fetching every miss at batch 1, 1.2x at 8, 1.1x at 32; docs/BENCHMARKS.md).
+        on for a CUDA device and experts without biases (docs/BENCHMARKS.md, "Offload", has its figures).
     zero_copy_max_tokens: the largest decode batch `zero_copy` serves. One token reads each of its
         experts once; more tokens read each expert they share once (the grouped kernels).
     zero_copy_refill_every: every this many zero-copy decode steps, each layer's most used experts
         that aren't cached (counted on the GPU, graph replays included) are copied into the slots of
         its least used ones, at most top-k a layer; 0 (default): the slots stay as the last prefill
-        forward left them. Experimental: tested on a GPU (tokens equal eager), its speed not yet measured.
+        forward left them. Experimental: tokens equal eager decoding; see docs/BENCHMARKS.md for its speed.
     """
 
     eviction: str | PolicyFactory = "lfu"
@@ -203,7 +202,7 @@ def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOpt
     biased = any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights)
     if options.zero_copy and biased:
         raise ValueError(f"zero_copy reads experts without biases; {type(model).__name__}'s experts have biases")
-    if options.zero_copy is None:  # auto: where its kernels run and it measured faster
+    if options.zero_copy is None:  # auto: on for CUDA and experts without biases
         options = dataclasses.replace(options, zero_copy=device.type == "cuda" and not biased)
     return OffloadSetup(budget, device, options, experts, names)
 

@@ -4,7 +4,7 @@
 masks). For a one-token query (decode) with no dropout, no `output_attentions` and none of the
 inputs only Transformers knows (`_DELEGATED_KWARGS`):
 - on CUDA tensors (`DECODE_KERNEL`), with a supported dtype and head dim (`decode_attention_supported`),
-  where it measured faster than SDPA (`kernel_is_faster`): our Triton kernel
+  where `kernel_is_faster` allows: our Triton kernel
   (`kernels/decode_attention.py`), one launch that reads each KV head once for all of its query
   heads (no `repeat_kv` copies) and skips masked keys. Under torch.compile it is an opaque custom op;
 - otherwise, for grouped heads: SDPA with the query heads of a group folded onto their KV head.
@@ -59,14 +59,14 @@ _DELEGATED_KWARGS = ("s_aux", "sinks", "position_bias", "softcap", "cache")
 # Where one-token queries may go to the Triton kernel: "cuda" (CUDA tensors), "never", or "always"
 # (CPU tensors too, through Triton's interpreter under TRITON_INTERPRET=1: tests).
 DECODE_KERNEL = "cuda"
-# Without grouped heads the kernel reads K and V as SDPA does; on the H200 it was faster up to this
-# many keys over the batch (batch x cache length) and slower beyond (0.79x at 32 x 1024, 16 heads).
-# With grouped heads it was faster at every size timed (1.3-9x). docs/BENCHMARKS.md, sixth run.
+# Without grouped heads the kernel reads K and V as SDPA does: it takes at most this many keys over the
+# batch (batch x cache length), SDPA the rest. With grouped heads the kernel takes every size. Re-derive with
+# `python scripts/bench_decode_attention.py --heads 16:16:128,32:4:128 --batch 1,8,32 --keys 256,1024,4096`.
 UNGROUPED_KERNEL_MAX_KEYS = 8192
 
 
 def kernel_is_faster(batch: int, heads: int, kv_heads: int, keys: int) -> bool:
-    """Whether the decode kernel beat SDPA on the GPU at this size (measured, see UNGROUPED_KERNEL_MAX_KEYS)."""
+    """Whether the decode kernel is expected to beat SDPA at this size (see UNGROUPED_KERNEL_MAX_KEYS)."""
     return heads > kv_heads or batch * keys <= UNGROUPED_KERNEL_MAX_KEYS
 
 
