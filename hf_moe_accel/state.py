@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .graphs.generate import GraphDecodeState
     from .offload.engine import OffloadEngine
     from .parallel.place import PlacementState
+    from .parallel.shards import ShardLayout
     from .patches.registry import PatchReport
 
 _ATTR = "_hf_moe_accel"
@@ -29,9 +30,11 @@ class AcceleratedState:
     decode: GraphDecodeState | None = None
     offload: OffloadEngine | None = None
     placement: PlacementState | None = None
+    shard: ShardLayout | None = None  # set by parallel.load_for_rank: the model holds one rank's share, before and after accelerate()
 
     def is_empty(self) -> bool:
-        return self.report is None and self.decode is None and self.offload is None and self.placement is None
+        return (self.report is None and self.decode is None and self.offload is None and self.placement is None
+                and self.shard is None)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # Pickled as None: a pickled accelerated model loads as a stock one (patches/swap.py), and its

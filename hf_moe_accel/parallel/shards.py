@@ -16,7 +16,6 @@ it works on a meta-device model built from the config, before any weight is read
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..costmodel.shapes import ModelShape, is_qkvo_attention, shape_of_model
 from ..kernels.spec import is_experts_module
+from ..state import ensure_state, state_of
 
 SHARDED_KINDS = ("ep", "tp")
 
@@ -251,19 +251,15 @@ def _t5_rms_norm_matches(norm: nn.Module) -> bool:
 
 # ---- models loaded as one rank's share ------------------------------------------------------
 
-# A model `loading.load_for_rank` filled with one rank's share, and that share's layout. Held beside
-# the model, keyed weakly, because the model's one attribute of ours is the accelerated state
-# (`state.py`), which a model gets only from accelerate(); the entry goes away with the model.
-_LOADED: weakref.WeakKeyDictionary[nn.Module, ShardLayout] = weakref.WeakKeyDictionary()
-
-
 def mark_loaded_shard(model: nn.Module, layout: ShardLayout) -> None:
-    _LOADED[model] = layout
+    """Record that `model` holds one rank's share (in its state's `shard` field: it outlives unpatch)."""
+    ensure_state(model).shard = layout
 
 
 def loaded_shard(model: nn.Module) -> ShardLayout | None:
     """The layout of the share `model` was loaded with (`load_for_rank`), or None for a whole model."""
-    return _LOADED.get(model)
+    state = state_of(model)
+    return None if state is None else state.shard
 
 
 def check_loaded_shard(model: nn.Module, layout: ShardLayout, kind: str, rank: int, world: int) -> None:
