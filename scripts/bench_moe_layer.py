@@ -231,17 +231,24 @@ def fp8_expert_bytes(shape: dict) -> int:
     return 3 * H * I + 4 * blocks
 
 
-def bench_row(name: str, shape: dict, blocks: list, tokens: int, bandwidth: float, limit_gb: float) -> dict:
-    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+def layer_inputs(shape: dict, tokens: int):
+    """The layer's routing spec, its input (drawn from seed `tokens`) and ours(block, weights): our routing
+    over the block's router, then the fused experts on `weights`."""
     spec = routing_spec(shape)
-    experts = block_experts(blocks)
     torch.manual_seed(tokens)
-    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
 
     def ours(block, weights):
         topk_weights, topk_ids = route(F.linear(x, block.gate.weight), spec)
         return fused_experts_triton(x, weights, topk_ids, topk_weights)
 
+    return spec, x, ours
+
+
+def bench_row(name: str, shape: dict, blocks: list, tokens: int, bandwidth: float, limit_gb: float) -> dict:
+    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    experts = block_experts(blocks)
+    spec, x, ours = layer_inputs(shape, tokens)
     ours_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, experts)]
     stock_fns = [lambda b=b: b(x.view(1, tokens, H)).view(tokens, H) for b in blocks]
     path = "decode" if tuning.use_decode_path(E, I, H, tokens, k, torch.bfloat16, x.device) else "prefill"
@@ -293,15 +300,8 @@ def bench_fp8_row(name: str, shape: dict, blocks: list, fp8_experts: list[Expert
                   bandwidth: float) -> dict:
     """Ours on FP8 weights (`fp8_experts`, the blocks' weights quantized) and on the bf16 ones, same inputs."""
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
-    spec = routing_spec(shape)
     experts = block_experts(blocks)
-    torch.manual_seed(tokens)
-    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
-
-    def ours(block, weights):
-        topk_weights, topk_ids = route(F.linear(x, block.gate.weight), spec)
-        return fused_experts_triton(x, weights, topk_ids, topk_weights)
-
+    spec, x, ours = layer_inputs(shape, tokens)
     fp8_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, fp8_experts)]
     bf16_fns = [lambda b=b, w=w: ours(b, w) for b, w in zip(blocks, experts)]
     path = "decode" if tuning.use_decode_path(E, I, H, tokens, k, FP8_DTYPE, x.device) else "prefill"
