@@ -29,7 +29,15 @@ from .parallel.place import (
     choose_placement,
     remove_placement,
 )
-from .patches.registry import PatchReport, patch_model, unpatch_model
+from .patches.expert_dtype import ExpertDtype, check_expert_dtype
+from .patches.fp8_experts import has_fp8_experts
+from .patches.registry import (
+    PatchReport,
+    check_unpatchable,
+    patch_model,
+    release_original_experts,
+    unpatch_model,
+)
 from .quality.selection import TopK, apply_expert_selection, check_expert_selection
 from .state import drop_state_if_empty, ensure_state, state_of
 
@@ -47,6 +55,8 @@ def accelerate(
     offload: OffloadOptions | None = None,
     devices: Devices = None,
     parallel: Parallel | None = None,
+    expert_dtype: ExpertDtype | None = None,
+    keep_original_experts: bool = False,
 ) -> nn.Module:
     """Make a loaded Transformers MoE model fast, in place; returns the same model object.
 
@@ -75,13 +85,20 @@ def accelerate(
         parallel: force a plan: "single", "pp" (layers over `devices`, one process), or under torchrun
             "ep" (experts split over ranks), "tp" (heads and expert inner dim split), "dp" (replicas);
             "auto" (default when `devices` is given) asks the predictor.
+        expert_dtype: "fp8" quantizes the experts once, here, to block-scaled float8_e4m3fn (Transformers'
+            fine-grained FP8 layout: 128x128 blocks, float32 scales), freeing their original memory;
+            activations keep the model's dtype. None (default) keeps the checkpoint's weights. Experts
+            already in FP8 (a FineGrainedFP8Config checkpoint) run in the same kernels either way.
+        keep_original_experts: with expert_dtype, keep the original expert weights in host memory, so that
+            `unpatch(model)` restores them bitwise; without it `unpatch` refuses (reload the model instead).
     """
     _check_model(model, "accelerate")
     _check_option_types(cuda_graphs=cuda_graphs, compile_decode=compile_decode, devices=devices, parallel=parallel)
+    check_expert_dtype(expert_dtype, keep_original_experts)
     if is_accelerated(model):
         asked = {name: value for name, value in (("top_k", top_k), ("expert_threshold", expert_threshold),
                  ("gpu_memory", gpu_memory), ("offload", offload), ("devices", devices), ("parallel", parallel),
-                 ("compile_decode", compile_decode or None)) if value is not None}
+                 ("compile_decode", compile_decode or None), ("expert_dtype", expert_dtype)) if value is not None}
         if asked:  # never a silent no-op: the model keeps the options of the first call
             raise ValueError(f"{type(model).__name__} is already accelerated; call unpatch(model) first to apply {', '.join(asked)}")
         logger.info("%s is already accelerated; nothing to do", type(model).__name__)
@@ -92,8 +109,15 @@ def accelerate(
         raise TypeError("accelerate(): offload options need gpu_memory=...")
     if gpu_memory is not None and (devices is not None or parallel is not None):
         raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
+    fp8 = expert_dtype is not None or has_fp8_experts(model)
+    if fp8 and gpu_memory is not None:
+        raise ValueError("accelerate(): FP8 experts don't combine with gpu_memory yet (expert offload moves and reads "
+                         "unquantized experts); offload the checkpoint's dtype, or place FP8 experts on GPUs")
     offload_setup = prepare_offload(model, gpu_memory, offload) if gpu_memory is not None else None
     placement = choose_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
+    if fp8 and placement is not None and placement.plan.kind in ("ep", "tp"):
+        raise ValueError(f"accelerate(): FP8 experts don't combine with parallel={placement.plan.kind!r} yet (its expert "
+                         "shards don't split the block scales); use 'dp', 'pp' or one GPU")
     if offload_setup is not None and offload_setup.caches_every_expert and _on_one_device(model):
         logger.info("hf_moe_accel: the whole model fits in gpu_memory (%s): placed on %s, no expert offload",
                     offload_setup.budget.describe(), offload_setup.device)
@@ -101,7 +125,7 @@ def accelerate(
         offload_setup = None
     # Steps, in order: patch the MoE blocks; expert-selection options; then (placement) where the
     # weights live; graph decode last, since graphs capture the final placement.
-    report = patch_model(model)
+    report = patch_model(model, expert_dtype=expert_dtype, keep_original_experts=keep_original_experts)
     hooks = NO_HOOKS
     try:
         apply_expert_selection(model, top_k, expert_threshold)  # unpatch drops it with the router state
@@ -112,6 +136,7 @@ def accelerate(
     except BaseException:
         unpatch_model(model)
         raise
+    release_original_experts(model)  # accelerate() succeeded: the originals stay only where kept
     ensure_state(model).report = report
     _warn_if_dtype_unserved(model)
     if cuda_graphs:
@@ -129,8 +154,10 @@ def accelerate(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back the original modules of an accelerated model; parameters are untouched (and back on
-    their devices after an offload)."""
+    their devices after an offload). Experts quantized by `expert_dtype` get their original weights back
+    where `keep_original_experts=True` kept them; otherwise RuntimeError, changing nothing."""
     _check_model(model, "unpatch")
+    check_unpatchable(model)
     disable_graph_decode(model)
     remove_offload(model)
     remove_placement(model)
@@ -155,7 +182,8 @@ def patch_report(model: nn.Module) -> PatchReport | None:
 
 
 def _warn_if_dtype_unserved(model: nn.Module) -> None:
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    # float8 weights are quantized storage (FP8 experts, Transformers' FP8 linears), not a compute dtype
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1}
     unserved = sorted(str(d) for d in dtypes if d not in SERVED_DTYPES)
     if unserved:
         logger.warning(

@@ -51,12 +51,12 @@ def test_fixture_within_budget_and_as_accurate_as_on_gpu(fixture_path):
 
     model, _ = load_fixture(fixture_path, dtype=torch.bfloat16, device="cpu")
     options = OffloadOptions(kv_cache_tokens=1024, prefill_tokens=512)
-    plan = prepare_offload(model, 10**12, options).plan
-    budget = plan.minimum + int(0.4 * sum(b * e for b, e in zip(plan.expert_bytes, plan.num_experts)))
+    slots = prepare_offload(model, 10**12, options).budget
+    budget = slots.minimum + int(0.4 * sum(b * e for b, e in zip(slots.expert_bytes, slots.num_experts)))
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()  # the test's own tensors
     accelerate(model, gpu_memory=budget, offload=options)
-    assert 0.3 < sum(offload_budget(model).slots) / sum(plan.num_experts) < 0.45
+    assert 0.3 < sum(offload_budget(model).slots) / sum(slots.num_experts) < 0.45
     logits["offload"] = _logits(model, sequence)
     _greedy(model, tokenizer, 48)  # generate() under the budget too
     peak = torch.cuda.max_memory_allocated() - base
@@ -133,8 +133,8 @@ def test_zero_copy_decode_replays_cuda_graphs_between_cache_changes(fixture_path
     for graphs in (True, False):
         model, tokenizer = load_fixture(fixture_path, dtype=torch.bfloat16, device="cpu")
         tokenizer.padding_side = "left"
-        plan = prepare_offload(model, 10**12, options).plan
-        budget = plan.minimum + int(0.3 * sum(b * e for b, e in zip(plan.expert_bytes, plan.num_experts)))
+        slots = prepare_offload(model, 10**12, options).budget
+        budget = slots.minimum + int(0.3 * sum(b * e for b, e in zip(slots.expert_bytes, slots.num_experts)))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

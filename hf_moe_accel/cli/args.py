@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..patches.expert_dtype import EXPERT_DTYPES
 from .checkpoint import CliError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -93,6 +94,11 @@ def in_range(low: float, high: float, *, high_open: bool = False) -> Callable[[s
 
     parse.__name__ = f"number in {bounds}"
     return parse
+
+
+def add_expert_dtype(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--expert-dtype`: accelerate()'s expert_dtype, its valid values `patches.expert_dtype.EXPERT_DTYPES`."""
+    parser.add_argument("--expert-dtype", choices=EXPERT_DTYPES, help=help)
 
 
 def non_empty(text: str) -> str:

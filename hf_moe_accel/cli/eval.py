@@ -1,5 +1,6 @@
 """`hf-moe-accel eval`: perplexity, greedy agreement, experts per token and decode speed of a local
-checkpoint for each static top-k and expert threshold, beside the full model."""
+checkpoint for each static top-k and expert threshold, beside the full model; with `--expert-dtype`,
+the full model with its experts quantized at patch time too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import torch
 
 from .args import DTYPES as _DTYPES
-from .args import at_least, write_outputs
+from .args import add_expert_dtype, at_least, write_outputs
 from .checkpoint import CliError, check_checkpoint, load_model, load_tokenizer
 
 
@@ -47,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="batch of the decode-speed run; 0 skips it (default 32 on a GPU, 0 on CPU, where the "
                              "reference path's speed says nothing about the kernels')")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
+    add_expert_dtype(parser, help="also measure the full model with its experts quantized at patch time to this dtype "
+                                  "(accelerate(expert_dtype=...)): one more row, named after it, beside 'full' in --dtype")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--plot", help="write a plot of quality against decode speed to this PNG file")
@@ -83,10 +86,58 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device_map=device)
     token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
     try:
+        if args.expert_dtype:  # a model it can't serve is refused before the long work, as evaluate's settings are
+            _check_expert_dtype(model, args.expert_dtype)
         result = evaluate(model, token_ids, settings, config)
+        if args.expert_dtype:
+            rows = result["settings"]
+            full = next(index for index, row in enumerate(rows) if row["name"] == "full")
+            rows.insert(full + 1, expert_dtype_row(model, token_ids, config, args.expert_dtype, rows[full]))
     except ValueError as error:  # e.g. a top-k above the model's number of experts
         raise CliError(str(error)) from None
     result = {"model": args.model, "text": args.text, **result}
     print(markdown_table(result))
     write_outputs(args, result, plot)
     return 0
+
+
+def _check_expert_dtype(model, expert_dtype: str) -> None:
+    """Raises (ValueError) where accelerate() can't quantize this model's experts; leaves it stock."""
+    from ..api import accelerate, unpatch
+
+    unpatch(accelerate(model, expert_dtype=expert_dtype, keep_original_experts=True, cuda_graphs=False))
+
+
+def expert_dtype_row(model, token_ids: torch.Tensor, config, expert_dtype: str, full: dict) -> dict:
+    """The full model with its experts quantized at patch time (`accelerate(expert_dtype=...)`), measured as
+    `bench.quality.evaluate` measures a setting (greedy agreement with stock's tokens), with the relative
+    figures against `full`, the checkpoint's dtype. The original experts are kept and restored: the model
+    is left stock."""
+    from ..api import accelerate, unpatch
+    from ..bench.quality import (
+        ExpertCounter,
+        greedy_agreement,
+        perplexity,
+        prepare_data,
+    )
+    from ..bench.timing import forced_greedy, time_generate
+
+    data = prepare_data(token_ids, config, next(model.parameters()).device)
+    reference = forced_greedy(model, data.prompts, config.new_tokens)  # stock greedy tokens
+    accelerate(model, expert_dtype=expert_dtype, keep_original_experts=True)
+    try:
+        with ExpertCounter().installed(model) as counter:
+            ppl = perplexity(model, data.windows, config.batch)
+        row = {"name": expert_dtype, "accelerated": True, "top_k": None, "expert_threshold": None,
+               "expert_dtype": expert_dtype, "ppl": ppl, "agreement": greedy_agreement(model, reference, config.prompt_len),
+               "experts_per_token": counter.per_token}
+        if config.speed_batch:
+            prompts = data.prompts.repeat(-(-config.speed_batch // config.prompts), 1)[: config.speed_batch]
+            row["decode_tokens_per_s"] = time_generate(model, prompts, config.new_tokens, config.speed_repeats).decode_tokens_per_s
+    finally:
+        unpatch(model)
+    row["ppl_change_pct"] = 100 * (row["ppl"] / full["ppl"] - 1)
+    row["experts_fraction"] = row["experts_per_token"] / full["experts_per_token"]
+    if "decode_tokens_per_s" in row:
+        row["speed_vs_full"] = row["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+    return row

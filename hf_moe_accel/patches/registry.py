@@ -9,14 +9,26 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..kernels.spec import is_experts_module
+from . import fp8_experts
 from .adapter import FamilyAdapter
 from .attention import apply_decode_attention, remove_decode_attention
+from .expert_dtype import (
+    RELOAD_HINT,
+    ExpertDtype,
+    needs_quantizing,
+    quantize_experts,
+    quantize_problem,
+    release_originals,
+    restore_experts,
+)
 from .experts import (
     EXPERTS_IMPLEMENTATION,
     ExpertsState,
     activation_from_act_fn,
+    dispatch_interface,
     dispatches_through_interface,
     experts_state,
+    serve_interface,
 )
 from .families import ADAPTERS
 from .implementations import ImplementationName, stock_name
@@ -45,6 +57,7 @@ class PatchReport:
     norms: list[str] = field(default_factory=list)  # RMSNorm modules running the fused kernel
     projections: list[str] = field(default_factory=list)  # attention modules whose q/k/v run in one decode launch
     decode_attention: bool = False  # one-token queries on patches/attention.py's decode attention
+    quantized: list[str] = field(default_factory=list)  # experts whose weights expert_dtype quantized at patch time
 
 
 def supported_families() -> list[str]:
@@ -63,14 +76,23 @@ def _check_layout(experts: nn.Module, adapter: FamilyAdapter):
     name = type(experts).__name__
     if not dispatches_through_interface(experts):
         raise _unsupported(
-            f"{name} doesn't dispatch its forward through Transformers' ALL_EXPERTS_FUNCTIONS (quantized experts "
-            "such as FP8 dispatch through their own interface; a subclass may override forward), so the "
+            f"{name} doesn't dispatch its forward through Transformers' ALL_EXPERTS_FUNCTIONS (or, for FP8 experts, "
+            "ALL_FP8_EXPERTS_FUNCTIONS; a subclass may override forward, another interface can't hold ours), so the "
             f"{EXPERTS_IMPLEMENTATION!r} experts implementation can't reach it"
         )
+    fp8 = fp8_experts.is_fp8_experts(experts)
+    if fp8 and (problem := fp8_experts.layout_problem(experts)):
+        raise UnsupportedMoEError(f"{name}: {problem}. {fp8_experts.LAYOUT_FIX}.")
     if getattr(experts, "has_post_expert_norm", False):
         raise _unsupported(f"{name} applies a norm after each expert, which the fused kernels don't compute")
     if getattr(experts, "_is_expert_parallel", False):
         raise _unsupported(f"{name} is sharded by Transformers' expert parallelism")
+    if fp8:  # FP8Experts' own _apply_gate replaced the family's experts
+        activation = fp8_experts.activation(experts)
+        if activation is None:
+            raise UnsupportedMoEError(f"{name}: its gating (FP8Experts._apply_gate for this config) has no fused "
+                                      f"activation. {fp8_experts.LAYOUT_FIX}.")
+        return activation
     if adapter.activation is not None:
         activation = adapter.activation(experts)
         if activation is None:
@@ -84,6 +106,18 @@ def _check_layout(experts: nn.Module, adapter: FamilyAdapter):
     return activation
 
 
+def _check_quantizable(name: str, experts: nn.Module) -> bool:
+    """Whether expert_dtype="fp8" quantizes this module; ValueError when it can't. Transformers' FP8Experts
+    are left as they are, also those whose weights its quantizer left unquantized (their scale
+    parameters are its own)."""
+    if fp8_experts.is_fp8_experts(experts) or not needs_quantizing(experts):
+        return False
+    problem = quantize_problem(experts)
+    if problem:
+        raise ValueError(f"accelerate(expert_dtype='fp8'): {name} ({type(experts).__name__}) can't be quantized: {problem}")
+    return True
+
+
 def _find_experts(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """(qualified name, parent block, experts module) for each experts module of the model."""
     found = []
@@ -94,8 +128,12 @@ def _find_experts(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     return found
 
 
-def patch_model(model: nn.Module) -> PatchReport:
-    """Patch every MoE block of `model` in place; raises before changing anything on bad input."""
+def patch_model(model: nn.Module, expert_dtype: ExpertDtype | None = None, keep_original_experts: bool = False) -> PatchReport:
+    """Patch every MoE block of `model` in place; raises before changing anything on bad input.
+
+    expert_dtype="fp8" quantizes the experts not already in FP8 (patches/expert_dtype.py); their originals
+    stay held until `release_original_experts`, which accelerate() calls once it has succeeded, so that
+    a failure up to then restores them."""
     found = _find_experts(model)
     if not found:
         unknown = sorted({type(m).__name__ for m in model.modules() if _MOE_CLASS_NAME.search(type(m).__name__)})
@@ -112,17 +150,24 @@ def patch_model(model: nn.Module) -> PatchReport:
         adapter = ADAPTER_BY_MODEL_TYPE.get(model_type)
         if adapter is None:
             raise _unsupported(f"{type(experts).__name__} (family {model_type!r}) has no adapter")
-        plan.append((name, parent, experts, adapter, _check_layout(experts, adapter)))
+        activation = _check_layout(experts, adapter)
+        quantize = expert_dtype == "fp8" and _check_quantizable(name, experts)
+        plan.append((name, parent, experts, adapter, activation, quantize))
 
     report = PatchReport()
     previous: dict[int, str | None] = {}  # by id(config): its experts implementation before this call
     try:
-        for name, parent, experts, adapter, activation in plan:
+        for name, parent, experts, adapter, activation, quantize in plan:
+            if (interface := dispatch_interface(experts)) is not None:
+                serve_interface(interface)
+            quantized = quantize_experts(experts, keep_original_experts) if quantize else None  # all or nothing
             config = experts.config
             if id(config) not in previous:
                 previous[id(config)] = _claim_experts_config(config)
-            object.__setattr__(experts, STATE_ATTR, ExpertsState(activation, previous[id(config)]))
+            object.__setattr__(experts, STATE_ATTR, ExpertsState(activation, previous[id(config)], quantized))
             report.experts.append(name)
+            if quantized is not None:
+                report.quantized.append(name)
             report.families.add(experts.config.model_type)
             router = getattr(parent, adapter.router_attr, None)
             if router is not None and patch_router(router, adapter):
@@ -136,14 +181,40 @@ def patch_model(model: nn.Module) -> PatchReport:
     return report
 
 
+def check_unpatchable(model: nn.Module) -> None:
+    """RuntimeError, changing nothing, when unpatching would leave experts quantized by expert_dtype whose
+    originals were released (accelerate() without keep_original_experts=True)."""
+    lost = [name for name, module in model.named_modules()
+            if (state := experts_state(module)) is not None and state.quantized is not None and not state.quantized.restorable]
+    if lost:
+        raise RuntimeError(
+            f"unpatch(): {len(lost)} experts modules of {type(model).__name__} ({lost[0]}, ...) were quantized to FP8 by "
+            f"accelerate(expert_dtype='fp8') and their original weights were released; unpatching would leave them "
+            f"quantized, so the model stays accelerated. To get the original model, {RELOAD_HINT}."
+        )
+
+
+def release_original_experts(model: nn.Module) -> None:
+    """Drop the original weights of the experts expert_dtype quantized, unless kept (keep_original_experts)."""
+    for module in model.modules():
+        state = experts_state(module)
+        if state is not None and state.quantized is not None:
+            release_originals(state.quantized)
+
+
 def unpatch_model(model: nn.Module) -> None:
-    """Put every swapped module of `model` back to its original class, its attention implementation, and
-    its experts' configs back to the experts implementation they had (unless the user has set another)."""
+    """Put every swapped module of `model` back to its original class, its attention implementation, its
+    experts' configs back to the experts implementation they had (unless the user has set another), and
+    the original weights of experts expert_dtype quantized; `check_unpatchable` first, so that a refusal
+    changes nothing."""
+    check_unpatchable(model)
     remove_decode_attention(model)
     released: dict[int, tuple] = {}
     for module in model.modules():
         state = experts_state(module)
         if state is not None:
+            if state.quantized is not None:
+                restore_experts(module, state.quantized)
             released.setdefault(id(module.config), (module.config, state.previous))
             del module.__dict__[STATE_ATTR]
         if is_swapped(module):

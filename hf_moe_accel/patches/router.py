@@ -126,8 +126,8 @@ def patch_router(router: nn.Module, adapter: FamilyAdapter) -> bool:
     if adapter.routing is None:
         return False
     weight = getattr(_submodule_or_tensor(router, adapter.router_linear), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return False
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _INPUT_DTYPES:
+        return False  # a quantized router linear (e.g. FP8Linear) keeps its own forward
     order = stock_output_order(router, weight)
     if order is None:
         return False
