@@ -40,7 +40,7 @@ from .cpu_experts import CpuExpertsWorker
 from .eviction import PolicyFactory, policy_factory
 from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors, unpack_lookups
 from .host_weights import WeightPlacement
-from .layer import OffloadedLayer
+from .layer import OffloadedLayer, RefusesCopies
 from .miss_cost import (
     MISS_POLICIES,
     CopyLaneClock,
@@ -207,8 +207,10 @@ def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOpt
     return OffloadSetup(budget, device, options, experts, names)
 
 
-class OffloadEngine:
-    """The offload state of one model: layers with their caches, the copy lane, the CPU worker, counters."""
+class OffloadEngine(RefusesCopies):
+    """The offload state of one model: layers with their caches, the copy lane, the CPU worker, counters.
+    Neither it nor its layers can be pickled or deep-copied (`layer.NOT_COPYABLE` says why and what to do);
+    the model reaches them through its forward pre-hook, its experts' forwards and its state."""
 
     def __init__(self, model: nn.Module, setup: OffloadSetup, placement: WeightPlacement) -> None:
         self.setup = setup

@@ -71,6 +71,27 @@ class LayerServices(Protocol):
     def zero_copy_serves(self, hidden: torch.Tensor) -> bool: ...
     def check_workload(self, num_tokens: int) -> None: ...
 
+
+NOT_COPYABLE = (
+    "hf_moe_accel: a model accelerated with expert offload (gpu_memory=...) can't be pickled (pickle, torch.save, "
+    "multiprocessing) or deep-copied: its experts live in pinned host memory and GPU slots that the offload engine "
+    "owns, beside a worker thread and CUDA streams, none of which a copy could take along. Call "
+    "hf_moe_accel.unpatch(model) first (every weight goes back where it was), pickle or copy the stock model, then "
+    "accelerate() it again."
+)
+
+
+class RefusesCopies:
+    """Pickling or deep-copying this object raises a TypeError (the type pickle raises for what it can't
+    write) that says what to do, instead of one about a thread's queue deep inside it."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        raise TypeError(NOT_COPYABLE)
+
+    def __deepcopy__(self, memo: dict) -> RefusesCopies:
+        raise TypeError(NOT_COPYABLE)
+
+
 # Weight of the newest forward in a layer's moving average of prediction accuracy.
 _ACCURACY_SMOOTHING = 0.2
 # Up to this many tokens, the hidden states come to the host with the routing (one transfer); above,
@@ -78,7 +99,9 @@ _ACCURACY_SMOOTHING = 0.2
 _HIDDEN_TO_HOST_TOKENS = 256
 
 
-class OffloadedLayer:
+class OffloadedLayer(RefusesCopies):
+    """One MoE layer's offloaded forward, bound into its experts module (so pickling that module meets it)."""
+
     def __init__(self, index: int, name: str, cache: ExpertCache, router_weight: torch.Tensor | None, top_k: int,
                  engine: LayerServices) -> None:
         self.index = index
