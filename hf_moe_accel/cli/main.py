@@ -196,6 +196,7 @@ def _env(args: argparse.Namespace) -> int:
     import os
 
     from .. import __version__, supported_families
+    from ..graphs.prefill import ENV_SWITCH as PREFILL_SWITCH
     from ..kernels.pdl import (
         ENV_SWITCH,
         INDUCTOR_SWITCH,
@@ -212,7 +213,7 @@ def _env(args: argparse.Namespace) -> int:
         "triton": _version("triton"),
         "accelerate": _version("accelerate"),
         "CUDA available": str(torch.cuda.is_available()),
-        **{name: os.environ.get(name, "unset") for name in ("TRITON_INTERPRET", ENV_SWITCH, INDUCTOR_SWITCH)},
+        **{name: os.environ.get(name, "unset") for name in ("TRITON_INTERPRET", ENV_SWITCH, INDUCTOR_SWITCH, PREFILL_SWITCH)},
     }
     if torch.cuda.is_available():
         lines["CUDA (torch build)"] = str(torch.version.cuda)

@@ -4,7 +4,9 @@ Transformers makes a new `StaticCache` in every static-cache `generate()` call; 
 over one cache's tensors can't serve the next. The pool keeps Transformers' own `StaticCache`
 objects, one per (batch size, length bucket), resets one (in place) for each call that fits it,
 and evicts the least recently used beyond `max_entries`, so memory stays bounded however batch
-sizes and lengths change.
+sizes and lengths change. Every cache that leaves the pool (evicted, released, or dropped because
+resetting it failed) goes through `on_evict`, so no graph outlives the pool's hold on its cache.
+The pool is not locked: one generate() call at a time uses it (graph decode's per-model lock).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class StaticCachePool:
         self.max_entries = max_entries
         self.on_evict = on_evict
         self._caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+        # (batch size, length bucket) of the cache `get` handed out last: what a caller decoding the same
+        # call eagerly sizes its own cache to (scripts/soak_generate.py).
+        self.last_key: tuple[int, int] | None = None
 
     def get(self, batch_size: int, max_cache_len: int) -> StaticCache:
         """A reset static cache holding `batch_size` sequences of up to `max_cache_len` tokens."""
@@ -65,8 +70,13 @@ class StaticCachePool:
         if cache is None:
             cache = graph_static_cache(self.config, key[1])
         else:
-            cache.reset()  # zeroes keys, values and positions in place: tensors (and graphs over them) stay valid
+            try:
+                cache.reset()  # zeroes keys, values and positions in place: tensors (and graphs over them) stay valid
+            except BaseException:
+                self._evict(cache)  # out of the pool: its graphs must go with it
+                raise
         self._caches[key] = cache
+        self.last_key = key
         while len(self._caches) > self.max_entries:
             _, evicted = self._caches.popitem(last=False)
             self._evict(evicted)
@@ -92,9 +102,10 @@ class StaticCachePool:
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the pooled caches' key and value tensors (allocated at their first prefill)."""
+        # A snapshot of the caches first: graph_stats() may run while another thread's call takes or evicts one.
         return sum(
             t.numel() * t.element_size()
-            for cache in self._caches.values()
+            for cache in tuple(self._caches.values())
             for layer in cache.layers
             if layer.is_initialized
             for t in (layer.keys, layer.values)

@@ -6,7 +6,8 @@ be served by graphs,
 - asks for a static cache and takes it from our pool (`_prepare_static_cache`), so the cache's
   tensors, and the graphs captured over them, survive from one call to the next;
 - hands `generate()` our graph runner where it would use a `torch.compile`d forward for decode
-  steps (`_valid_auto_compile_criteria`, `get_compiled_call`); prefill stays eager;
+  steps (`_valid_auto_compile_criteria`, `get_compiled_call`), and a graph of the prefill where
+  `prefill.py` can serve it (`_prefill`; else it runs eagerly);
 - for those decode steps, hands the model its 2D attention mask, padded to the cache's length, in
   place of the 4D mask generate() would build on the host each step (`create_masks_for_generate`):
   the model's forward builds the 4D mask itself, inside the captured graph, so the host does less
@@ -21,15 +22,26 @@ A captured graph replays the kernels of the attention and experts implementation
 The configs name those (`set_attn_implementation`, `set_experts_implementation`: a user may switch
 either between calls), so each call compares them with the names the graphs were captured under and
 drops every graph on a change; the steps are captured again under the new ones.
+
+Threads and faults. The pooled caches, the graphs' input and output buffers, the served flag and a
+placement's per-step state belong to the model, not to a call: generate() calls on one model take
+turns (a lock per model, held for the whole call, served or not). The lock is re-entrant: a call
+made from inside a served one, in its thread (by its streamer or a stopping criterion), runs stock
+generate() with a cache of its own, leaving the served call's cache and graphs alone. A call that
+ends in an error leaves the lock free and the pool as a finished call would (its cache stays pooled
+and is reset when next handed out); one that runs out of GPU memory empties the pool and drops every
+graph, so that the memory can come back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +59,7 @@ from ..patches.swap import is_swapped, restore, swap_methods
 from ..state import drop_state_if_empty, ensure_state, state_of
 from .cache_pool import StaticCachePool, static_cache_blocker
 from .hooks import NO_HOOKS, DecodeHooks
+from .prefill import PrefillGraphs
 from .processors import with_stand_ins
 from .runner import (
     CACHE_ARGUMENTS,
@@ -54,8 +67,9 @@ from .runner import (
     CompileBackend,
     DecodeGraphs,
     capture_cuda_graph,
+    is_out_of_memory,
 )
-from .stop_check import deferred_stop_checks
+from .stop_check import deferred_stop_checks, stock_stop_checks
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -95,6 +109,19 @@ class GraphDecodeState:
     mask_in_graph: bool = True  # decode steps get the padded 2D mask; the captured forward builds the 4D one
     logged_reasons: set[str] = field(default_factory=set)
     all_ones_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # by (batch, cache length, device)
+    prefill: PrefillGraphs | None = None  # served calls' prefill forwards as graph replays (prefill.py)
+    # Held around each generate() call: one call at a time uses the pool, the graphs and the served flag.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __deepcopy__(self, memo: dict) -> GraphDecodeState:
+        """A copy with a lock of its own (a lock can't be copied; the copy's calls don't touch this model's
+        pool or graphs, so they need not wait for this model's)."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            setattr(copied, item.name, threading.RLock() if item.name == "lock" else copy.deepcopy(value, memo))
+        return copied
 
 
 def check_compile_decode(compile_decode: bool, cuda_graphs: bool) -> None:
@@ -128,31 +155,43 @@ def enable_graph_decode(model: nn.Module, backend: GraphBackend = CUDA_GRAPHS, c
     pool.on_evict = runner.forget  # graphs captured over an evicted cache go with it
     configs = model_configs(model)
     ensure_state(model).decode = GraphDecodeState(type(model), backend, pool, runner, static_cache_blocker(config), hooks,
-                                                  configs, implementations(configs))
+                                                  configs, implementations(configs),
+                                                  prefill=PrefillGraphs(runner, hooks, _MASK_IN_GRAPH_ATTENTION))
     swap_methods(model, _METHODS)
 
 
 def disable_graph_decode(model: nn.Module) -> None:
-    """Undo `enable_graph_decode`: free the pooled caches and graphs, restore the class."""
+    """Undo `enable_graph_decode`: free the pooled caches and graphs, restore the class. Waits for a
+    generate() call in flight in another thread to end."""
     state = decode_state(model)
     if state is None:
         return
+    with state.lock:
+        _drop_pool_and_graphs(state)
+        restore(model)
+        state_of(model).decode = None
+        drop_state_if_empty(model)
+
+
+def _drop_pool_and_graphs(state: GraphDecodeState) -> None:
     state.runner.clear()
     state.pool.clear()
     state.all_ones_masks.clear()
-    restore(model)
-    state_of(model).decode = None
-    drop_state_if_empty(model)
 
 
 def graph_stats(model: nn.Module) -> dict | None:
     """Captures, capture time, graph memory, replays, eager steps, generate() calls with deferred stop
-    checks, pooled KV-cache bytes and, with compile_decode, compiled captures, compile time and failed
-    compiles; None without graph decode."""
+    checks, prefill graphs' captures and replays and the eager prefills of served calls, pooled caches
+    (and their bound) with their KV-cache bytes, the graphs held now and the caches they belong to
+    and, with compile_decode, compiled captures, compile time and failed compiles; None without graph
+    decode. It doesn't wait for a call in flight: read while one runs, the counters are that
+    moment's."""
     state = decode_state(model)
     if state is None:
         return None
-    return {**asdict(state.runner.stats), "pooled_caches": len(state.pool), "pooled_kv_cache_bytes": state.pool.kv_cache_bytes()}
+    return {**state.runner.stats.snapshot(), "pooled_caches": len(state.pool), "max_pooled_caches": state.pool.max_entries,
+            "pooled_kv_cache_bytes": state.pool.kv_cache_bytes(), "graphs_held": state.runner.graphs_held(),
+            "caches_with_graphs": len(state.runner.caches_with_graphs())}
 
 
 def decode_state(model: nn.Module) -> GraphDecodeState | None:
@@ -215,17 +254,33 @@ def _batch_size(kwargs: dict, config: GenerationConfig) -> int | None:
 
 def _generate(self, *args, **kwargs):
     state = _served_state(self)
+    # One call at a time per model (module docstring), eager fallbacks too: a fallback runs the same
+    # placement hooks and model-wide switches, and its check may drop graphs another call replays.
+    with state.lock:
+        if state.serving:  # made from inside this thread's served call
+            return _generate_inside_served_call(self, state, args, kwargs)
+        try:
+            return _generate_alone(self, state, args, kwargs)
+        except BaseException as error:
+            if is_out_of_memory(error):
+                _drop_pool_and_graphs(state)  # the memory comes back once the caller lets the error go
+            raise
+
+
+def _generate_alone(model: nn.Module, state: GraphDecodeState, args: tuple, kwargs: dict):
+    """generate() for the one call holding the model's lock."""
     _drop_graphs_of_other_implementations(state)
-    original = super(type(self), self).generate
+    original = super(type(model), model).generate
     # generate(inputs, generation_config, ...) positionally
     named = {**dict(zip(("inputs", "generation_config"), args)), **kwargs}
-    reason = _eager_reason(self, state, named)
+    reason = _eager_reason(model, state, named)
     if reason is not None:
         # without CUDA at all, accelerate() has already said once that decode runs eagerly
-        no_cuda = state.backend.device_type == "cuda" and self.device.type != "cuda" and not torch.cuda.is_available()
+        no_cuda = state.backend.device_type == "cuda" and model.device.type != "cuda" and not torch.cuda.is_available()
         _log_eager_once(state, reason, expected=no_cuda)
         return original(*args, **kwargs)
     kwargs["cache_implementation"] = "static"
+    state.runner.start_call()
     state.serving = True
     try:
         with deferred_stop_checks(state.runner.stats.count_deferred_stop_check) if state.defer_stop_checks else contextlib.nullcontext():
@@ -236,6 +291,18 @@ def _generate(self, *args, **kwargs):
     if cache is not None and state.pool.owns(cache):
         state.pool.release(cache)  # returned to the user (return_dict_in_generate): theirs now, never reset by us
     return output
+
+
+def _generate_inside_served_call(model: nn.Module, state: GraphDecodeState, args: tuple, kwargs: dict):
+    """Stock generate() for a call made from inside a served one (its streamer, a stopping criterion): the
+    pool would hand it the served call's cache if their shapes matched, so it gets none of ours, nor graphs."""
+    _log_eager_once(state, "a generate() call made from inside another on the same model")
+    state.serving = False
+    try:
+        with stock_stop_checks():
+            return super(type(model), model).generate(*args, **kwargs)
+    finally:
+        state.serving = True
 
 
 def _drop_graphs_of_other_implementations(state: GraphDecodeState) -> None:
@@ -294,10 +361,23 @@ def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
     return with_stand_ins(processors) if state.serving else processors
 
 
+def _prefill(self, input_ids: torch.Tensor, generation_config: GenerationConfig, model_kwargs: dict, *args, **kwargs):
+    state = _served_state(self)
+    if state.serving and state.prefill is not None:  # a served call's prefill may replay a graph (prefill.py)
+        masks_in_graph = state.mask_in_graph and getattr(state.original_class, "create_masks_for_generate", None) is None
+        outputs = state.prefill.serve(self, input_ids, generation_config, model_kwargs, args, kwargs,
+                                      masks_in_graph=masks_in_graph)
+        if outputs is not None:
+            return outputs
+    return super(type(self), self)._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+
 def _create_masks_for_generate(self, *args, **kwargs):
     state = _served_state(self)
     if getattr(state.original_class, "create_masks_for_generate", None) is not None:  # a model's own masks: left to it
         return super(type(self), self).create_masks_for_generate(*args, **kwargs)
+    if not args and state.prefill is not None and state.prefill.preparing:  # a prefill graph's forward builds the 4D mask
+        return kwargs.get("attention_mask")
     if not args and state.serving and state.mask_in_graph:
         padded = _graph_decode_mask(state, kwargs)
         if padded is not None:
@@ -338,4 +418,5 @@ _METHODS = {
     "get_compiled_call": _get_compiled_call,
     "create_masks_for_generate": _create_masks_for_generate,
     "_get_logits_processor": _get_logits_processor,
+    "_prefill": _prefill,
 }

@@ -2,6 +2,9 @@
 
 A placement that does host work in or between decode steps says so here; `api.accelerate` hands the
 object it returns to `enable_graph_decode`. A model placed with no such work passes `NO_HOOKS`.
+The hooks speak for decode steps: a placement that gives any of blocked_reason, step_blocker,
+before_replay or rehearsal has host work in its forwards, so its prefill runs eagerly (`prefill.py`;
+expert offload fills its slots during a prefill).
 """
 
 from __future__ import annotations

@@ -10,6 +10,14 @@ With a compile backend (`compile_decode`), the step captured is the model under 
 (`dynamic=False`, default mode: the graph is ours to capture, not inductor's "reduce-overhead"), so
 the attention blocks' small elementwise kernels come fused; the MoE kernels stay opaque custom ops
 (`kernels.ops`). The warm-up run compiles it; a compile that fails captures the model itself.
+
+Faults. A capture that fails leaves nothing behind: the cache's write positions are rolled back, and
+a graph memory pool no graph uses any more is let go (the allocator frees it with its last graph, so
+its handle can't serve another capture). A step that fails to capture runs eagerly: for good, unless
+it ran out of GPU memory, which may pass, so that step is tried again in the next generate() call.
+A KeyboardInterrupt (or any exception that isn't an `Exception`) is re-raised after the same undoing.
+Threads: the model's calls take turns (`generate.py`); captures take turns across the process, and
+a capture lets other threads keep using CUDA meanwhile (`capture_cuda_graph`).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -48,12 +57,34 @@ StepBlocker = Callable[[int, int], str | None]
 RECOMPILE_LIMIT = 64
 
 
+# One capture at a time in the process, across models and threads: torch.cuda.graph() empties the
+# allocator's cache as it starts, which the allocator refuses while another capture is under way, and
+# dynamo's compile state (compile_decode's warm-up) is process-wide.
+_CAPTURE_LOCK = threading.RLock()
+
+
 def capture_cuda_graph(forward: Callable[[], object], pool: object) -> tuple[Callable[[], None], object]:
-    """Capture `forward` in a CUDA graph sharing memory pool `pool`; returns (replay, its output)."""
+    """Capture `forward` in a CUDA graph sharing memory pool `pool`; returns (replay, its output).
+
+    "thread_local": only this thread's calls that a capture forbids (a sync, a host copy) fail it.
+    Under the default ("global") any thread's would, so a server's other threads moving their inputs
+    to the GPU or reading results while one of them captures would fail that capture or their own call."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = forward()
     return graph.replay, output
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a CUDA out-of-memory error or was raised while handling one (a capture that
+    runs out of memory ends with the capture's own error, the out-of-memory error as its context)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @dataclass
@@ -72,9 +103,20 @@ class GraphStats:
     failed_captures: dict[str, str] = field(default_factory=dict)
     blocked_steps: dict[str, int] = field(default_factory=dict)  # eager steps a placement's step check refused, by reason
     failed_compiles: dict[str, str] = field(default_factory=dict)
+    # Prefill forwards replayed as graphs (prefill.py), apart from the decode steps counted above; their
+    # failed captures are in failed_captures as "prefill: <reason>", their memory in graph_memory_bytes.
+    prefill_captures: int = 0
+    prefill_capture_seconds: float = 0.0  # their warm-ups and captures
+    prefill_replays: int = 0
+    eager_prefills: int = 0  # prefills of served generate() calls that ran eagerly (prefill.py logs why, at debug level)
 
     def count_deferred_stop_check(self) -> None:
         self.deferred_stop_checks += 1
+
+    def snapshot(self) -> dict:
+        """The counters as a dict, each container copied whole: graph_stats() may read them while another
+        thread's generate() call adds to them (a dict's copy is one step under the GIL; iterating it is not)."""
+        return {name: copy.copy(value) for name, value in vars(self).items()}
 
 
 @dataclass
@@ -159,14 +201,15 @@ class DecodeGraphs:
         self.stats = GraphStats()
         self._compiled_model: Callable | None = None
         self._steps: dict[tuple, _Step] = {}
-        self._failed: set[tuple] = set()
+        self._failed: set[tuple] = set()  # steps that never capture: they run eagerly
+        self._out_of_memory: set[tuple] = set()  # steps that ran out of memory capturing: eager until the next call
         self._memory_pool = None
         self._warm_up_stream: torch.cuda.Stream | None = None
 
     # What a deep copy of the model starts without: captured graphs replay the memory (weights, caches,
     # buffers) of the model they were captured on, and a compiled model is bound to that model too.
-    _NOT_COPIED = {"_steps": dict, "_failed": set, "_memory_pool": lambda: None, "_compiled_model": lambda: None,
-                   "_warm_up_stream": lambda: None, "stats": GraphStats}
+    _NOT_COPIED = {"_steps": dict, "_failed": set, "_out_of_memory": set, "_memory_pool": lambda: None,
+                   "_compiled_model": lambda: None, "_warm_up_stream": lambda: None, "stats": GraphStats}
 
     def __deepcopy__(self, memo: dict) -> DecodeGraphs:
         """A runner for the copied model that captures its own graphs."""
@@ -188,7 +231,7 @@ class DecodeGraphs:
         leaves, spec = tree_flatten(inputs)
         key = (id(cache), cache_name, spec, tuple(_signature(leaf) for leaf in leaves))
         step = self._steps.get(key)
-        if step is None and key not in self._failed:
+        if step is None and key not in self._failed and key not in self._out_of_memory:
             step = self._capture_step(key, cache_name, cache, leaves, spec)
         if step is None:
             self.stats.eager_steps += 1
@@ -210,17 +253,31 @@ class DecodeGraphs:
             self.stats.blocked_steps[reason] = self.stats.blocked_steps.get(reason, 0) + 1
         return reason is not None
 
+    def start_call(self) -> None:
+        """A new generate() call: steps that ran out of memory capturing may try again (memory may be free now)."""
+        self._out_of_memory.clear()
+
     def forget(self, cache) -> None:
         """Drop the graphs captured over `cache` (the pool evicted or released it)."""
         for key in [k for k in self._steps if k[0] == id(cache)]:
             del self._steps[key]
         self._failed = {k for k in self._failed if k[0] != id(cache)}
+        self._out_of_memory = {k for k in self._out_of_memory if k[0] != id(cache)}
         self._drop_pool_if_unused()
 
     def clear(self) -> None:
         self._steps.clear()
         self._failed.clear()
+        self._out_of_memory.clear()
         self._drop_pool_if_unused()
+
+    def graphs_held(self) -> int:
+        """Captured steps held now (each keeps its graph and its output buffers)."""
+        return len(self._steps)
+
+    def caches_with_graphs(self) -> set[int]:
+        """The ids of the caches the held graphs were captured over (each one a cache the pool holds)."""
+        return {key[0] for key in list(self._steps)}  # list(): one step under the GIL, against a concurrent reader
 
     def _drop_pool_if_unused(self) -> None:
         # With its last graph gone, the allocator releases the private pool: a capture into the old
@@ -231,8 +288,6 @@ class DecodeGraphs:
     def _capture_step(self, key: tuple, cache_name: str, cache, leaves: list, spec) -> _Step | None:
         buffers = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         cuda = torch.cuda.is_available() and any(isinstance(b, torch.Tensor) and b.is_cuda for b in buffers)
-        if cuda and self._memory_pool is None:
-            self._memory_pool = torch.cuda.graph_pool_handle()
         positions = [p.clone() for p in _write_positions(cache)]
 
         def roll_back() -> None:
@@ -245,22 +300,42 @@ class DecodeGraphs:
         compiled = self._compiled()
         if compiled is not None:
             try:
-                step = self._capture_with(compiled, True, {cache_name: cache}, buffers, spec, cuda, roll_back)
+                with self._undone_on_error(roll_back):
+                    step = self._capture_with(compiled, True, {cache_name: cache}, buffers, spec, cuda, roll_back)
             except Exception as error:  # never a wrong answer: the model itself is captured instead
-                roll_back()
-                self._stop_compiling(error)
+                if not is_out_of_memory(error):  # memory may come back; a compile that fails fails again
+                    self._stop_compiling(error)
         if step is None:
             try:
-                step = self._capture_with(self.model, False, {cache_name: cache}, buffers, spec, cuda, roll_back)
+                with self._undone_on_error(roll_back):
+                    step = self._capture_with(self.model, False, {cache_name: cache}, buffers, spec, cuda, roll_back)
             except Exception as error:  # a model whose decode step can't be captured: eager, never wrong
-                roll_back()
-                reason = f"{type(error).__name__}: {error}"
-                self._failed.add(key)
-                self.stats.failed_captures[reason] = reason
-                logger.warning("hf_moe_accel: decode step could not be captured in a CUDA graph, running eagerly (%s)", reason)
+                self._capture_failed(key, error)
                 return None
         self._steps[key] = step
         return step
+
+    @contextlib.contextmanager
+    def _undone_on_error(self, roll_back: Callable[[], None]) -> Iterator[None]:
+        """On any error (KeyboardInterrupt too): the write positions rolled back and an unused graph
+        memory pool let go, before the error goes on."""
+        try:
+            yield
+        except BaseException:
+            roll_back()
+            self._drop_pool_if_unused()
+            raise
+
+    def _capture_failed(self, key: tuple, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        self.stats.failed_captures[reason] = reason
+        if is_out_of_memory(error):
+            self._out_of_memory.add(key)
+            logger.warning("hf_moe_accel: decode step ran out of GPU memory capturing its CUDA graph; it runs eagerly "
+                           "in this generate() call and is captured again in the next (%s)", reason)
+            return
+        self._failed.add(key)
+        logger.warning("hf_moe_accel: decode step could not be captured in a CUDA graph, running eagerly (%s)", reason)
 
     def _capture_with(self, call: Callable, compiled: bool, cache_argument: dict, buffers: list, spec, cuda: bool,
                       roll_back: Callable[[], None]) -> _Step:
@@ -269,6 +344,11 @@ class DecodeGraphs:
         def forward():
             return call(**cache_argument, **tree_unflatten(buffers, spec))
 
+        with _CAPTURE_LOCK:
+            return self._warm_up_and_capture(forward, compiled, buffers, cuda, roll_back)
+
+    def _warm_up_and_capture(self, forward: Callable[[], object], compiled: bool, buffers: list, cuda: bool,
+                             roll_back: Callable[[], None]) -> _Step:
         start = time.perf_counter()
         compile_seconds = 0.0
         if compiled:
@@ -292,6 +372,8 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             memory_before = torch.cuda.memory_reserved()
+        if cuda and self._memory_pool is None:  # the graphs share one pool; a failed capture may have let it go
+            self._memory_pool = torch.cuda.graph_pool_handle()
         # The compiled code is in dynamo's cache now: a recompile here (inside a capture) is an error.
         with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext(), self.rehearsal():
             replay, output = self.capture(forward, self._memory_pool)

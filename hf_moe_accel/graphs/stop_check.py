@@ -21,7 +21,8 @@ from transformers.generation import utils as generation_utils
 
 _DEFERRED_STOP_CHECK = getattr(generation_utils, "DeferredStopCheck", None)
 _PATCHED_ATTR = "_hf_moe_accel_wrapped"
-_local = threading.local()
+_local = threading.local()  # each thread's own calls: generate() calls in other threads are theirs
+_WRAP_LOCK = threading.Lock()  # two models' first calls in two threads must not wrap it twice
 
 
 def stop_checks_can_be_deferred() -> bool:
@@ -42,11 +43,29 @@ def deferred_stop_checks(on_deferred: Callable[[], None]) -> Iterator[None]:
         _local.on_deferred = previous
 
 
+@contextmanager
+def stock_stop_checks() -> Iterator[None]:
+    """Within: generate() calls in this thread get transformers' own answer, as outside our calls (a call
+    made from inside a served one is not served); the served call's switch is back after."""
+    previous = getattr(_local, "on_deferred", None)
+    _local.on_deferred = None
+    try:
+        yield
+    finally:
+        _local.on_deferred = previous
+
+
 def _wrap_is_supported() -> None:
     """Wrap `DeferredStopCheck.is_supported` once per process; outside our calls it answers as before."""
-    if _DEFERRED_STOP_CHECK is None or getattr(_DEFERRED_STOP_CHECK.is_supported, _PATCHED_ATTR, False):
+    if _DEFERRED_STOP_CHECK is None:
         return
-    original = _DEFERRED_STOP_CHECK.is_supported
+    with _WRAP_LOCK:
+        if not getattr(_DEFERRED_STOP_CHECK.is_supported, _PATCHED_ATTR, False):
+            _DEFERRED_STOP_CHECK.is_supported = staticmethod(_wrapped(_DEFERRED_STOP_CHECK.is_supported))
+
+
+def _wrapped(original: Callable[..., bool]) -> Callable[..., bool]:
+    """`is_supported` answering True for the calls `deferred_stop_checks` covers in this thread, else `original`'s answer."""
     signature = inspect.signature(original)
 
     def is_supported(*args, **kwargs) -> bool:
@@ -61,4 +80,4 @@ def _wrap_is_supported() -> None:
         return original(*args, **kwargs)
 
     setattr(is_supported, _PATCHED_ATTR, True)
-    _DEFERRED_STOP_CHECK.is_supported = staticmethod(is_supported)
+    return is_supported
