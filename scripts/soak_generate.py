@@ -1,4 +1,4 @@
-"""Soak: many generate() calls of random shapes under CUDA graphs, each checked as it goes (issue 35).
+"""Soak: many generate() calls of random shapes under CUDA graphs, each checked as it goes.
 
     python scripts/soak_generate.py --model ../shared/fixtures/tiny-qwen3-moe --json soak.json
     python scripts/soak_generate.py --model ../shared/fixtures/tiny-qwen3-moe --gpu-memory 0.3 --json soak_offload.json
