@@ -14,6 +14,14 @@ read from the safetensors files straight to its device.
    tensors, only its rows or columns of the others, and every replicated tensor whole, each piece
    copied into the parameter's final tensor on the device.
 
+A fine-grained FP8 checkpoint (a `quantization_config` with quant_method "fp8", as Transformers'
+FineGrainedFP8 quantizer saves one: float8_e4m3fn weights, float32 `*_scale_inv` block scales) is
+built as Transformers builds it (its quantizer puts FP8Experts and FP8Linear modules in the skeleton,
+and adds the converters that stack the scales as the weights), and read the same way: each block
+scale is one more tensor whose part `shard_layout` gives, so a rank reads only its experts' scales,
+or only the scale blocks of its columns. The weights keep their stored dtypes; `dtype` applies to
+the rest.
+
 A rank therefore holds its share plus the piece being copied. The files are memory-mapped: pages a
 read touches count as the process's memory until the mapping closes, so the files are closed (and
 reopened on the next read) whenever the pages they mapped pass a window (1/32 of the share, 4 to
@@ -225,7 +233,7 @@ class _Cat:
 
 def _transformers_conversions(model: nn.Module):
     """(renamings, converters, rename function, sort key) of Transformers' load-time conversions for
-    this model, or None where this Transformers has none."""
+    this model (with its quantizer's, for a quantized checkpoint), or None where this Transformers has none."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -236,7 +244,7 @@ def _transformers_conversions(model: nn.Module):
         )
     except ImportError:
         return None
-    mapping = get_model_conversion_mapping(model)
+    mapping = get_model_conversion_mapping(model, hf_quantizer=getattr(model, "hf_quantizer", None))
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     return renamings, converters, rename_source_key, dot_natural_key
@@ -423,18 +431,40 @@ def _resolve_dtype(config, dtype) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
+def _fp8_quantizer(path: Path, config):
+    """Transformers' quantizer for `path`'s pre-quantized checkpoint: fine-grained FP8 only, kept in FP8.
+    NotImplementedError, naming the checkpoint, for any other quantization."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    settings = config.quantization_config
+    method = settings.get("quant_method") if isinstance(settings, dict) else getattr(settings, "quant_method", None)
+    if str(getattr(method, "value", method)) != "fp8":
+        raise NotImplementedError(
+            f"{path} is quantized with {method!r}; load_for_rank reads fine-grained FP8 checkpoints (quant_method 'fp8') "
+            "and plain ones: load it with from_pretrained"
+        )
+    quantizer = AutoHfQuantizer.from_config(settings, pre_quantized=True)
+    if quantizer.quantization_config.dequantize:
+        raise NotImplementedError(f"{path}'s quantization_config asks to dequantize on load, which load_for_rank doesn't "
+                                  "do: load it with from_pretrained")
+    # Not validate_environment: without a GPU it switches to dequantizing, and the fused kernels (or
+    # their plain-torch reference on the CPU) read the FP8 experts as stored.
+    return quantizer
+
+
 def _meta_model(path: Path, dtype) -> nn.Module:
-    """The model of `path`'s config with every parameter on the meta device (buffers real)."""
+    """The model of `path`'s config with every parameter on the meta device (buffers real); for an FP8
+    checkpoint, with Transformers' FP8 modules in place and its quantizer as `model.hf_quantizer`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None):
-        raise NotImplementedError(
-            f"{path} is a quantized checkpoint, which load_for_rank doesn't read yet; load it with from_pretrained"
-        )
+    quantizer = _fp8_quantizer(path, config) if getattr(config, "quantization_config", None) else None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(config, dtype))
+        if quantizer is not None:
+            quantizer.preprocess_model(model=model, dtype=_resolve_dtype(config, dtype), device_map=None)
+            model.hf_quantizer = quantizer
     model.tie_weights()  # tied names share one (meta) parameter, so the model's sizes count it once
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -537,7 +567,8 @@ def load_for_rank(
     parallel: "ep" (this rank's experts of every MoE layer, the rest whole), "tp" (this rank's heads
         and expert inner columns, the rest whole), or "dp" (the whole model: one replica per rank).
         Without torchrun (one process) every plan loads the whole model.
-    dtype: the parameters' dtype (default: the checkpoint config's).
+    dtype: the parameters' dtype (default: the checkpoint config's); an FP8 checkpoint's float8 weights
+        and float32 block scales keep theirs.
     device: where the tensors go (default: cuda:LOCAL_RANK, or the CPU without CUDA).
     timeout: for a process group this call starts (torchrun's variables set, none up yet): a rank
         left waiting this long on another (one that died) raises instead of hanging.
@@ -558,6 +589,8 @@ def load_for_rank(
     plan = _agreed("reading the config and file headers", rank, world, what, lambda: _plan(path, parallel, dtype, rank, world))
     reader = _agreed("reading tensors", rank, world, what, lambda: _fill(plan, device))
     model = plan.model
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.postprocess_model(model)  # as from_pretrained leaves a quantized model
     if plan.layout is not None:
         mark_loaded_shard(model, plan.layout)
     report = LoadReport(rank, world, parallel, reader.bytes_read, plan.checkpoint_bytes, len(plan.reads), reader.opens,

@@ -29,6 +29,7 @@ from ..costmodel.predictor import (
 )
 from ..costmodel.ranking import rank_plans
 from ..costmodel.shapes import ModelShape, shape_of_model
+from ..patches.expert_dtype import BLOCK_SIZE
 from ..state import drop_state_if_empty, ensure_state, state_of
 from .distributed import (
     UndoLog,
@@ -41,7 +42,12 @@ from .distributed import (
     shard_tensor_parallel,
     single_device,
 )
-from .shards import check_loaded_shard, loaded_shard
+from .shards import (
+    check_loaded_shard,
+    check_share_quantizable,
+    loaded_shard,
+    shard_layout,
+)
 
 logger = logging.getLogger("hf_moe_accel")
 
@@ -229,6 +235,29 @@ def _plan_distributed(model: nn.Module, devices: Devices, parallel: str, cuda_gr
         prediction = predict(shape, hardware, PlacementPlan(parallel, world, graphs), DEFAULT_WORKLOAD)
         _require_fit(prediction)
     return PlacementDecision(prediction.plan, (device,), prediction)
+
+
+def check_fp8_placement(model: nn.Module, decision: PlacementDecision, expert_dtype: str | None) -> None:
+    """For a model with FP8 experts (or `expert_dtype` to quantize them): ValueError, before anything
+    changes, where the plan can't cut them with their block scales. Expert parallel keeps whole experts,
+    so it always can; tensor parallel needs every cut on a block boundary (`shards.py`)."""
+    if decision.plan.kind != "tp":
+        return
+    rank, world = distributed_world() or (0, 1)
+    block = BLOCK_SIZE if expert_dtype is not None else None
+    loaded = loaded_shard(model)
+    try:
+        if loaded is None:
+            shard_layout(model, "tp", rank, world, quantize_block=block)
+        elif block is not None:
+            check_share_quantizable(model, loaded, block)
+    except ValueError as error:
+        hint = ""
+        if loaded is not None:  # load_for_rank cut the plain weights where their blocks don't yet exist
+            hint = (f" This share was loaded (load_for_rank) with cuts on plain columns; expert_dtype={expert_dtype!r} "
+                    f"quantizes it in {block[0]}x{block[1]} blocks, which must then start at the cuts: load the whole "
+                    "model (from_pretrained) and let accelerate() cut it, or load an FP8 checkpoint.")
+        raise ValueError(f"accelerate(): parallel='tp' over {world} ranks with FP8 experts: {error}.{hint}") from None
 
 
 def _check_shardable(shape: ModelShape, parallel: str, world: int) -> None:

@@ -11,11 +11,21 @@ it works on a meta-device model built from the config, before any weight is read
   heads than ranks) and each expert's inner dimension split; the q/k norms that span every head
   split with them; a bias added after an all-reduce (o_proj's, the experts' down bias) kept by rank
   0 alone, zeros on the others.
+- block-scaled FP8 weights (FP8Experts, experts `expert_dtype="fp8"` quantized, Transformers'
+  FP8Linear): a weight's float32 block scales (`<weight>_scale_inv`, one per block of the stored
+  matrix) are cut with it, block for block. Expert parallel never cuts inside an expert, so every
+  expert keeps its scales whole. Tensor parallel cuts each expert's inner dimension on whole blocks
+  (`split_blocks`: the blocks, not the columns, are split over the ranks, the first ranks taking the
+  remainder), because a cut inside a block would give two ranks one scale for rows quantized
+  together, and requantizing a rank's part would change the weights one process runs. A model whose
+  blocks can't follow the cut (fewer blocks than ranks, gate and up rows sharing a block, attention
+  heads narrower than a block) is refused, naming parallel='ep'.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,9 +34,13 @@ from torch import nn
 
 from ..costmodel.shapes import ModelShape, is_qkvo_attention, shape_of_model
 from ..kernels.spec import is_experts_module
+from ..patches.experts import block_scales, gate_up_name
+from ..patches.fp8_experts import is_fp8_experts
 from ..state import ensure_state, state_of
 
 SHARDED_KINDS = ("ep", "tp")
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+Block = tuple[int, int]  # (rows, columns) of one scale block over the last two axes of a stored weight
 
 
 def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
@@ -34,6 +48,13 @@ def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(size, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
+
+
+def split_blocks(size: int, block: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, end) of part `index` when `size` items, as whole blocks of `block` (the last one may be
+    partial), are split by `split_range`; with a block of 1, `split_range` itself."""
+    start, end = split_range(-(-size // block), parts, index)
+    return start * block, min(end * block, size)
 
 
 def tensor_parallel_heads(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -113,9 +134,11 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
 
 
-def shard_layout(model: nn.Module, kind: str, rank: int, world: int) -> ShardLayout:
+def shard_layout(model: nn.Module, kind: str, rank: int, world: int, *, quantize_block: Block | None = None) -> ShardLayout:
     """This rank's part of every tensor of `model` (loaded, or on the meta device) under `kind`.
 
+    `quantize_block`: experts that `expert_dtype` will quantize in these blocks are cut as if they were
+    (`accelerate()` checks the cut before it quantizes; their scales don't exist yet, so none is listed).
     Raises ValueError, before anything is read or changed, for a model the plan can't split."""
     if kind not in SHARDED_KINDS:
         raise ValueError(f"shard layouts are for parallel='ep' or 'tp', not {kind!r}")
@@ -134,7 +157,7 @@ def shard_layout(model: nn.Module, kind: str, rank: int, world: int) -> ShardLay
     if kind == "ep":
         _expert_parallel(experts, world, rank, slices, expert_ranges)
     else:
-        _tensor_parallel(model, experts, world, rank, slices, expert_ranges, attention)
+        _tensor_parallel(model, experts, world, rank, slices, expert_ranges, attention, quantize_block)
     params = dict(model.named_parameters())
     return ShardLayout(
         kind=kind, rank=rank, world=world, slices=slices,
@@ -154,11 +177,14 @@ def _expert_parallel(experts, world: int, rank: int, slices: dict, expert_ranges
     for name, module in experts:
         start, end = split_range(_num_experts(module), world, rank)
         expert_ranges[name] = (start, end)
+        # Every per-expert tensor on its first axis: weights, biases, and FP8 block scales alike (a scale
+        # block never spans two experts).
         for pname, _ in module.named_parameters(recurse=False):
             slices[f"{name}.{pname}"] = TensorSlice(0, ((start, end),))
 
 
-def _tensor_parallel(model, experts, world: int, rank: int, slices: dict, expert_ranges: dict, attention: dict) -> None:
+def _tensor_parallel(model, experts, world: int, rank: int, slices: dict, expert_ranges: dict, attention: dict,
+                     quantize_block: Block | None) -> None:
     config = model.config.get_text_config()
     attentions = attention_modules(model)
     unsupported = sorted({type(a).__name__ for _, a in attentions if not is_qkvo_attention(a)})
@@ -169,18 +195,35 @@ def _tensor_parallel(model, experts, world: int, rank: int, slices: dict, expert
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     tensor_parallel_heads(num_heads, num_kv_heads, world, rank)
     for name, module in experts:
-        _experts_inner(name, module, world, rank, slices, expert_ranges)
+        _experts_inner(name, module, world, rank, slices, expert_ranges, _planned_block(module, quantize_block))
     for name, module in attentions:
         attention[name] = _attention_heads(name, module, num_heads, num_kv_heads, world, rank, slices)
 
 
-def _experts_inner(name: str, experts: nn.Module, world: int, rank: int, slices: dict, expert_ranges: dict) -> None:
-    """Columns [start, end) of each expert's inner dimension, in the module's own layout."""
+def _experts_inner(name: str, experts: nn.Module, world: int, rank: int, slices: dict, expert_ranges: dict,
+                   block: Block | None) -> None:
+    """Columns [start, end) of each expert's inner dimension, in the module's own layout; with block
+    scales, cut on whole blocks (`inner_step`) and the scales cut with their weights."""
     transposed, interleaved = experts.is_transposed, not experts.is_concatenated
     size = experts.down_proj.shape[-2] if transposed else experts.down_proj.shape[-1]
-    if size < world:
+    step = inner_step(experts, block)
+    blocks = -(-size // step)
+    if step == 1 and size < world:
         raise ValueError(f"expert inner size {size} is smaller than {world} ranks; use parallel='ep'")
-    start, end = split_range(size, world, rank)
+    gate_up_rows = block[1 if transposed else 0] if block is not None else 1  # a block's extent along the 2I axis
+    if experts.has_gate and not interleaved and size % gate_up_rows:
+        raise ValueError(
+            f"tensor parallel can't split {name}'s FP8 experts: their inner size {size} isn't a multiple of the "
+            f"{gate_up_rows}-row scale block, so gate and up rows share blocks that no cut can separate; use parallel='ep'"
+        )
+    if blocks < world:
+        fewer = f", or at most {blocks} ranks" if blocks > 1 else ""
+        raise ValueError(
+            f"tensor parallel over {world} ranks cuts FP8 experts on whole scale blocks, and {name}'s inner size "
+            f"{size} is {blocks} block{'s' if blocks > 1 else ''} of {step} columns, fewer than the ranks; use "
+            f"parallel='ep' (whole experts per rank){fewer}"
+        )
+    start, end = split_blocks(size, step, world, rank)
     expert_ranges[name] = (start, end)
     if not experts.has_gate:
         gate_up = ((start, end),)
@@ -188,14 +231,97 @@ def _experts_inner(name: str, experts: nn.Module, world: int, rank: int, slices:
         gate_up = ((2 * start, 2 * end),)
     else:  # all gate rows, then all up rows
         gate_up = ((start, end), (size + start, size + end))
-    gate_up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    first = gate_up_name(experts)
     gate_up_axis = 2 if transposed else 1  # the 2I (or I) axis of [E, H, 2I] or [E, 2I, H]
-    slices[f"{name}.{gate_up_name}"] = TensorSlice(gate_up_axis, gate_up)
-    slices[f"{name}.down_proj"] = TensorSlice(1 if transposed else 2, ((start, end),))
+    _cut(slices, name, experts, first, TensorSlice(gate_up_axis, gate_up), block)
+    _cut(slices, name, experts, "down_proj", TensorSlice(1 if transposed else 2, ((start, end),)), block)
     if experts.has_bias:
-        slices[f"{name}.{gate_up_name}_bias"] = TensorSlice(1, gate_up)
+        slices[f"{name}.{first}_bias"] = TensorSlice(1, gate_up)
         if rank:  # added once, by rank 0: the all_reduce sums the ranks' partial outputs
             slices[f"{name}.down_proj_bias"] = TensorSlice(0, zeros=True)
+
+
+def inner_step(experts: nn.Module, block: Block | None) -> int:
+    """The columns of an expert's inner dimension that a tensor-parallel cut must keep together: 1 for
+    plain weights; with block scales, the blocks' extent along the inner axis of down and of gate/up
+    (whose interleaved rows hold a gate and an up row per column), their least common multiple."""
+    if block is None:
+        return 1
+    rows, cols = block
+    down, gate_up = (rows, cols) if experts.is_transposed else (cols, rows)
+    if experts.has_gate and not experts.is_concatenated:
+        gate_up //= math.gcd(gate_up, 2)
+    return math.lcm(down, gate_up)
+
+
+def block_size(module: nn.Module) -> Block | None:
+    """The block of the float32 scales (`<weight>_scale_inv`) beside `module`'s float8 weights: FP8Experts,
+    experts `expert_dtype` quantized, Transformers' FP8Linear; None for weights without block scales
+    (plain weights, per-tensor scales)."""
+    if is_experts_module(module):
+        scales = block_scales(module)
+        return None if scales is None else scales.block_size
+    weight, scale = module._parameters.get("weight"), module._parameters.get("weight_scale_inv")
+    block = getattr(module, "block_size", None)
+    if weight is None or scale is None or weight.dtype not in FLOAT8_DTYPES or scale.dim() != 2 or block is None:
+        return None
+    return int(block[0]), int(block[1])
+
+
+def _planned_block(experts: nn.Module, quantize_block: Block | None) -> Block | None:
+    """The experts' block: their own, or `quantize_block` where `expert_dtype` will quantize them (plain
+    weights outside FP8Experts, which keep the weights their quantizer left unquantized)."""
+    current = block_size(experts)
+    if current is not None or quantize_block is None or is_fp8_experts(experts):
+        return current
+    return quantize_block
+
+
+def scale_slice(name: str, part: TensorSlice, shape: tuple[int, ...], block: Block) -> TensorSlice:
+    """The part of `name`'s block scales that goes with `part` of the weight (full `shape`): the same axis,
+    counted in blocks. ValueError where a cut falls inside a block (a rank's scales would also cover
+    another rank's rows), or where a range other than the last ends in a partial block (the next range's
+    rows would sit under the wrong local block)."""
+    axis = part.axis % len(shape)
+    if part.zeros or axis < len(shape) - 2:  # a leading axis (experts) holds whole blocks
+        return part
+    width, full = block[axis - (len(shape) - 2)], shape[axis]
+    ranges = []
+    for index, (start, end) in enumerate(part.ranges):
+        partial_end_ok = index == len(part.ranges) - 1 and end == full
+        for cut in (start, end):
+            if cut % width and not (cut == end and partial_end_ok):
+                raise ValueError(
+                    f"tensor parallel would cut {name} at {cut} of {full} along axis {axis}, inside a {width}-wide FP8 "
+                    "scale block, so the ranks' block scales can't follow their weights; use parallel='ep'"
+                )
+        ranges.append((start // width, -(-end // width)))
+    return TensorSlice(axis, tuple(ranges))
+
+
+def _cut(slices: dict, module_name: str, module: nn.Module, attr: str, part: TensorSlice, block: Block | None) -> None:
+    """`part` of `module.<attr>`, and with block scales the same blocks of `<attr>_scale_inv` (checked
+    against the block even where the scales don't exist yet: experts `expert_dtype` will quantize)."""
+    name = f"{module_name}.{attr}"
+    slices[name] = part
+    if block is None:
+        return
+    scales = scale_slice(name, part, tuple(getattr(module, attr).shape), block)
+    if isinstance(module._parameters.get(f"{attr}_scale_inv"), torch.Tensor):
+        slices[f"{name}_scale_inv"] = scales
+
+
+def check_share_quantizable(model: nn.Module, layout: ShardLayout, block: Block) -> None:
+    """ValueError unless quantizing the plain experts of this loaded share in `block` blocks gives the
+    blocks one process quantizes: every tensor-parallel cut of their weights on a block boundary."""
+    for name in layout.expert_ranges:
+        experts = model.get_submodule(name)
+        if block_size(experts) is not None or _planned_block(experts, block) is None:
+            continue  # already block-scaled (cut with its scales), or not quantized
+        for attr in (gate_up_name(experts), "down_proj"):
+            key = f"{name}.{attr}"
+            if key in layout.slices:
+                scale_slice(key, layout.slices[key], layout.full_shapes[key], block)
 
 
 def _attention_heads(name: str, module: nn.Module, num_heads: int, num_kv_heads: int, world: int, rank: int, slices: dict) -> AttentionShard:
@@ -207,10 +333,11 @@ def _attention_heads(name: str, module: nn.Module, num_heads: int, num_kv_heads:
     (q0, q1), (k0, k1) = tensor_parallel_heads(num_heads, num_kv_heads, world, rank)
     q_rows, kv_rows = ((q0 * head_dim, q1 * head_dim),), ((k0 * head_dim, k1 * head_dim),)
     for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        slices[f"{name}.{proj}.weight"] = TensorSlice(0, rows)
-        if getattr(module, proj).bias is not None:
+        linear = getattr(module, proj)
+        _cut(slices, f"{name}.{proj}", linear, "weight", TensorSlice(0, rows), block_size(linear))
+        if linear.bias is not None:
             slices[f"{name}.{proj}.bias"] = TensorSlice(0, rows)
-    slices[f"{name}.o_proj.weight"] = TensorSlice(1, q_rows)
+    _cut(slices, f"{name}.o_proj", module.o_proj, "weight", TensorSlice(1, q_rows), block_size(module.o_proj))
     if module.o_proj.bias is not None and rank:  # added once, by rank 0: the all_reduce sums the partial outputs
         slices[f"{name}.o_proj.bias"] = TensorSlice(0, zeros=True)
     if module._parameters.get("sinks") is not None:  # GPT-OSS: one learned sink logit per head
