@@ -26,6 +26,7 @@ from .parallel.place import (
     Parallel,
     PlacementDecision,
     apply_placement,
+    check_fp8_placement,
     choose_placement,
     remove_placement,
 )
@@ -110,14 +111,11 @@ def accelerate(
     if gpu_memory is not None and (devices is not None or parallel is not None):
         raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
     fp8 = expert_dtype is not None or has_fp8_experts(model)
-    if fp8 and gpu_memory is not None:
-        raise ValueError("accelerate(): FP8 experts don't combine with gpu_memory yet (expert offload moves and reads "
-                         "unquantized experts); offload the checkpoint's dtype, or place FP8 experts on GPUs")
-    offload_setup = prepare_offload(model, gpu_memory, offload) if gpu_memory is not None else None
+    # Offload holds the experts as patch_model leaves them (expert_dtype quantizes first): FP8 bytes and scales.
+    offload_setup = prepare_offload(model, gpu_memory, offload, expert_dtype) if gpu_memory is not None else None
     placement = choose_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
-    if fp8 and placement is not None and placement.plan.kind in ("ep", "tp"):
-        raise ValueError(f"accelerate(): FP8 experts don't combine with parallel={placement.plan.kind!r} yet (its expert "
-                         "shards don't split the block scales); use 'dp', 'pp' or one GPU")
+    if fp8 and placement is not None:
+        check_fp8_placement(model, placement, expert_dtype)  # tensor parallel cuts FP8 experts on whole scale blocks
     if offload_setup is not None and offload_setup.caches_every_expert and _on_one_device(model):
         logger.info("hf_moe_accel: the whole model fits in gpu_memory (%s): placed on %s, no expert offload",
                     offload_setup.budget.describe(), offload_setup.device)

@@ -329,13 +329,6 @@ def test_fp8_activation_is_fp8_experts_gate(overrides: dict) -> None:
     torch.testing.assert_close(apply_activation(gate_up, described), experts._apply_gate(gate_up), rtol=1e-6, atol=1e-6)
 
 
-def test_fp8_models_refuse_offload_before_anything_changes() -> None:
-    model = fp8_model(tiny_config())
-    with pytest.raises(ValueError, match="FP8 experts don't combine with gpu_memory"):
-        accelerate(model, gpu_memory="1GiB")
-    assert not is_accelerated(model)
-
-
 # ---------------------------------------------------------------------------------------------
 # Part 2: expert_dtype="fp8", quantized at patch time
 
@@ -461,8 +454,7 @@ def test_a_deep_copy_restores_its_own_originals() -> None:
     ({"expert_dtype": "bf16"}, ValueError, "expert_dtype must be one of 'fp8' or None"),
     ({"expert_dtype": "fp8", "keep_original_experts": "yes"}, TypeError, "keep_original_experts must be True or False"),
     ({"keep_original_experts": True}, ValueError, "pass expert_dtype='fp8' with it"),
-    ({"expert_dtype": "fp8", "gpu_memory": "1GiB"}, ValueError, "FP8 experts don't combine with gpu_memory"),
-], ids=["bool", "int", "upper-case", "other-dtype", "keep-not-bool", "keep-alone", "offload"])
+], ids=["bool", "int", "upper-case", "other-dtype", "keep-not-bool", "keep-alone"])
 def test_bad_values_are_refused_before_anything_changes(options: dict, error: type, message: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config()).eval()

@@ -91,12 +91,19 @@ def fused_experts_at(
 ) -> torch.Tensor:
     """`fused_experts` with expert e's weights read at `addresses` (GPU memory or pinned host memory,
     zero-copy), in the per-expert layout of `layout`'s tensors; no biases. Ids as in `fused_experts`.
+    Block-scaled (FP8) weights read each expert's scales at the scale addresses of `addresses`.
     `path`: default `address_path(tokens)`. Triton only: CUDA tensors, or CPU tensors under Triton's
     interpreter (tests)."""
-    if layout.scales is not None:
-        raise ValueError("experts by address take no block-scaled (FP8) weights yet")
-    if not (kernels_serve(hidden_states, layout.gate_up, layout.down) or interpreting()):
-        raise ValueError("experts by address run in the Triton kernels: CUDA tensors of a served dtype")
+    if layout.scales is None:
+        served = kernels_serve(hidden_states, layout.gate_up, layout.down)
+    else:
+        if addresses.gate_up_scale is None or addresses.down_scale is None:
+            raise ValueError("experts by address with block-scaled (FP8) weights need their scales' addresses "
+                             "(ExpertAddresses.gate_up_scale and .down_scale)")
+        served = block_scaled_kernels_serve(hidden_states, layout)
+    if not (served or interpreting()):
+        raise ValueError("experts by address run in the Triton kernels: CUDA tensors of a served dtype "
+                         "(float8 weights: compute capability 8.9 or later)")
     from .experts_triton import fused_experts_at_triton
 
     path = path or address_path(hidden_states.shape[0])

@@ -29,7 +29,8 @@ scales (one scale per weight row per K tile: BLOCK_K is cut to divide the scale 
 its tile: cast to the activations' dtype for the prefill dots, kept in float32 by the decode GEMVs.
 Activations stay in their dtype and the intermediate is stored in it (weight-only FP8, as
 `experts_fp8_reference`). Without scales the switch is off at compile time: the bf16 kernels are
-compiled exactly as before, with no scale argument.
+compiled exactly as before, with no scale argument. Experts by address (BY_ADDRESS) find their scales
+the way they find their weights: through a table of each expert's scale address.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def fit_scale_blocks(config: dict, weights: ExpertWeights) -> dict:
     return {**config, **fitted}
 
 
-def _scale_args(weights: ExpertWeights, scale: torch.Tensor | None) -> dict:
+def _scale_args(weights: ExpertWeights, scale: torch.Tensor | None, table: torch.Tensor | None) -> dict:
     """The BLOCK_SCALED kernels' scale arguments ((expert, N, K) strides and block extents, as
-    constexprs); none without scales, so the unscaled kernels launch exactly as before."""
+    constexprs; `table`: each expert's scale address, for experts by address); none without scales,
+    so the unscaled kernels launch exactly as before."""
     if scale is None:
         return {}
     rows, cols = weights.scales.block_size
@@ -104,8 +106,8 @@ def _scale_args(weights: ExpertWeights, scale: torch.Tensor | None) -> dict:
     else:
         stride_se, stride_sn, stride_sk = scale.stride()
         block_n, block_k = rows, cols
-    return dict(scale_ptr=scale, BLOCK_SCALED=True, STRIDE_SE=stride_se, STRIDE_SN=stride_sn, STRIDE_SK=stride_sk,
-                SCALE_BN=block_n, SCALE_BK=block_k)
+    return dict(scale_ptr=scale, scale_table_ptr=table, BLOCK_SCALED=True, STRIDE_SE=stride_se, STRIDE_SN=stride_sn,
+                STRIDE_SK=stride_sk, SCALE_BN=block_n, SCALE_BK=block_k)
 
 
 def _compute_dtype(x: torch.Tensor, weights: ExpertWeights) -> torch.dtype:
@@ -124,7 +126,7 @@ def _bias_args(bias: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.T
     return (weight, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
 
 
-def _gate_up_args(x: torch.Tensor, weights: ExpertWeights) -> dict:
+def _gate_up_args(x: torch.Tensor, weights: ExpertWeights, addresses: ExpertAddresses | None = None) -> dict:
     """Arguments shared by both paths' gate_up kernels."""
     w = weights.gate_up
     stride_we, stride_wn, stride_wk = _weight_strides(w, weights.transposed)
@@ -136,11 +138,12 @@ def _gate_up_args(x: torch.Tensor, weights: ExpertWeights) -> dict:
         alpha=weights.activation.alpha, limit=weights.activation.limit,
         HAS_BIAS=weights.gate_up_bias is not None, HAS_GATE=weights.has_gate,
         INTERLEAVED=weights.has_gate and weights.interleaved, ACT=weights.activation.kind,
-        **_scale_args(weights, weights.scales.gate_up if weights.scales is not None else None),
+        **_scale_args(weights, weights.scales.gate_up if weights.scales is not None else None,
+                      addresses.gate_up_scale if addresses is not None else None),
     )
 
 
-def _down_args(weights: ExpertWeights) -> dict:
+def _down_args(weights: ExpertWeights, addresses: ExpertAddresses | None = None) -> dict:
     w = weights.down
     stride_we, stride_wn, stride_wk = _weight_strides(w, weights.transposed)
     bias, stride_be, stride_bn = _bias_args(weights.down_bias, w)
@@ -148,7 +151,8 @@ def _down_args(weights: ExpertWeights) -> dict:
         w_ptr=w, bias_ptr=bias, N=weights.hidden_size, K=weights.intermediate_size,
         stride_we=stride_we, stride_wn=stride_wn, stride_wk=stride_wk, stride_be=stride_be, stride_bn=stride_bn,
         HAS_BIAS=weights.down_bias is not None,
-        **_scale_args(weights, weights.scales.down if weights.scales is not None else None),
+        **_scale_args(weights, weights.scales.down if weights.scales is not None else None,
+                      addresses.down_scale if addresses is not None else None),
     )
 
 
@@ -173,7 +177,7 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
 
     inter = torch.empty(num_pairs, inter_size, dtype=compute_dtype, device=x.device)
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gate_up["BLOCK_N"]),)](
-        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0),
+        **_gate_up_args(x, weights, addresses), out_ptr=inter, stride_op=inter.stride(0),
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
         w_table_ptr=addresses.gate_up if by_address else block_experts, BY_ADDRESS=by_address,
         TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m, **gate_up,
@@ -181,7 +185,7 @@ def _prefill(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
     # One float32 row per (pair, K split), zero where no block writes (pairs with expert -1).
     partial = torch.zeros(num_pairs * down["SPLIT_K"], hidden, dtype=torch.float32, device=x.device)
     _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, down["BLOCK_N"]), down["SPLIT_K"])](
-        **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
+        **_down_args(weights, addresses), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
         out_ptr=partial, stride_ot=partial.stride(0), stride_on=partial.stride(1), topk_weights_ptr=routing,
         sorted_ptr=sorted_pairs, block_expert_ptr=block_experts, num_pairs=num_pairs, num_blocks=num_blocks,
         w_table_ptr=addresses.down if by_address else block_experts, BY_ADDRESS=by_address,
@@ -204,12 +208,13 @@ def _decode(x, weights: ExpertWeights, ids, routing, top_k: int, config: dict,
 
     inter = torch.empty(num_pairs, inter_size, dtype=_compute_dtype(x, weights), device=x.device)
     _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
-        **_gate_up_args(x, weights), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids, w_table_ptr=gate_up_table,
+        **_gate_up_args(x, weights, addresses), out_ptr=inter, stride_op=inter.stride(0), ids_ptr=ids,
+        w_table_ptr=gate_up_table,
         TOP_K=top_k, BY_ADDRESS=by_address, **gate_up, **pdl,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _decode_down_kernel[(num_tokens, triton.cdiv(hidden, down["BLOCK_N"]))](
-        **_down_args(weights), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
+        **_down_args(weights, addresses), a_ptr=inter, stride_ap=inter.stride(0), stride_ak=inter.stride(1),
         out_ptr=out, stride_ot=out.stride(0), stride_on=out.stride(1), ids_ptr=ids, topk_weights_ptr=routing,
         w_table_ptr=down_table, TOP_K=top_k, BY_ADDRESS=by_address, **down, **pdl,
     )
@@ -224,7 +229,9 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
     if layout.gate_up_bias is not None or layout.down_bias is not None:
         raise ValueError("experts by address take no biases")
     if layout.scales is not None:
-        raise ValueError("experts by address take no block-scaled (FP8) weights yet")
+        check_block_scales(layout)
+        if addresses.gate_up_scale is None or addresses.down_scale is None:
+            raise ValueError("experts by address with block-scaled (FP8) weights need their scales' addresses")
     if not layout.has_gate and layout.activation.kind in CLAMPED_SWIGLUS:
         raise ValueError(f"the {layout.activation.kind} activation needs a gate")
     num_tokens, hidden = hidden_states.shape
@@ -233,6 +240,8 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
     top_k = topk_ids.shape[1]
     config = get_config(path, addresses.num_experts, layout.intermediate_size, hidden, num_tokens, top_k,
                         layout.gate_up.dtype, hidden_states.device, layout.transposed)
+    if layout.scales is not None:
+        config = fit_scale_blocks(config, layout)
     run = _decode if path == "decode" else _prefill
     return run(hidden_states, layout, topk_ids.reshape(-1), topk_weights.reshape(-1), top_k, config, addresses)
 
@@ -243,8 +252,8 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
 
 @triton.jit
 def _expert_base(w_ptr, table_ptr, expert, stride_we, BY_ADDRESS: tl.constexpr):
-    """Where `expert`'s weights start: row `expert` of w_ptr, or (BY_ADDRESS) the byte address the
-    table holds for it, with w_ptr's element type."""
+    """Where `expert`'s weights (or block scales) start: row `expert` of w_ptr, or (BY_ADDRESS) the byte
+    address the table holds for it, with w_ptr's element type."""
     if BY_ADDRESS:
         base = tl.load(table_ptr + expert).to(w_ptr.dtype, bitcast=True)
     else:
@@ -253,12 +262,12 @@ def _expert_base(w_ptr, table_ptr, expert, stride_we, BY_ADDRESS: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(w, scale_ptr, expert, k0, rows, row_mask, dtype: tl.constexpr, STRIDE_SE: tl.constexpr,
+def _dequantize(w, scale_base, k0, rows, row_mask, dtype: tl.constexpr,
                 STRIDE_SN: tl.constexpr, STRIDE_SK: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):
     """A [BLOCK_K, rows] tile of stored weights (K from k0, inside one scale block) times each row's
-    block scale, in float32, returned in `dtype`. Masked-off rows get scale 0 (their weights are
-    masked to 0 too)."""
-    scale_ptrs = scale_ptr + expert * STRIDE_SE + (k0 // SCALE_BK) * STRIDE_SK + (rows // SCALE_BN) * STRIDE_SN
+    block scale, in float32, returned in `dtype`. `scale_base`: where the expert's scales start
+    (`_expert_base` over the scales). Masked-off rows get scale 0 (their weights are masked to 0 too)."""
+    scale_ptrs = scale_base + (k0 // SCALE_BK) * STRIDE_SK + (rows // SCALE_BN) * STRIDE_SN
     scale = tl.load(scale_ptrs, mask=row_mask, other=0.0)
     return (w.to(tl.float32) * scale[None, :]).to(dtype)
 
@@ -353,8 +362,8 @@ def _prefill_gate_up_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
     ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
-    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
+    STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """inter[pair, n-tile] = act(x[token] @ gate^T, x[token] @ up^T) for one block of an expert's pairs."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -370,6 +379,8 @@ def _prefill_gate_up_kernel(
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk
     w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + cols[None, :] * stride_wn \
         + offs_k[:, None] * stride_wk
+    if BLOCK_SCALED:
+        scale_base = _expert_base(scale_ptr, scale_table_ptr, expert, STRIDE_SE, BY_ADDRESS)
     up_offset = N * stride_wn
     acc = tl.zeros([BLOCK_M, cols.shape[0]], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -382,14 +393,13 @@ def _prefill_gate_up_kernel(
         w_mask = k_mask[:, None] & col_mask[None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         if BLOCK_SCALED:
-            w = _dequantize(w, scale_ptr, expert, k0, cols, col_mask, x.dtype,
-                            STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+            w = _dequantize(w, scale_base, k0, cols, col_mask, x.dtype, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if HAS_GATE and not INTERLEAVED:
             w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
             if BLOCK_SCALED:
-                w_up = _dequantize(w_up, scale_ptr, expert, k0, cols + N, col_mask, x.dtype,
-                                   STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+                w_up = _dequantize(w_up, scale_base, k0, cols + N, col_mask, x.dtype,
+                                   STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -409,8 +419,8 @@ def _prefill_down_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_ADDRESS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
-    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
+    STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """out[pair * SPLIT_K + split] = routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -430,14 +440,15 @@ def _prefill_down_kernel(
     a_ptrs = a_ptr + pairs.to(tl.int64)[:, None] * stride_ap + offs_k[None, :] * stride_ak
     w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + offs_n[None, :] * stride_wn \
         + offs_k[:, None] * stride_wk
+    if BLOCK_SCALED:
+        scale_base = _expert_base(scale_ptr, scale_table_ptr, expert, STRIDE_SE, BY_ADDRESS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = offs_k < k_end - (k0 - k_start)
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if BLOCK_SCALED:
-            w = _dequantize(w, scale_ptr, expert, k0, offs_n, n_mask, a.dtype,
-                            STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+            w = _dequantize(w, scale_base, k0, offs_n, n_mask, a.dtype, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -468,8 +479,8 @@ def _decode_gate_up_kernel(
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, INTERLEAVED: tl.constexpr,
     ACT: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
-    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
+    STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
     prologue(USE_PDL)
@@ -485,6 +496,8 @@ def _decode_gate_up_kernel(
     x_ptrs = x_ptr + token * stride_xt + offs_k * stride_xk
     w_ptrs = _expert_base(w_ptr, w_table_ptr, expert, stride_we, BY_ADDRESS) + cols[None, :] * stride_wn \
         + offs_k[:, None] * stride_wk
+    if BLOCK_SCALED:
+        scale_base = _expert_base(scale_ptr, scale_table_ptr, expert, STRIDE_SE, BY_ADDRESS)
     up_offset = N * stride_wn
     acc = tl.zeros([BLOCK_K, cols.shape[0]], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -493,12 +506,12 @@ def _decode_gate_up_kernel(
         x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[:, None]
         w_mask = k_mask[:, None] & col_mask[None, :]
         if BLOCK_SCALED:
-            w = _dequantize(tl.load(w_ptrs, mask=w_mask, other=0.0), scale_ptr, expert, k0, cols, col_mask,
-                            tl.float32, STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+            w = _dequantize(tl.load(w_ptrs, mask=w_mask, other=0.0), scale_base, k0, cols, col_mask,
+                            tl.float32, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc += w * x
             if HAS_GATE and not INTERLEAVED:
-                w_up = _dequantize(tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0), scale_ptr, expert, k0,
-                                   cols + N, col_mask, tl.float32, STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+                w_up = _dequantize(tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0), scale_base, k0,
+                                   cols + N, col_mask, tl.float32, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
                 acc_up += w_up * x
         else:
             acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x
@@ -522,8 +535,8 @@ def _decode_down_kernel(
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BY_ADDRESS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-    scale_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0, STRIDE_SN: tl.constexpr = 0,
-    STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
+    STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
 ):
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
@@ -553,8 +566,9 @@ def _decode_down_kernel(
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if BLOCK_SCALED:  # "no expert" masks its scales off too
                 scale_mask = offs_n < tl.where(used, N, 0)
-                w = _dequantize(w, scale_ptr, tl.maximum(expert, 0), k0, offs_n, scale_mask, tl.float32,
-                                STRIDE_SE, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
+                scale_base = _expert_base(scale_ptr, scale_table_ptr, tl.maximum(expert, 0), STRIDE_SE, BY_ADDRESS)
+                w = _dequantize(w, scale_base, k0, offs_n, scale_mask, tl.float32,
+                                STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc += w.to(tl.float32) * (a.to(tl.float32) * routing)[:, None]
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:

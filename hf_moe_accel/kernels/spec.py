@@ -143,10 +143,14 @@ class ExpertAddresses:
     for `fused_experts_at`. An address may point into GPU memory (an expert cache slot) or into pinned
     host memory, which a CUDA kernel reads over PCIe through unified virtual addressing (zero-copy).
     Every expert's tensors have the per-expert layout (strides after the first) of the `layout`
-    weights passed beside them."""
+    weights passed beside them. Block-scaled (FP8) layouts need their scales' addresses too
+    (`gate_up_scale`, `down_scale`, in the layout of `layout.scales`): an expert's scales live
+    wherever its weights do, so each is looked up the same way."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

@@ -10,6 +10,11 @@ runs one token at a time, or worse, at a fraction of the memory bandwidth. An ex
 `upcast_from_tokens` tokens therefore runs in float32 instead, its weights upcast a cache-sized
 chunk at a time (never a whole float32 copy); the calibration (`miss_cost`) measures both ways on
 the user's machine and sets the crossover.
+
+Block-scaled (FP8) experts stay FP8 in host memory; the expert a job computes is dequantized on the
+spot (that expert only) to the activations' dtype, or to float32 where it upcasts, as the fused
+kernels' reference (`experts_fp8_reference`) dequantizes it: weight-only FP8, the same numbers as on
+the GPU side.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.experts_fp8_reference import dequantize_blocks
 from ..kernels.experts_reference import apply_activation
 from ..kernels.spec import ExpertWeights
 
@@ -81,6 +87,22 @@ def _project_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out + bias.float() if bias is not None else out
 
 
+def compute_dtype(weights: ExpertWeights, activations: torch.dtype) -> torch.dtype:
+    """The dtype an expert's GEMMs run in without upcasting: the weights' own, or the activations' for
+    block-scaled weights (stored FP8 is no compute dtype)."""
+    return activations if weights.scales is not None else weights.gate_up.dtype
+
+
+def _expert_matrices(weights: ExpertWeights, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's gate_up and down as its GEMMs take them: views as stored, or for block-scaled weights
+    dequantized to `dtype` (only this expert's, a transient copy)."""
+    if weights.scales is None:
+        return weights.gate_up[expert], weights.down[expert]
+    scales = weights.scales
+    return (dequantize_blocks(weights.gate_up[expert], scales.gate_up[expert], scales.block_size, dtype),
+            dequantize_blocks(weights.down[expert], scales.down[expert], scales.block_size, dtype))
+
+
 @torch.no_grad()
 def run_cpu_experts(
     x: torch.Tensor,
@@ -89,9 +111,9 @@ def run_cpu_experts(
     upcast_from_tokens: float = math.inf,
 ) -> torch.Tensor:
     """x [R, H] on the CPU -> [R, H] float32: for each group, sum of weight * expert(x[rows]). Experts
-    with at least `upcast_from_tokens` rows compute in float32 (weights in half precision only)."""
+    with at least `upcast_from_tokens` rows compute in float32 (half-precision compute only)."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-    native_dtype = weights.gate_up.dtype
+    native_dtype = compute_dtype(weights, x.dtype)
     if native_dtype == torch.float32:
         upcast_from_tokens = math.inf  # nothing to upcast
     x_native, x_float = x.to(native_dtype), x.float()
@@ -99,10 +121,12 @@ def run_cpu_experts(
         gate_up_bias = weights.gate_up_bias[expert] if weights.gate_up_bias is not None else None
         down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
         upcast = rows.numel() >= upcast_from_tokens
-        project = _project_upcast if upcast else _project
+        gate_up, down = _expert_matrices(weights, expert, torch.float32 if upcast else native_dtype)
+        # Stored half-precision weights upcast a chunk at a time; dequantized ones are float32 already.
+        project = _project_upcast if upcast and weights.scales is None else _project
         rows_x = (x_float if upcast else x_native)[rows]
-        inter = apply_activation(project(rows_x, weights.gate_up[expert], gate_up_bias, weights.transposed), weights)
-        y = project(inter, weights.down[expert], down_bias, weights.transposed)
+        inter = apply_activation(project(rows_x, gate_up, gate_up_bias, weights.transposed), weights)
+        y = project(inter, down, down_bias, weights.transposed)
         out.index_add_(0, rows, y.float() * routing.unsqueeze(1))
     return out
 

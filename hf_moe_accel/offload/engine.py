@@ -8,6 +8,12 @@ each miss on the CPU or by a fetch, whichever the calibrated cost model says fin
 The "GPU side" is a device parameter: with `OffloadOptions(device="cpu")` the CPU stands in for
 it (slots are CPU tensors, copies are plain copies), so the cache, eviction, miss routing and CPU
 experts run through the same code in tests without a GPU.
+
+FP8 experts (Transformers' FP8Experts, or `expert_dtype="fp8"`) are offloaded as they are stored: FP8
+weights with their float32 block scales, in host memory and in the slots alike (`expert_cache`). The
+budget is split before `patch_model` quantizes anything, so `prepare_offload` sizes an expert that
+expert_dtype will quantize by its FP8 layout, and `apply_offload` (after the quantization) checks the
+experts it finds against that plan.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,12 +38,15 @@ from ..costmodel.memory import (
 )
 from ..costmodel.predictor import ZERO_COPY_MAX_BATCH
 from ..graphs.hooks import DecodeHooks
-from ..kernels.spec import Activation, is_experts_module
+from ..kernels.experts_fp8_reference import FP8_DTYPE
+from ..kernels.spec import Activation, BlockScales, ExpertWeights, is_experts_module
 from ..kernels.tuning import interpreting
+from ..patches.expert_dtype import BLOCK_SIZE, ExpertDtype, needs_quantizing
 from ..patches.experts import EXPERTS_IMPLEMENTATION, expert_weights, experts_state
+from ..patches.fp8_experts import is_fp8_experts
 from ..patches.registry import ADAPTER_BY_MODEL_TYPE
 from ..state import drop_state_if_empty, ensure_state, state_of
-from .cpu_experts import CpuExpertsWorker
+from .cpu_experts import CpuExpertsWorker, compute_dtype
 from .eviction import PolicyFactory, policy_factory
 from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors, unpack_lookups
 from .host_weights import WeightPlacement
@@ -80,8 +90,9 @@ class OffloadOptions:
         fused kernels on the GPU, reading cached experts from their slots and the others straight from
         pinned host memory over PCIe (unified virtual addressing): no routing to the host, no fetch, no
         CPU expert, no sync, so decode steps replay CUDA graphs. Prefill (and larger decode batches)
-        run the cache as above and fill its slots. Layouts without expert biases only. None (default):
-        on for a CUDA device and experts without biases (docs/BENCHMARKS.md, "Offload", has its figures).
+        run the cache as above and fill its slots. Layouts without expert biases only; FP8 experts on GPUs
+        of compute capability 8.9 or later. None (default): on for a CUDA device and experts it can read
+        (docs/BENCHMARKS.md, "Offload", has its figures).
     zero_copy_max_tokens: the largest decode batch `zero_copy` serves. One token reads each of its
         experts once; more tokens read each expert they share once (the grouped kernels).
     zero_copy_refill_every: every this many zero-copy decode steps, each layer's most used experts
@@ -157,7 +168,13 @@ class OffloadSetup:
     device: torch.device
     options: OffloadOptions
     experts: list[tuple[str, nn.Module]]
-    expert_tensor_names: dict[nn.Module, list[str]]
+    activation_dtype: torch.dtype  # what the model computes in (FP8 experts' CPU work and calibration run in it)
+
+    @property
+    def expert_tensor_names(self) -> dict[nn.Module, list[str]]:
+        """Each experts module's parameter names of its expert tensors, read now: expert_dtype replaces
+        the parameters (and adds the scales) between `prepare_offload` and `apply_offload`."""
+        return {module: _expert_tensor_names(module) for _, module in self.experts}
 
     @property
     def caches_every_expert(self) -> bool:
@@ -166,8 +183,61 @@ class OffloadSetup:
         return self.options.slots_per_layer is None and self.budget.slots == self.budget.num_experts
 
 
-def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOptions | None = None) -> OffloadSetup:
-    """Validate the budget and options and split the budget; raises ValueError/TypeError, changes nothing."""
+def _expert_tensor_names(module: nn.Module) -> list[str]:
+    tensors = expert_tensors(expert_weights(module, Activation()))
+    return [n for n, p in module._parameters.items() if any(p is t for t in tensors)]
+
+
+def _quantized_layout(weights: ExpertWeights, block_size: tuple[int, int]) -> ExpertWeights:
+    """`weights` as `expert_dtype="fp8"` will store them (`quantize_blocks`' shapes): float8 gate_up and
+    down with float32 scales per block, biases as they are; meta tensors, for their sizes only."""
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=FP8_DTYPE, device="meta")
+
+    def scale(t: torch.Tensor) -> torch.Tensor:
+        grid = (-(-t.shape[1] // block_size[0]), -(-t.shape[2] // block_size[1]))
+        return torch.empty((t.shape[0], *grid), dtype=torch.float32, device="meta")
+
+    return dataclasses.replace(weights, gate_up=stored(weights.gate_up), down=stored(weights.down),
+                               scales=BlockScales(scale(weights.gate_up), scale(weights.down), block_size))
+
+
+def _offloaded_weights(module: nn.Module, expert_dtype: ExpertDtype | None) -> ExpertWeights:
+    """A layer's experts as offload will hold them: as stored now, or in the FP8 layout where expert_dtype
+    will quantize them (patch_model's rule: weights not float8 already, and not Transformers' FP8Experts)."""
+    weights = expert_weights(module, Activation())
+    if expert_dtype != "fp8" or is_fp8_experts(module) or not needs_quantizing(module):
+        return weights
+    return _quantized_layout(weights, BLOCK_SIZE)
+
+
+def _activation_dtype(model: nn.Module, expert_ids: set[int]) -> torch.dtype:
+    """The dtype the model computes in: that of most of its non-expert floating-point parameters (float8
+    storage aside: FP8 linears compute in the activations' dtype too)."""
+    counts: Counter[torch.dtype] = Counter()
+    for p in model.parameters():
+        if id(p) not in expert_ids and p.is_floating_point() and p.element_size() > 1:
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else torch.get_default_dtype()
+
+
+def _zero_copy_problem(device: torch.device, layer_weights: list[ExpertWeights]) -> str | None:
+    """Why zero-copy decode can't read these experts on `device`, or None. Its kernels run in Triton,
+    which loads float8 only on GPUs of compute capability 8.9 and later (the CPU stand-in runs Triton's
+    interpreter, which reads float8 anywhere)."""
+    if any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights):
+        return "zero_copy reads experts without biases"
+    fp8 = any(w.scales is not None for w in layer_weights)
+    if fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return f"zero_copy reads FP8 experts on GPUs of compute capability 8.9 or later, and {device} is below"
+    return None
+
+
+def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOptions | None = None,
+                    expert_dtype: ExpertDtype | None = None) -> OffloadSetup:
+    """Validate the budget and options and split the budget; raises ValueError/TypeError, changes nothing.
+    `expert_dtype`: what `accelerate()` will quantize the experts to before offloading them (their
+    slots and host copies are sized as stored then)."""
     options = OffloadOptions() if options is None else options
     if not isinstance(options, OffloadOptions):
         raise TypeError(f"offload must be an OffloadOptions, got {type(options).__name__}")
@@ -177,34 +247,38 @@ def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOpt
     experts = [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
     if not experts:
         raise ValueError(f"gpu_memory offloads MoE experts, and {type(model).__name__} has no MoE block")
-    names: dict[nn.Module, list[str]] = {}
-    expert_ids = set()
-    for _, module in experts:
-        tensors = expert_tensors(expert_weights(module, Activation()))
-        names[module] = [n for n, p in module._parameters.items() if any(p is t for t in tensors)]
-        expert_ids.update(id(t) for t in tensors)
+    expert_ids = {id(t) for _, module in experts for t in expert_tensors(expert_weights(module, Activation()))}
     seen = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in expert_ids:
             seen[id(tensor)] = tensor.numel() * tensor.element_size()
-    layer_weights = [expert_weights(m, Activation()) for _, m in experts]
+    activation_dtype = _activation_dtype(model, expert_ids)
+    layer_weights = [_offloaded_weights(m, expert_dtype) for _, m in experts]
     if options.reserve is not None:
         reserve = parse_memory_size(options.reserve)
     else:
         reserve = reserve_bytes(
-            model.config, layer_weights[0].gate_up.dtype, kv_cache_tokens=options.kv_cache_tokens,
+            model.config, compute_dtype(layer_weights[0], activation_dtype), kv_cache_tokens=options.kv_cache_tokens,
             prefill_tokens=options.prefill_tokens, expert_inner=max(w.intermediate_size for w in layer_weights),
         )
     budget = split_budget(budget_bytes, sum(seen.values()), reserve, [bytes_per_expert(w) for w in layer_weights],
                           [w.num_experts for w in layer_weights], options.slots_per_layer)
     if options.miss_policy == "fetch" and min(budget.slots) == 0:
         raise ValueError(f"miss_policy='fetch' needs at least one expert slot per layer; {budget.describe()}")
-    biased = any(w.gate_up_bias is not None or w.down_bias is not None for w in layer_weights)
-    if options.zero_copy and biased:
-        raise ValueError(f"zero_copy reads experts without biases; {type(model).__name__}'s experts have biases")
-    if options.zero_copy is None:  # auto: on for CUDA and experts without biases
-        options = dataclasses.replace(options, zero_copy=device.type == "cuda" and not biased)
-    return OffloadSetup(budget, device, options, experts, names)
+    zero_copy_problem = _zero_copy_problem(device, layer_weights)
+    if options.zero_copy and zero_copy_problem:
+        raise ValueError(f"{zero_copy_problem}; {type(model).__name__}'s experts can't be read that way")
+    if options.zero_copy is None:  # auto: on for CUDA and experts it can read
+        options = dataclasses.replace(options, zero_copy=device.type == "cuda" and zero_copy_problem is None)
+    return OffloadSetup(budget, device, options, experts, activation_dtype)
+
+
+def _check_planned_size(name: str, host: ExpertWeights, planned: int) -> None:
+    """The experts found at apply time must be the size the budget was split for (expert_dtype's FP8
+    layout predicted in `prepare_offload`): otherwise the slots would overrun the budget."""
+    if bytes_per_expert(host) != planned:
+        raise RuntimeError(f"hf_moe_accel: {name}'s experts take {bytes_per_expert(host)} bytes each, but the "
+                           f"gpu_memory budget was split for {planned}")
 
 
 class OffloadEngine(RefusesCopies):
@@ -231,6 +305,7 @@ class OffloadEngine(RefusesCopies):
         self.layers: list[OffloadedLayer] = []
         for index, ((name, module), slots) in enumerate(zip(setup.experts, setup.budget.slots)):
             host = expert_weights(module, experts_state(module).activation)
+            _check_planned_size(name, host, setup.budget.expert_bytes[index])
             cache = ExpertCache(host, slots, setup.device, make_policy(host.num_experts), by_address=self.options.zero_copy)
             router_weight, top_k = _router_of(model, name, module, host.num_experts)
             self.layers.append(OffloadedLayer(index, name, cache, router_weight, top_k, self))
@@ -253,7 +328,8 @@ class OffloadEngine(RefusesCopies):
     def _calibrate(self) -> MissCostModel:
         # A layer with slots times the fetch too; without any, every miss runs on the CPU (fetch_s inf).
         with_slots = [layer.cache for layer in self.layers if layer.cache.num_slots > 0]
-        costs = calibrate_miss_costs((with_slots or [self.layers[0].cache])[0], self.lanes)
+        costs = calibrate_miss_costs((with_slots or [self.layers[0].cache])[0], self.lanes,
+                                     activation_dtype=self.setup.activation_dtype)
         logger.info("hf_moe_accel: miss costs %s", costs)
         return costs
 

@@ -7,15 +7,21 @@ With `by_address` (zero-copy decode) the cache also keeps, on the device, each e
 its slot's while it is cached, its pinned host copy's otherwise (`ExpertAddresses`), and a table
 that counts lookups and hits on the device (`lookup_values`), so a CUDA graph replaying a zero-copy
 forward keeps the counters going without the host.
+
+An expert is all of its [E, ...] tensors (`expert_tensors`): weights, biases and, for block-scaled
+(FP8) experts, their float32 scales. Each is kept, copied, counted and addressed the same way, so an
+FP8 expert's slot, fetch and host copy hold its FP8 bytes and its scales, and a kernel reading an
+expert from a slot or from host memory finds its scales in the same place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from ..kernels.spec import ExpertAddresses, ExpertWeights, row_addresses
+from ..kernels.spec import BlockScales, ExpertAddresses, ExpertWeights, row_addresses
 from .eviction import EvictionPolicy
 from .transfers import DeviceLanes
 
@@ -29,8 +35,27 @@ def unpack_lookups(packed: int) -> tuple[int, int]:
 
 
 def expert_tensors(weights: ExpertWeights) -> list[torch.Tensor]:
-    """The [E, ...] tensors of a layer's experts, in a fixed order."""
-    return [t for t in (weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias) if t is not None]
+    """The [E, ...] tensors of a layer's experts (block scales included), in a fixed order."""
+    scales = (weights.scales.gate_up, weights.scales.down) if weights.scales is not None else ()
+    return [t for t in (weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias, *scales) if t is not None]
+
+
+def addressed_tensors(weights: ExpertWeights) -> list[torch.Tensor]:
+    """The tensors the kernels read by address, in `ExpertAddresses`' field order: gate_up, down and,
+    for block-scaled experts, their scales (biases are never read by address)."""
+    scales = (weights.scales.gate_up, weights.scales.down) if weights.scales is not None else ()
+    return [weights.gate_up, weights.down, *scales]
+
+
+def with_expert_tensors(weights: ExpertWeights, make: Callable[[torch.Tensor], torch.Tensor]) -> ExpertWeights:
+    """`weights` with each of its [E, ...] tensors replaced by `make(tensor)` (same layout flags)."""
+    def each(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else make(t)
+
+    scales = weights.scales
+    return replace(weights, gate_up=make(weights.gate_up), down=make(weights.down),
+                   gate_up_bias=each(weights.gate_up_bias), down_bias=each(weights.down_bias),
+                   scales=None if scales is None else BlockScales(make(scales.gate_up), make(scales.down), scales.block_size))
 
 
 def bytes_per_expert(weights: ExpertWeights) -> int:
@@ -46,16 +71,8 @@ class ExpertCache:
         self.policy = policy
         self.expert_bytes = bytes_per_expert(host)
 
-        def slot_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device)
-
-        self.slots = replace(
-            host,
-            gate_up=slot_tensor(host.gate_up),
-            down=slot_tensor(host.down),
-            gate_up_bias=slot_tensor(host.gate_up_bias),
-            down_bias=slot_tensor(host.down_bias),
-        )
+        self.slots = with_expert_tensors(
+            host, lambda t: torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device))
         self.slot_of_expert = torch.full((self.num_experts,), -1, dtype=torch.int64)  # host table
         self.expert_in_slot = [-1] * num_slots
         self.prefetched_unused: set[int] = set()  # prefetched experts not routed to since
@@ -70,12 +87,20 @@ class ExpertCache:
         self.addresses_stale = by_address
 
     def _empty_address_tables(self, device: torch.device) -> ExpertAddresses:
-        for host_t, slot_t in ((self.host.gate_up, self.slots.gate_up), (self.host.down, self.slots.down)):
+        # One table per tensor read by address: a kernel reads an expert's rows at one address per
+        # tensor, in the layout of the slot tensor, so host and slot copies must agree on it.
+        for host_t, slot_t in zip(addressed_tensors(self.host), addressed_tensors(self.slots)):
             if host_t.stride()[1:] != slot_t.stride()[1:]:
                 raise ValueError(f"an expert's layout differs between host {host_t.stride()} and slots {slot_t.stride()}")
             if slot_t.is_cuda and not host_t.is_pinned():
                 raise ValueError("zero-copy reads need the host experts in pinned memory")
-        return ExpertAddresses(*(torch.empty(self.num_experts, dtype=torch.int64, device=device) for _ in range(2)))
+        count = len(addressed_tensors(self.host))
+        return ExpertAddresses(*(torch.empty(self.num_experts, dtype=torch.int64, device=device) for _ in range(count)))
+
+    def _address_tables(self) -> list[torch.Tensor]:
+        """The device tables of `_device_addresses`, in `addressed_tensors` order."""
+        tables = self._device_addresses
+        return [t for t in (tables.gate_up, tables.down, tables.gate_up_scale, tables.down_scale) if t is not None]
 
     @property
     def by_address(self) -> bool:
@@ -90,9 +115,8 @@ class ExpertCache:
         if self.addresses_stale:
             cached = self.slot_of_expert >= 0
             experts = torch.arange(self.num_experts)
-            for device_table, host_t, slot_t in zip((self._device_addresses.gate_up, self._device_addresses.down),
-                                                    (self.host.gate_up, self.host.down),
-                                                    (self.slots.gate_up, self.slots.down)):
+            for device_table, host_t, slot_t in zip(self._address_tables(), addressed_tensors(self.host),
+                                                    addressed_tensors(self.slots), strict=True):
                 addresses = row_addresses(host_t, experts)
                 addresses[cached] = row_addresses(slot_t, self.slot_of_expert[cached])
                 device_table.copy_(addresses)  # pageable source: staged before copy_ returns

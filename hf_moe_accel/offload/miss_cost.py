@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from .cpu_experts import run_cpu_experts
+from .cpu_experts import compute_dtype, run_cpu_experts
 from .expert_cache import ExpertCache, expert_tensors
 from .transfers import DeviceLanes
 
@@ -155,9 +155,11 @@ def _line(one: float, many: float, tokens: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16) -> MissCostModel:
+def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16,
+                         activation_dtype: torch.dtype | None = None) -> MissCostModel:
     """Time the copy of one expert into (still empty) slot 0, and its CPU compute on 1 and on `tokens`
-    tokens in the weights' dtype and (half-precision weights) in float32; a layer without slots
+    tokens of `activation_dtype` (default: the weights' dtype; block-scaled weights need it) in the
+    compute dtype (`cpu_experts.compute_dtype`) and (half precision) in float32; a layer without slots
     can't fetch (fetch_s = inf). Each CPU run takes the layer's next expert (round robin): a missed
     expert's weights come from memory, not from the CPU's caches (one matrix timed over and over would
     stream from cache, faster than a miss ever does). The call is short where the CPU's half-precision
@@ -168,7 +170,10 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
         pairs = [(slot[0], weight[0]) for slot, weight in zip(expert_tensors(cache.slots), expert_tensors(host))]
         fetch_s = _median_time(lambda: lanes.copy_after(pairs), lanes, repeats)
     hidden = host.hidden_size
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(host.gate_up.dtype)
+    if activation_dtype is None and host.scales is not None:
+        raise ValueError("calibrating block-scaled experts needs the activations' dtype")
+    native = compute_dtype(host, activation_dtype or host.gate_up.dtype)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(native)
     ones = torch.ones(tokens)
     first_row = torch.zeros(1, dtype=torch.int64)
     experts = itertools.cycle(range(cache.num_experts))
@@ -181,5 +186,5 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
         return _line(one, many, tokens)
 
     cpu_base_s, cpu_per_token_s = line(math.inf)
-    upcast = line(1) if host.gate_up.dtype != torch.float32 else (math.inf, 0.0)
+    upcast = line(1) if native != torch.float32 else (math.inf, 0.0)
     return MissCostModel(fetch_s, cpu_base_s, cpu_per_token_s, *upcast)
