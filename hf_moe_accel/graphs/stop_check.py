@@ -35,20 +35,22 @@ def deferred_stop_checks(on_deferred: Callable[[], None]) -> Iterator[None]:
     """Within: generate() calls on CUDA in this thread defer their stop checks where transformers'
     own rule allows it on MPS and the cache isn't returned; `on_deferred()` runs for each such call."""
     _wrap_is_supported()
-    previous = getattr(_local, "on_deferred", None)
-    _local.on_deferred = on_deferred
-    try:
+    with _on_deferred_in_thread(on_deferred):
         yield
-    finally:
-        _local.on_deferred = previous
 
 
 @contextmanager
 def stock_stop_checks() -> Iterator[None]:
     """Within: generate() calls in this thread get transformers' own answer, as outside our calls (a call
     made from inside a served one is not served); the served call's switch is back after."""
+    with _on_deferred_in_thread(None):
+        yield
+
+
+@contextmanager
+def _on_deferred_in_thread(on_deferred: Callable[[], None] | None) -> Iterator[None]:
     previous = getattr(_local, "on_deferred", None)
-    _local.on_deferred = None
+    _local.on_deferred = on_deferred
     try:
         yield
     finally:
