@@ -10,9 +10,12 @@ from .plotting import pyplot
 def markdown_table(result: dict) -> str:
     rows = result["settings"]
     has_speed = any("decode_tokens_per_s" in r for r in rows)
+    has_offload = any("hit_rate" in r for r in rows)  # offload rows (bench.quality_offload)
     header = ["setting", "experts/token", "share of experts", "perplexity", "ppl change", "greedy agreement"]
     if has_speed:
         header += ["decode tok/s", "speed vs full"]
+    if has_offload:
+        header += ["hit rate", "dropped pairs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -23,8 +26,11 @@ def markdown_table(result: dict) -> str:
             f"{r['ppl_change_pct']:+.2f}%",
             f"{100 * r['agreement']:.1f}%",
         ]
-        if has_speed:
-            cells += [f"{r['decode_tokens_per_s']:.1f}", f"{r['speed_vs_full']:.2f}x"]
+        if has_speed:  # rows measured without speed (offload rows) show a dash
+            cells += ([f"{r['decode_tokens_per_s']:.1f}", f"{r['speed_vs_full']:.2f}x"] if "decode_tokens_per_s" in r
+                      else ["-", "-"])
+        if has_offload:
+            cells += [f"{100 * r['hit_rate']:.1f}%", str(r["miss_dropped"])] if "hit_rate" in r else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

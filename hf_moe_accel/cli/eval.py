@@ -1,6 +1,8 @@
 """`hf-moe-accel eval`: perplexity, greedy agreement, experts per token and decode speed of a local
 checkpoint for each static top-k and expert threshold, beside the full model; with `--expert-dtype`,
-the full model with its experts quantized at patch time too."""
+the full model with its experts quantized at patch time too; with `--gpu-memory`, the expert offload
+under one simulated cache, and its lossy options (`--host-dtype`, `--miss-drop-threshold`) under the
+same cache (`bench.quality_offload`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import argparse
 import torch
 
 from .args import DTYPES as _DTYPES
-from .args import add_expert_dtype, at_least, write_outputs
+from .args import add_expert_dtype, at_least, in_range, list_of, write_outputs
 from .checkpoint import CliError, check_checkpoint, load_model, load_tokenizer
 
 
@@ -50,6 +52,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
     add_expert_dtype(parser, help="also measure the full model with its experts quantized at patch time to this dtype "
                                   "(accelerate(expert_dtype=...)): one more row, named after it, beside 'full' in --dtype")
+    offload = parser.add_argument_group(
+        "offload", "rows of the expert offload under one cache, simulated from the model's routing (slots filled by "
+                   "prefetch, every miss served from host memory on the CPU): 'offload', then one per lossy option")
+    offload.add_argument("--gpu-memory", help="the offload's GPU budget, e.g. 16GiB: adds the 'offload' row")
+    offload.add_argument("--offload-slots", type=at_least(1),
+                         help="expert slots per layer, fewer than the budget holds (a budget holding every expert offloads nothing)")
+    offload.add_argument("--host-dtype", choices=["int4"],
+                         help="adds a row with misses read from group-wise int4 host copies (OffloadOptions.host_dtype)")
+    offload.add_argument("--miss-drop-threshold", type=list_of(in_range(0, 1, high_open=True)), default=[],
+                         help="comma-separated thresholds in [0, 1): a row each with missed experts under it dropped per "
+                              "token (OffloadOptions.miss_drop_threshold)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--plot", help="write a plot of quality against decode speed to this PNG file")
@@ -59,6 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.quality import EvalConfig, evaluate, sweep_settings
+    from ..bench.quality_offload import check_offload_eval, offload_rows
     from ..bench.quality_report import markdown_table, plot
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -69,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             window=args.window, max_tokens=args.max_tokens, batch=args.batch, prompts=args.prompts,
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, speed_batch=speed_batch,
         )
+        offload = _offload_eval(args)
         if speed_batch and args.new_tokens < 2:
             raise ValueError("a decode-speed run (--speed-batch > 0) times decode steps: --new-tokens must be 2 or more")
         with open(args.text, encoding="utf-8") as f:
@@ -88,17 +103,36 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.expert_dtype:  # a model it can't serve is refused before the long work, as evaluate's settings are
             _check_expert_dtype(model, args.expert_dtype)
+        if offload is not None:
+            check_offload_eval(model, offload)
         result = evaluate(model, token_ids, settings, config)
+        rows = result["settings"]
+        full = next(index for index, row in enumerate(rows) if row["name"] == "full")
         if args.expert_dtype:
-            rows = result["settings"]
-            full = next(index for index, row in enumerate(rows) if row["name"] == "full")
             rows.insert(full + 1, expert_dtype_row(model, token_ids, config, args.expert_dtype, rows[full]))
+        if offload is not None:
+            rows.extend(offload_rows(model, token_ids, config, offload, rows[full]))
     except ValueError as error:  # e.g. a top-k above the model's number of experts
         raise CliError(str(error)) from None
     result = {"model": args.model, "text": args.text, **result}
     print(markdown_table(result))
     write_outputs(args, result, plot)
     return 0
+
+
+def _offload_eval(args: argparse.Namespace):
+    """The offload rows' settings (`bench.quality_offload.OffloadEval`), or None without --gpu-memory;
+    raises ValueError for a bad combination or budget."""
+    from ..bench.quality_offload import OffloadEval
+    from ..costmodel.memory import parse_memory_size
+
+    if not args.gpu_memory:
+        if args.host_dtype or args.miss_drop_threshold or args.offload_slots:
+            raise ValueError("--offload-slots, --host-dtype and --miss-drop-threshold measure the expert offload: they need --gpu-memory")
+        return None
+    parse_memory_size(args.gpu_memory)
+    return OffloadEval(gpu_memory=args.gpu_memory, slots_per_layer=args.offload_slots, host_dtype=args.host_dtype,
+                miss_drop_thresholds=tuple(args.miss_drop_threshold))
 
 
 def _check_expert_dtype(model, expert_dtype: str) -> None:

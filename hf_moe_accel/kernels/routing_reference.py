@@ -22,7 +22,7 @@ def route_reference(
         ids = torch.topk(choice, spec.top_k, dim=-1).indices
         weights = probs.gather(1, ids)
     if spec.expert_threshold > 0:
-        weights, ids = _drop_under_threshold(weights, ids, spec.expert_threshold)
+        weights, ids = drop_under_threshold(weights, ids, spec.expert_threshold)
         if spec.scoring == "softmax_topk_logits" and not spec.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)  # the softmax over the kept logits
     if spec.renormalize:
@@ -48,7 +48,7 @@ def _mask_to_best_groups(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tenso
     return choice.masked_fill(~keep, float("-inf"))
 
 
-def _drop_under_threshold(weights: torch.Tensor, ids: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_under_threshold(weights: torch.Tensor, ids: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight 0 and id -1 where w_i < threshold * sum_j w_j, except each row's largest weight."""
     keep = weights >= threshold * weights.sum(dim=-1, keepdim=True)
     keep.scatter_(1, weights.argmax(dim=-1, keepdim=True), True)

@@ -15,6 +15,9 @@ Block-scaled (FP8) experts stay FP8 in host memory; the expert a job computes is
 spot (that expert only) to the activations' dtype, or to float32 where it upcasts, as the fused
 kernels' reference (`experts_fp8_reference`) dequantizes it: weight-only FP8, the same numbers as on
 the GPU side.
+
+With int4 host copies (`OffloadOptions(host_dtype="int4")`, `host_int4`) the expert a job computes is
+dequantized from them on the spot the same way, to the dtype it computes in, in F.linear's orientation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from ..kernels.experts_fp8_reference import dequantize_blocks
 from ..kernels.experts_reference import apply_activation
 from ..kernels.spec import ExpertWeights
+from .host_int4 import Int4Experts
 
 
 @dataclass
@@ -93,14 +97,18 @@ def compute_dtype(weights: ExpertWeights, activations: torch.dtype) -> torch.dty
     return activations if weights.scales is not None else weights.gate_up.dtype
 
 
-def _expert_matrices(weights: ExpertWeights, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's gate_up and down as its GEMMs take them: views as stored, or for block-scaled weights
-    dequantized to `dtype` (only this expert's, a transient copy)."""
+def _expert_matrices(weights: ExpertWeights, expert: int, dtype: torch.dtype,
+                     int4: Int4Experts | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One expert's gate_up and down as its GEMMs take them, and whether they are transposed: views as
+    stored, or for block-scaled weights or int4 copies dequantized to `dtype` (only this expert's, a
+    transient copy; int4 ones in F.linear's orientation)."""
+    if int4 is not None:
+        return (*int4.matrices(expert, dtype), False)
     if weights.scales is None:
-        return weights.gate_up[expert], weights.down[expert]
+        return weights.gate_up[expert], weights.down[expert], weights.transposed
     scales = weights.scales
     return (dequantize_blocks(weights.gate_up[expert], scales.gate_up[expert], scales.block_size, dtype),
-            dequantize_blocks(weights.down[expert], scales.down[expert], scales.block_size, dtype))
+            dequantize_blocks(weights.down[expert], scales.down[expert], scales.block_size, dtype), weights.transposed)
 
 
 @torch.no_grad()
@@ -109,9 +117,11 @@ def run_cpu_experts(
     weights: ExpertWeights,
     groups: list[tuple[int, torch.Tensor, torch.Tensor]],
     upcast_from_tokens: float = math.inf,
+    int4: Int4Experts | None = None,
 ) -> torch.Tensor:
     """x [R, H] on the CPU -> [R, H] float32: for each group, sum of weight * expert(x[rows]). Experts
-    with at least `upcast_from_tokens` rows compute in float32 (half-precision compute only)."""
+    with at least `upcast_from_tokens` rows compute in float32 (half-precision compute only). With
+    `int4`, the experts' matrices come from those copies (biases from `weights`)."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     native_dtype = compute_dtype(weights, x.dtype)
     if native_dtype == torch.float32:
@@ -121,12 +131,12 @@ def run_cpu_experts(
         gate_up_bias = weights.gate_up_bias[expert] if weights.gate_up_bias is not None else None
         down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
         upcast = rows.numel() >= upcast_from_tokens
-        gate_up, down = _expert_matrices(weights, expert, torch.float32 if upcast else native_dtype)
+        gate_up, down, transposed = _expert_matrices(weights, expert, torch.float32 if upcast else native_dtype, int4)
         # Stored half-precision weights upcast a chunk at a time; dequantized ones are float32 already.
-        project = _project_upcast if upcast and weights.scales is None else _project
+        project = _project_upcast if upcast and weights.scales is None and int4 is None else _project
         rows_x = (x_float if upcast else x_native)[rows]
-        inter = apply_activation(project(rows_x, gate_up, gate_up_bias, weights.transposed), weights)
-        y = project(inter, down, down_bias, weights.transposed)
+        inter = apply_activation(project(rows_x, gate_up, gate_up_bias, transposed), weights)
+        y = project(inter, down, down_bias, transposed)
         out.index_add_(0, rows, y.float() * routing.unsqueeze(1))
     return out
 
@@ -138,14 +148,15 @@ class CpuExpertsWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_moe_accel-cpu-experts")
 
     def submit(self, x: torch.Tensor, weights: ExpertWeights, job: CpuExpertsJob,
-               upcast_from_tokens: float = math.inf) -> Future:
-        return self._pool.submit(_timed_run, x, weights, job.groups, upcast_from_tokens)
+               upcast_from_tokens: float = math.inf, int4: Int4Experts | None = None) -> Future:
+        return self._pool.submit(_timed_run, x, weights, job.groups, upcast_from_tokens, int4)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-def _timed_run(x: torch.Tensor, weights: ExpertWeights, groups, upcast_from_tokens: float) -> tuple[torch.Tensor, float]:
+def _timed_run(x: torch.Tensor, weights: ExpertWeights, groups, upcast_from_tokens: float,
+               int4: Int4Experts | None) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    out = run_cpu_experts(x, weights, groups, upcast_from_tokens)
+    out = run_cpu_experts(x, weights, groups, upcast_from_tokens, int4)
     return out, time.perf_counter() - start

@@ -26,6 +26,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from ..state import drop_state_if_empty, ensure_state, state_of
 from .cpu_experts import CpuExpertsWorker, compute_dtype
 from .eviction import PolicyFactory, policy_factory
 from .expert_cache import ExpertCache, bytes_per_expert, expert_tensors, unpack_lookups
+from .host_int4 import HOST_DTYPES, int4_experts, int4_problem
 from .host_weights import WeightPlacement
 from .layer import OffloadedLayer, RefusesCopies
 from .miss_cost import (
@@ -59,10 +61,13 @@ from .miss_cost import (
     MissPolicy,
     calibrate_miss_costs,
 )
+from .miss_drop import check_miss_drop_threshold, renormalisation_by_block
 from .stats import PHASES, LayerOffloadStats, OffloadStats
 from .transfers import DeviceLanes
 
 logger = logging.getLogger("hf_moe_accel")
+
+HostDtype = Literal["int4"]
 
 
 
@@ -99,6 +104,17 @@ class OffloadOptions:
         that aren't cached (counted on the GPU, graph replays included) are copied into the slots of
         its least used ones, at most top-k a layer; 0 (default): the slots stay as the last prefill
         forward left them. Experimental: tokens equal eager decoding; see docs/BENCHMARKS.md for its speed.
+    host_dtype: None (default): misses computed on the CPU read the experts' full-precision host copy.
+        "int4" (lossy): they read group-wise int4 copies made at accelerate() time (`host_int4`: groups
+        of 32 along the input dim, asymmetric, float32 scale and min) kept beside the full-precision
+        copy, which fetches still copy into the slots (the slots keep full precision). Zero-copy reads
+        host copies in GPU kernels that read no int4, so zero_copy=True is refused with it (None
+        resolves to off), as is miss_policy="fetch" (no miss would read it); full-precision experts only.
+    miss_drop_threshold: None (default) or a number in [0, 1) (lossy): per token, a chosen expert that
+        is a miss (in no slot) and whose normalised routing weight is under it is dropped for that
+        token, the largest always kept, the kept weights renormalised as the family's router does
+        (`expert_threshold`'s rule, `miss_drop`); 0 drops nothing. Counted as stats' miss_dropped. It
+        needs fused routers.
     """
 
     eviction: str | PolicyFactory = "lfu"
@@ -115,9 +131,16 @@ class OffloadOptions:
     zero_copy: bool | None = None
     zero_copy_max_tokens: int = ZERO_COPY_MAX_BATCH
     zero_copy_refill_every: int = 0
+    host_dtype: HostDtype | None = None
+    miss_drop_threshold: float | None = None
 
     def validate(self) -> None:
         policy_factory(self.eviction)
+        if self.host_dtype is not None and self.host_dtype not in HOST_DTYPES:
+            raise ValueError(f"host_dtype must be None or one of {', '.join(map(repr, HOST_DTYPES))}, got {self.host_dtype!r}")
+        if self.host_dtype is not None and self.miss_policy == "fetch":
+            raise ValueError(f"host_dtype={self.host_dtype!r} serves the misses computed on the CPU, and miss_policy='fetch' computes none there")
+        check_miss_drop_threshold(self.miss_drop_threshold)
         if self.miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy must be one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
         for name in ("kv_cache_tokens", "prefill_tokens", "zero_copy_max_tokens"):
@@ -266,6 +289,12 @@ def prepare_offload(model: nn.Module, gpu_memory: str | int, options: OffloadOpt
     if options.miss_policy == "fetch" and min(budget.slots) == 0:
         raise ValueError(f"miss_policy='fetch' needs at least one expert slot per layer; {budget.describe()}")
     zero_copy_problem = _zero_copy_problem(device, layer_weights)
+    if options.host_dtype is not None:
+        problem = next(filter(None, map(int4_problem, layer_weights)), None)
+        if problem:
+            raise ValueError(f"{problem} ({type(model).__name__})")
+        # The zero-copy kernels read host copies as stored; none reads int4.
+        zero_copy_problem = zero_copy_problem or f"zero_copy reads no host_dtype={options.host_dtype!r} copies: set zero_copy=False"
     if options.zero_copy and zero_copy_problem:
         raise ValueError(f"{zero_copy_problem}; {type(model).__name__}'s experts can't be read that way")
     if options.zero_copy is None:  # auto: on for CUDA and experts it can read
@@ -302,20 +331,27 @@ class OffloadEngine(RefusesCopies):
         self.lanes = DeviceLanes(setup.device)
         self.cpu_worker = CpuExpertsWorker()
         make_policy = policy_factory(setup.options.eviction)
+        # Lossy options (off by default): 0 drops nothing, so it runs as None does.
+        self.miss_drop_threshold = float(setup.options.miss_drop_threshold or 0.0)
+        renormalises = renormalisation_by_block(model) if self.miss_drop_threshold > 0 else {}
         self.layers: list[OffloadedLayer] = []
         for index, ((name, module), slots) in enumerate(zip(setup.experts, setup.budget.slots)):
             host = expert_weights(module, experts_state(module).activation)
             _check_planned_size(name, host, setup.budget.expert_bytes[index])
             cache = ExpertCache(host, slots, setup.device, make_policy(host.num_experts), by_address=self.options.zero_copy)
             router_weight, top_k = _router_of(model, name, module, host.num_experts)
-            self.layers.append(OffloadedLayer(index, name, cache, router_weight, top_k, self))
+            layer = OffloadedLayer(index, name, cache, router_weight, top_k, self)
+            layer.host_int4 = int4_experts(host) if self.options.host_dtype == "int4" else None
+            if self.miss_drop_threshold > 0:
+                layer.drop_renormalises = _block_rule(renormalises, name)
+            self.layers.append(layer)
         self.cost_model = setup.options.cost_model or self._calibrate()
         self.copy_clock = CopyLaneClock(self.cost_model.fetch_s if self.cost_model is not None else math.inf)
         self.cpu_correction = CpuTimeCorrection()
         self._stats = {phase: [LayerOffloadStats() for _ in self.layers] for phase in PHASES}
         # Zero-copy counters per phase and layer, counted on the device: [lookups and hits packed
-        # (expert_cache.LOOKUP), experts read from host memory].
-        self._zero_copy_counts = {phase: torch.zeros(len(self.layers), 2, dtype=torch.int64, device=setup.device)
+        # (expert_cache.LOOKUP), experts read from host memory, missed pairs dropped (miss_drop_threshold)].
+        self._zero_copy_counts = {phase: torch.zeros(len(self.layers), 3, dtype=torch.int64, device=setup.device)
                                   for phase in PHASES} if self.options.zero_copy else None
         # Zero-copy refill: routed pairs per expert (and a sentinel column) since the last refill, per layer.
         refills = self.options.zero_copy and self.options.zero_copy_refill_every > 0
@@ -327,9 +363,10 @@ class OffloadEngine(RefusesCopies):
 
     def _calibrate(self) -> MissCostModel:
         # A layer with slots times the fetch too; without any, every miss runs on the CPU (fetch_s inf).
-        with_slots = [layer.cache for layer in self.layers if layer.cache.num_slots > 0]
-        costs = calibrate_miss_costs((with_slots or [self.layers[0].cache])[0], self.lanes,
-                                     activation_dtype=self.setup.activation_dtype)
+        with_slots = [layer for layer in self.layers if layer.cache.num_slots > 0]
+        layer = (with_slots or self.layers)[0]
+        costs = calibrate_miss_costs(layer.cache, self.lanes, activation_dtype=self.setup.activation_dtype,
+                                     int4=layer.host_int4)
         logger.info("hf_moe_accel: miss costs %s", costs)
         return costs
 
@@ -338,7 +375,7 @@ class OffloadEngine(RefusesCopies):
 
     def zero_copy_counter(self, index: int) -> torch.Tensor:
         """Layer `index`'s zero-copy counters for the current phase, on the device: [packed lookups and
-        hits, experts read from host memory]."""
+        hits, experts read from host memory, missed pairs dropped]."""
         return self._zero_copy_counts[self.phase][index]
 
     def expert_use(self, index: int) -> torch.Tensor | None:
@@ -404,10 +441,10 @@ class OffloadEngine(RefusesCopies):
         if self._zero_copy_counts is None:
             return self._stats[phase]
         per_layer = []
-        for layer, host_stats, (packed, reads) in zip(self.layers, self._stats[phase],
-                                                      self._zero_copy_counts[phase].tolist()):
+        for layer, host_stats, (packed, reads, dropped) in zip(self.layers, self._stats[phase],
+                                                               self._zero_copy_counts[phase].tolist()):
             lookups, hits = unpack_lookups(packed)
-            per_layer.append(host_stats + LayerOffloadStats(lookups=lookups, hits=hits,
+            per_layer.append(host_stats + LayerOffloadStats(lookups=lookups, hits=hits, miss_dropped=dropped,
                                                             h2d_bytes=reads * layer.cache.expert_bytes))
         return per_layer
 
@@ -489,6 +526,14 @@ class OffloadEngine(RefusesCopies):
                     f"Call hf_moe_accel.unpatch(model) first (it keeps that choice), or set it back with "
                     f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r})."
                 )
+
+
+def _block_rule(renormalises: dict[str, bool], experts_name: str) -> bool:
+    """The renormalisation rule of the MoE block holding the experts module `experts_name`."""
+    block = experts_name.rsplit(".", 1)[0] if "." in experts_name else ""
+    if block not in renormalises:
+        raise ValueError(f"miss_drop_threshold needs the router of {experts_name}'s MoE block, and none was found")
+    return renormalises[block]
 
 
 def _attribute_at(module: nn.Module, path: str):

@@ -15,6 +15,11 @@ Per forward (all sizes on the host after one sync that brings the routing over):
    take the lane from demand fetches and a slot from a cached expert for nothing.
 5. The CPU result is added in; the output is summed in float32 and cast once.
 
+With `OffloadOptions.miss_drop_threshold`, step 1 first drops, per token, the missed experts under
+the threshold (`miss_drop`); the rest of the forward sees the routing without them, and the kernels
+get the renormalised weights of the tokens that lost one. With `host_dtype="int4"` the CPU share
+reads the layer's int4 host copies (`host_int4`).
+
 Zero-copy forwards (`OffloadOptions.zero_copy`, decode steps) skip all of that: one fused-kernel call
 over the cache's address table reads every routed expert where it is, cached experts from their
 slots and the others from pinned host memory over PCIe (one token: once per pair; several: each
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .cpu_experts import CpuExpertsWorker, plan_cpu_job
 from .expert_cache import LOOKUP, ExpertCache
+from .host_int4 import Int4Experts
 from .miss_cost import (
     CopyLaneClock,
     CpuTimeCorrection,
@@ -43,6 +49,7 @@ from .miss_cost import (
     MissPolicy,
     split_misses,
 )
+from .miss_drop import drop_missed
 from .stats import LayerOffloadStats
 from .transfers import DeviceLanes
 
@@ -62,6 +69,7 @@ class LayerServices(Protocol):
     cpu_correction: CpuTimeCorrection
     miss_policy: MissPolicy
     options: PrefetchSettings
+    miss_drop_threshold: float  # 0: off
 
     def layer_stats(self, index: int) -> LayerOffloadStats: ...
     def zero_copy_counter(self, index: int) -> torch.Tensor: ...
@@ -112,6 +120,8 @@ class OffloadedLayer(RefusesCopies):
         self.engine = engine
         self.prefetched_experts: list[int] | None = None  # the experts prefetch picked for this layer's next forward
         self.prefetch_accuracy = 1.0  # moving average; starts trusting the predictions
+        self.host_int4: Int4Experts | None = None  # int4 host copies the CPU misses read (host_dtype="int4")
+        self.drop_renormalises = False  # whether miss_drop_threshold rescales the kept weights (the family's rule)
 
     # Inference only: slots and host copies never join an autograd graph. Under torch.compile
     # (compile_decode) the layer runs as it is: its host work and counters are Python.
@@ -146,6 +156,8 @@ class OffloadedLayer(RefusesCopies):
         host = engine.lanes.to_host(to_host)
         stats.d2h_bytes += sum(t.numel() * t.element_size() for t in to_host)
         ids, routing = host[0].to(torch.int64), host[1].to(torch.float32)
+        if engine.miss_drop_threshold > 0:
+            ids, routing, top_k_weights = self._drop_misses(ids, host[1], top_k_weights, stats)
         hidden_host = host[2] if num_tokens <= _HIDDEN_TO_HOST_TOKENS else None
         predicted_host = host[-1] if predicted is not None else None
 
@@ -215,6 +227,12 @@ class OffloadedLayer(RefusesCopies):
         addresses = cache.device_addresses()
         path = kernels.address_path(hidden.shape[0])
         routed_pairs = top_k_index.remainder(cache.num_experts + 1).view(-1)  # -1 (no expert) -> the table's 0 at E
+        if self.engine.miss_drop_threshold > 0:  # on the device: a cached expert's lookup value is above LOOKUP
+            missed = cache.lookup_values()[routed_pairs].view_as(top_k_index) == LOOKUP
+            top_k_index, top_k_weights, dropped = drop_missed(top_k_index, top_k_weights, missed,
+                                                              self.engine.miss_drop_threshold, self.drop_renormalises)
+            self.engine.zero_copy_counter(self.index)[2].add_(dropped.sum())
+            routed_pairs = top_k_index.remainder(cache.num_experts + 1).view(-1)
         self._count_zero_copy(routed_pairs, per_pair=path == "decode")
         if (use := self.engine.expert_use(self.index)) is not None:  # for the refill between decode steps
             use.index_add_(0, routed_pairs, torch.ones_like(routed_pairs))
@@ -235,6 +253,20 @@ class OffloadedLayer(RefusesCopies):
         read = pair_values if per_pair else torch.zeros_like(values).scatter_(0, routed_pairs, pair_values)
         counter[1].add_((read == LOOKUP).sum())
 
+    def _drop_misses(self, ids: torch.Tensor, host_weights: torch.Tensor, top_k_weights: torch.Tensor,
+                     stats: LayerOffloadStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop the missed experts under miss_drop_threshold (host routing, before any lookup) -> (ids,
+        float32 routing, the kernels' weights: new ones on the device only where a token lost an expert)."""
+        missed = (ids >= 0) & (self.cache.slot_of_expert[ids.clamp(min=0)] < 0)
+        ids, weights, dropped = drop_missed(ids, host_weights, missed, self.engine.miss_drop_threshold,
+                                            self.drop_renormalises)
+        count = int(dropped.sum())
+        if count:
+            stats.miss_dropped += count
+            stats.h2d_bytes += weights.numel() * weights.element_size()
+            top_k_weights = self.engine.lanes.to_device(weights)
+        return ids, weights.to(torch.float32), top_k_weights
+
     def _start_cpu_work(self, hidden, hidden_host, ids, routing, on_cpu, stats):
         job = plan_cpu_job(ids, routing, on_cpu)
         rows = self.engine.lanes.to_device(job.tokens)
@@ -246,7 +278,7 @@ class OffloadedLayer(RefusesCopies):
             stats.d2h_bytes += x.numel() * x.element_size()
         costs = self.engine.cost_model
         upcast_from_tokens = costs.upcast_from_tokens if costs is not None else math.inf
-        return rows, self.engine.cpu_worker.submit(x, self.cache.host, job, upcast_from_tokens)
+        return rows, self.engine.cpu_worker.submit(x, self.cache.host, job, upcast_from_tokens, self.host_int4)
 
     def _run_on_slots(self, hidden, ids, top_k_weights, hits, hit_slots, to_fetch, out, stats) -> None:
         """The fused kernel over the slots: the hits with as many fetches as the other slots hold, then

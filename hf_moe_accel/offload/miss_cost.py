@@ -9,6 +9,7 @@ would then finish earlier (few tokens: CPU; many: fetch). Measured on the user's
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -22,6 +23,7 @@ import torch
 
 from .cpu_experts import compute_dtype, run_cpu_experts
 from .expert_cache import ExpertCache, expert_tensors
+from .host_int4 import Int4Experts
 from .transfers import DeviceLanes
 
 # "auto": the cost model decides per expert; "fetch": every miss fetched (the baseline the cost
@@ -156,15 +158,18 @@ def _line(one: float, many: float, tokens: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 5, tokens: int = 16,
-                         activation_dtype: torch.dtype | None = None) -> MissCostModel:
+                         activation_dtype: torch.dtype | None = None, int4: Int4Experts | None = None) -> MissCostModel:
     """Time the copy of one expert into (still empty) slot 0, and its CPU compute on 1 and on `tokens`
     tokens of `activation_dtype` (default: the weights' dtype; block-scaled weights need it) in the
     compute dtype (`cpu_experts.compute_dtype`) and (half precision) in float32; a layer without slots
     can't fetch (fetch_s = inf). Each CPU run takes the layer's next expert (round robin): a missed
     expert's weights come from memory, not from the CPU's caches (one matrix timed over and over would
     stream from cache, faster than a miss ever does). The call is short where the CPU's half-precision
-    GEMMs are fast, and longer where they are slow."""
+    GEMMs are fast, and longer where they are slow. With `int4` (the layer's int4 host copies) the CPU
+    runs read those, as its misses then do."""
     host = cache.host
+    # Passed only when set: the plain call stays run_cpu_experts' four arguments.
+    run_cpu = functools.partial(run_cpu_experts, int4=int4) if int4 is not None else run_cpu_experts
     fetch_s = math.inf
     if cache.num_slots > 0:
         pairs = [(slot[0], weight[0]) for slot, weight in zip(expert_tensors(cache.slots), expert_tensors(host))]
@@ -179,9 +184,9 @@ def calibrate_miss_costs(cache: ExpertCache, lanes: DeviceLanes, repeats: int = 
     experts = itertools.cycle(range(cache.num_experts))
 
     def line(upcast_from_tokens: float) -> tuple[float, float]:
-        one = _median_time(lambda: run_cpu_experts(x[:1], host, [(next(experts), first_row, ones[:1])], upcast_from_tokens),
+        one = _median_time(lambda: run_cpu(x[:1], host, [(next(experts), first_row, ones[:1])], upcast_from_tokens),
                            lanes, repeats)
-        many = _median_time(lambda: run_cpu_experts(x, host, [(next(experts), torch.arange(tokens), ones)], upcast_from_tokens),
+        many = _median_time(lambda: run_cpu(x, host, [(next(experts), torch.arange(tokens), ones)], upcast_from_tokens),
                             lanes, repeats)
         return _line(one, many, tokens)
 

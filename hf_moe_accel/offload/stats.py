@@ -34,6 +34,8 @@ class LayerOffloadStats:
     d2h_bytes: int = 0  # GPU to host: routing, token rows for the CPU
     cpu_expert_s: float = 0.0  # wall time of the CPU expert work
     cpu_calibrated_s: float = 0.0  # what the calibrated miss costs predicted for that work
+    # (token, expert) pairs dropped as misses under OffloadOptions.miss_drop_threshold (not in lookups)
+    miss_dropped: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -76,6 +78,7 @@ class OffloadStats:
             f"on CPU {t.cpu_experts} ({t.cpu_expert_s:.3f} s, calibrated {t.cpu_calibrated_s:.3f} s), prefetched {t.prefetched} ({t.prefetch_hits} used; "
             f"predictions {100 * t.prefetch_accuracy:.0f}% right, paused {t.prefetch_paused}x), "
             f"PCIe {t.pcie_bytes / 2**20:.1f} MiB"
+            + (f", {t.miss_dropped} missed (token, expert) pairs dropped" if t.miss_dropped else "")
             + (f"; {t.zero_copy_forwards} of {t.forwards} eager layer forwards zero-copy (their lookups, and graph "
                "replays', are routed pairs)" if t.zero_copy_forwards else "")
         )

@@ -162,6 +162,12 @@ def is_fused_router(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get(STATE_ATTR), RouterState)
 
 
+def router_specs(module: nn.Module) -> list[RoutingSpec]:
+    """The routing specs a fused router computes (one per input dtype it serves); [] for any other module."""
+    state = module.__dict__.get(STATE_ATTR)
+    return [spec for spec in state.specs.values() if spec is not None] if isinstance(state, RouterState) else []
+
+
 def select_experts(routers: Sequence[nn.Module], top_ks: Sequence[int | None], expert_threshold: float) -> None:
     """Make each fused router pick its `top_ks[i]` experts per token (None: its own top_k), then drop
     those whose normalised weight is under `expert_threshold` (0: none), as `RoutingSpec.expert_threshold`
