@@ -32,6 +32,7 @@ from .parallel.place import (
 )
 from .patches.expert_dtype import ExpertDtype, check_expert_dtype
 from .patches.fp8_experts import has_fp8_experts
+from .patches.mxfp4_experts import has_mxfp4_experts
 from .patches.registry import (
     PatchReport,
     check_unpatchable,
@@ -110,6 +111,10 @@ def accelerate(
         raise TypeError("accelerate(): offload options need gpu_memory=...")
     if gpu_memory is not None and (devices is not None or parallel is not None):
         raise TypeError("accelerate(): gpu_memory (offload to one GPU) doesn't combine with devices/parallel; pick the GPU with OffloadOptions(device=...)")
+    if gpu_memory is not None and has_mxfp4_experts(model):
+        # The offload engine's host copies, slots and address tables know bf16 and FP8 layouts only.
+        raise ValueError("accelerate(): gpu_memory doesn't offload MXFP4 experts yet; load the model with "
+                         "quantization_config=Mxfp4Config(dequantize=True) to offload it in bf16, or leave gpu_memory out")
     fp8 = expert_dtype is not None or has_fp8_experts(model)
     # Offload holds the experts as patch_model leaves them (expert_dtype quantizes first): FP8 bytes and scales.
     offload_setup = prepare_offload(model, gpu_memory, offload, expert_dtype) if gpu_memory is not None else None

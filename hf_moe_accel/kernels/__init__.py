@@ -10,9 +10,17 @@ from __future__ import annotations
 import torch
 
 from .experts_fp8_reference import experts_fp8_reference
+from .experts_mxfp4_reference import experts_mxfp4_reference
 from .experts_reference import experts_reference
 from .routing_reference import route_reference
-from .spec import Activation, BlockScales, ExpertAddresses, ExpertWeights, RoutingSpec
+from .spec import (
+    Activation,
+    BlockScales,
+    ExpertAddresses,
+    ExpertWeights,
+    MxScales,
+    RoutingSpec,
+)
 from .tuning import KernelPath, address_path, interpreting
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,12 +31,14 @@ __all__ = [
     "BlockScales",
     "ExpertAddresses",
     "ExpertWeights",
+    "MxScales",
     "RoutingSpec",
     "address_path",
     "block_scaled_kernels_serve",
     "fused_experts",
     "fused_experts_at",
     "kernels_serve",
+    "mxfp4_kernels_serve",
     "route",
 ]
 
@@ -47,6 +57,14 @@ def block_scaled_kernels_serve(hidden_states: torch.Tensor, weights: ExpertWeigh
         return False
     fp8 = any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in (weights.gate_up, weights.down))
     return not fp8 or torch.cuda.get_device_capability(hidden_states.device) >= (8, 9)
+
+
+def mxfp4_kernels_serve(hidden_states: torch.Tensor, weights: ExpertWeights) -> bool:
+    """Whether the Triton kernels run for MXFP4 weights: activations as `kernels_serve` says, weights and
+    scales on the same GPU. The nibbles and scales are decoded with integer and float32 arithmetic that
+    every GPU Triton supports, so no capability beyond the bf16 kernels' is needed."""
+    tensors = (weights.gate_up, weights.down, weights.mx_scales.gate_up, weights.mx_scales.down)
+    return kernels_serve(hidden_states) and all(t.device == hidden_states.device for t in tensors)
 
 
 def route(
@@ -72,6 +90,12 @@ def fused_experts(
     Block-scaled (FP8) weights (`weights.scales`) are read as stored and dequantized in the kernels;
     the result is in hidden_states' dtype, as `experts_fp8_reference` (the path off the GPU) computes it.
     """
+    if weights.mx_scales is not None:
+        if mxfp4_kernels_serve(hidden_states, weights):
+            from .experts_triton import fused_experts_triton
+
+            return fused_experts_triton(hidden_states, weights, topk_ids, topk_weights)
+        return experts_mxfp4_reference(hidden_states, weights, topk_ids, topk_weights)
     if weights.scales is not None:
         if block_scaled_kernels_serve(hidden_states, weights):
             from .experts_triton import fused_experts_triton

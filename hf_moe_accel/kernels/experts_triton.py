@@ -31,6 +31,13 @@ Activations stay in their dtype and the intermediate is stored in it (weight-onl
 `experts_fp8_reference`). Without scales the switch is off at compile time: the bf16 kernels are
 compiled exactly as before, with no scale argument. Experts by address (BY_ADDRESS) find their scales
 the way they find their weights: through a table of each expert's scale address.
+
+MXFP4 weights (`ExpertWeights.mx_scales`, packed e2m1 nibbles with an e8m0 scale per 32 values) run the
+same four kernels with MXFP4 set: each weight tile is gathered byte by byte along K (value k in byte
+k // 2, low nibble first), decoded to float32 in registers by building the float's bits (exact: every
+e2m1 value and e8m0 scale is a power of two times at most two mantissa bits), scaled by its row's scale
+for k // 32, then used as the block-scaled path uses its dequantized tiles. Off by default, so the other
+kernels compile as before. Not served by address.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import triton.language as tl
 
 from .align import align_pairs
 from .experts_fp8_reference import check_block_scales
+from .experts_mxfp4_reference import check_mx_scales
 from .pdl import pdl_launch_options, prologue
 from .spec import CLAMPED_SWIGLUS, ExpertAddresses, ExpertWeights
 from .tuning import KernelPath, get_config, use_decode_path
@@ -67,6 +75,8 @@ def fused_experts_triton(
         raise ValueError(f"the {weights.activation.kind} activation needs a gate")
     if weights.scales is not None:
         check_block_scales(weights)
+    if weights.mx_scales is not None:
+        check_mx_scales(weights)
     if num_tokens == 0:
         return hidden_states.new_empty((0, hidden))
     top_k = topk_ids.shape[1]
@@ -110,10 +120,19 @@ def _scale_args(weights: ExpertWeights, scale: torch.Tensor | None, table: torch
                 STRIDE_SK=stride_sk, SCALE_BN=block_n, SCALE_BK=block_k)
 
 
+def _mx_args(scale: torch.Tensor | None) -> dict:
+    """The MXFP4 kernels' scale arguments (scales [E, N, K // 32]: their strides, as constexprs); none
+    without MXFP4, so the other kernels launch exactly as before."""
+    if scale is None:
+        return {}
+    stride_e, stride_n, stride_k = scale.stride()
+    return {"mx_scale_ptr": scale, "MXFP4": True, "STRIDE_MXE": stride_e, "STRIDE_MXN": stride_n, "STRIDE_MXK": stride_k}
+
+
 def _compute_dtype(x: torch.Tensor, weights: ExpertWeights) -> torch.dtype:
     """The dtype the GEMMs' inputs and the intermediate take: the weights' (bf16 path), or the
-    activations' when the weights are block-scaled (dequantized to it)."""
-    return x.dtype if weights.scales is not None else weights.gate_up.dtype
+    activations' when the weights are block-scaled or MXFP4 (dequantized to it)."""
+    return x.dtype if weights.scales is not None or weights.mx_scales is not None else weights.gate_up.dtype
 
 
 def _weight_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
@@ -140,6 +159,7 @@ def _gate_up_args(x: torch.Tensor, weights: ExpertWeights, addresses: ExpertAddr
         INTERLEAVED=weights.has_gate and weights.interleaved, ACT=weights.activation.kind,
         **_scale_args(weights, weights.scales.gate_up if weights.scales is not None else None,
                       addresses.gate_up_scale if addresses is not None else None),
+        **_mx_args(weights.mx_scales.gate_up if weights.mx_scales is not None else None),
     )
 
 
@@ -153,6 +173,7 @@ def _down_args(weights: ExpertWeights, addresses: ExpertAddresses | None = None)
         HAS_BIAS=weights.down_bias is not None,
         **_scale_args(weights, weights.scales.down if weights.scales is not None else None,
                       addresses.down_scale if addresses is not None else None),
+        **_mx_args(weights.mx_scales.down if weights.mx_scales is not None else None),
     )
 
 
@@ -228,6 +249,8 @@ def fused_experts_at_triton(hidden_states: torch.Tensor, layout: ExpertWeights, 
     pairs (once per forward below BLOCK_M tokens an expert)."""
     if layout.gate_up_bias is not None or layout.down_bias is not None:
         raise ValueError("experts by address take no biases")
+    if layout.mx_scales is not None:
+        raise ValueError("experts by address don't serve MXFP4 weights")
     if layout.scales is not None:
         check_block_scales(layout)
         if addresses.gate_up_scale is None or addresses.down_scale is None:
@@ -270,6 +293,28 @@ def _dequantize(w, scale_base, k0, rows, row_mask, dtype: tl.constexpr,
     scale_ptrs = scale_base + (k0 // SCALE_BK) * STRIDE_SK + (rows // SCALE_BN) * STRIDE_SN
     scale = tl.load(scale_ptrs, mask=row_mask, other=0.0)
     return (w.to(tl.float32) * scale[None, :]).to(dtype)
+
+
+@triton.jit
+def _mxfp4_tile(w_base, scale_base, k0, BLOCK_K: tl.constexpr, rows, mask, stride_wn, stride_wk, dtype: tl.constexpr,
+                STRIDE_MXN: tl.constexpr, STRIDE_MXK: tl.constexpr):
+    """A [BLOCK_K, rows] tile of MXFP4 weights for values k0 .. k0 + BLOCK_K of each row, in `dtype`.
+    `w_base`/`scale_base`: where the expert's packed bytes/scales start. Value k sits in byte k // 2 (low
+    nibble for even k); e2m1 nibble s|e e|m is (-1)^s * (e ? (1 + m/2) 2^(e-1) : m/2), built as float32
+    bits; the e8m0 scale byte b is 2^(b - 127) (b = 0: the float32 subnormal 2^-127). Masked-off
+    entries read 0."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows[None, :] * stride_wn + (ks // 2)[:, None] * stride_wk
+    byte = tl.load(w_base + offsets, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((ks % 2) * 4)[:, None]) & 0xF
+    exponent = (nibble >> 1) & 3
+    mantissa = nibble & 1
+    bits = tl.where(exponent == 0, mantissa * (126 << 23), ((exponent + 126) << 23) | (mantissa << 22))
+    bits = bits | ((nibble >> 3) << 31)
+    scale = tl.load(scale_base + rows[None, :] * STRIDE_MXN + (ks // 32)[:, None] * STRIDE_MXK, mask=mask,
+                    other=0).to(tl.int32)
+    scale_bits = tl.where(scale == 0, 1 << 22, scale << 23)
+    return (bits.to(tl.float32, bitcast=True) * scale_bits.to(tl.float32, bitcast=True)).to(dtype)
 
 
 @triton.jit
@@ -364,6 +409,8 @@ def _prefill_gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
     STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    mx_scale_ptr=None, MXFP4: tl.constexpr = False, STRIDE_MXE: tl.constexpr = 0, STRIDE_MXN: tl.constexpr = 0,
+    STRIDE_MXK: tl.constexpr = 0,
 ):
     """inter[pair, n-tile] = act(x[token] @ gate^T, x[token] @ up^T) for one block of an expert's pairs."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -381,22 +428,33 @@ def _prefill_gate_up_kernel(
         + offs_k[:, None] * stride_wk
     if BLOCK_SCALED:
         scale_base = _expert_base(scale_ptr, scale_table_ptr, expert, STRIDE_SE, BY_ADDRESS)
+    if MXFP4:
+        w_base = w_ptr + expert * stride_we
+        mx_base = mx_scale_ptr + expert * STRIDE_MXE
     up_offset = N * stride_wn
     acc = tl.zeros([BLOCK_M, cols.shape[0]], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        if BLOCK_SCALED:  # the dots run in the activations' dtype, on dequantized tiles
+        if BLOCK_SCALED or MXFP4:  # the dots run in the activations' dtype, on dequantized tiles
             x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if MXFP4:
+            w = _mxfp4_tile(w_base, mx_base, k0, BLOCK_K, cols, w_mask, stride_wn, stride_wk, x.dtype,
+                            STRIDE_MXN, STRIDE_MXK)
+        else:
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         if BLOCK_SCALED:
             w = _dequantize(w, scale_base, k0, cols, col_mask, x.dtype, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if HAS_GATE and not INTERLEAVED:
-            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            if MXFP4:
+                w_up = _mxfp4_tile(w_base, mx_base, k0, BLOCK_K, cols + N, w_mask, stride_wn, stride_wk, x.dtype,
+                                   STRIDE_MXN, STRIDE_MXK)
+            else:
+                w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
             if BLOCK_SCALED:
                 w_up = _dequantize(w_up, scale_base, k0, cols + N, col_mask, x.dtype,
                                    STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
@@ -421,6 +479,8 @@ def _prefill_down_kernel(
     SPLIT_K: tl.constexpr,
     scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
     STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    mx_scale_ptr=None, MXFP4: tl.constexpr = False, STRIDE_MXE: tl.constexpr = 0, STRIDE_MXN: tl.constexpr = 0,
+    STRIDE_MXK: tl.constexpr = 0,
 ):
     """out[pair * SPLIT_K + split] = routing weight * (inter[pair] @ down^T + bias) over one K split of one block."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -442,11 +502,18 @@ def _prefill_down_kernel(
         + offs_k[:, None] * stride_wk
     if BLOCK_SCALED:
         scale_base = _expert_base(scale_ptr, scale_table_ptr, expert, STRIDE_SE, BY_ADDRESS)
+    if MXFP4:
+        w_base = w_ptr + expert * stride_we
+        mx_base = mx_scale_ptr + expert * STRIDE_MXE
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = offs_k < k_end - (k0 - k_start)
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if MXFP4:  # this step's values are k0 + arange(BLOCK_K)
+            w = _mxfp4_tile(w_base, mx_base, k0, BLOCK_K, offs_n, k_mask[:, None] & n_mask[None, :], stride_wn,
+                            stride_wk, a.dtype, STRIDE_MXN, STRIDE_MXK)
+        else:
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if BLOCK_SCALED:
             w = _dequantize(w, scale_base, k0, offs_n, n_mask, a.dtype, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -481,6 +548,8 @@ def _decode_gate_up_kernel(
     USE_PDL: tl.constexpr = False,
     scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
     STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    mx_scale_ptr=None, MXFP4: tl.constexpr = False, STRIDE_MXE: tl.constexpr = 0, STRIDE_MXN: tl.constexpr = 0,
+    STRIDE_MXK: tl.constexpr = 0,
 ):
     """inter[pair, n-tile] = act(gate . x[token], up . x[token]) for one (token, expert) pair."""
     prologue(USE_PDL)
@@ -505,7 +574,13 @@ def _decode_gate_up_kernel(
         k_mask = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[:, None]
         w_mask = k_mask[:, None] & col_mask[None, :]
-        if BLOCK_SCALED:
+        if MXFP4:
+            acc += _mxfp4_tile(w_ptr + expert * stride_we, mx_scale_ptr + expert * STRIDE_MXE, k0, BLOCK_K, cols,
+                               w_mask, stride_wn, stride_wk, tl.float32, STRIDE_MXN, STRIDE_MXK) * x
+            if HAS_GATE and not INTERLEAVED:
+                acc_up += _mxfp4_tile(w_ptr + expert * stride_we, mx_scale_ptr + expert * STRIDE_MXE, k0, BLOCK_K,
+                                      cols + N, w_mask, stride_wn, stride_wk, tl.float32, STRIDE_MXN, STRIDE_MXK) * x
+        elif BLOCK_SCALED:
             w = _dequantize(tl.load(w_ptrs, mask=w_mask, other=0.0), scale_base, k0, cols, col_mask,
                             tl.float32, STRIDE_SN, STRIDE_SK, SCALE_BN, SCALE_BK)
             acc += w * x
@@ -537,6 +612,8 @@ def _decode_down_kernel(
     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
     scale_ptr=None, scale_table_ptr=None, BLOCK_SCALED: tl.constexpr = False, STRIDE_SE: tl.constexpr = 0,
     STRIDE_SN: tl.constexpr = 0, STRIDE_SK: tl.constexpr = 0, SCALE_BN: tl.constexpr = 1, SCALE_BK: tl.constexpr = 1,
+    mx_scale_ptr=None, MXFP4: tl.constexpr = False, STRIDE_MXE: tl.constexpr = 0, STRIDE_MXN: tl.constexpr = 0,
+    STRIDE_MXK: tl.constexpr = 0,
 ):
     """out[token, n-tile] = sum over the token's k pairs of routing weight * (down . inter[pair] + bias).
 
@@ -563,7 +640,12 @@ def _decode_down_kernel(
             # expert -1 reads row 0's address, never dereferenced: its loads are masked off
             w_ptrs = _expert_base(w_ptr, w_table_ptr, tl.maximum(expert, 0), stride_we, BY_ADDRESS) \
                 + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if MXFP4:  # "no expert" masks its bytes and scales off (k_mask)
+                w = _mxfp4_tile(w_ptr + tl.maximum(expert, 0) * stride_we, mx_scale_ptr + tl.maximum(expert, 0)
+                                * STRIDE_MXE, k0, BLOCK_K, offs_n, k_mask[:, None] & n_mask[None, :], stride_wn,
+                                stride_wk, tl.float32, STRIDE_MXN, STRIDE_MXK)
+            else:
+                w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if BLOCK_SCALED:  # "no expert" masks its scales off too
                 scale_mask = offs_n < tl.where(used, N, 0)
                 scale_base = _expert_base(scale_ptr, scale_table_ptr, tl.maximum(expert, 0), STRIDE_SE, BY_ADDRESS)

@@ -101,6 +101,21 @@ class BlockScales:
     block_size: tuple[int, int] = (128, 128)
 
 
+@dataclass(frozen=True)
+class MxScales:
+    """The e8m0 scales of MXFP4 expert weights (OCP microscaling, gpt-oss's checkpoint format).
+
+    With these, `ExpertWeights.gate_up` and `.down` hold packed e2m1 values, uint8 [E, N, K // 2]
+    (not transposed: gate_up [E, 2I, H // 2], down [E, H, I // 2]): byte j of a row holds value 2j in
+    its low nibble and value 2j + 1 in its high one. Each scale is uint8 [E, N, K // 32], one per 32
+    consecutive values of a row, and the real value is e2m1(nibble) * 2 ** (scale - 127); K is a
+    multiple of 32 (the format has no partial group).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
 @dataclass
 class ExpertWeights:
     """References (never copies) to one MoE layer's expert tensors and how they are laid out.
@@ -123,6 +138,7 @@ class ExpertWeights:
     has_gate: bool = True
     activation: Activation = Activation()
     scales: BlockScales | None = None
+    mx_scales: MxScales | None = None  # MXFP4 storage (see MxScales): two values per byte along K
 
     @property
     def num_experts(self) -> int:
@@ -134,6 +150,8 @@ class ExpertWeights:
 
     @property
     def intermediate_size(self) -> int:
+        if self.mx_scales is not None:  # packed: two values per byte
+            return 2 * self.down.shape[2]
         return self.down.shape[1] if self.transposed else self.down.shape[2]
 
 

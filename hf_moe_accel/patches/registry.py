@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..kernels.spec import is_experts_module
-from . import fp8_experts
+from . import fp8_experts, mxfp4_experts
 from .adapter import FamilyAdapter
 from .attention import apply_decode_attention, remove_decode_attention
 from .expert_dtype import (
@@ -35,7 +35,7 @@ from .implementations import ImplementationName, stock_name
 from .norms import patch_norms
 from .projections import patch_projections
 from .router import patch_router
-from .swap import STATE_ATTR, is_swapped, restore
+from .swap import STATE_ATTR, is_swapped, restore, swapped_state
 
 ADAPTER_BY_MODEL_TYPE: dict[str, FamilyAdapter] = {t: a for a in ADAPTERS for t in a.model_types}
 # Class names that look like an MoE block Transformers runs with its own eager forward.
@@ -58,6 +58,11 @@ class PatchReport:
     projections: list[str] = field(default_factory=list)  # attention modules whose q/k/v run in one decode launch
     decode_attention: bool = False  # one-token queries on patches/attention.py's decode attention
     quantized: list[str] = field(default_factory=list)  # experts whose weights expert_dtype quantized at patch time
+    # Experts served from Transformers' packed MXFP4 storage (gpt-oss with the hub kernels loaded).
+    mxfp4: list[str] = field(default_factory=list)
+    # An MXFP4 checkpoint that Transformers dequantized at load (no hub kernels, or dequantize=True):
+    # its experts are bf16 and served as any bf16 gpt-oss.
+    mxfp4_dequantized: bool = False
 
 
 def supported_families() -> list[str]:
@@ -74,6 +79,12 @@ def _unsupported(what: str) -> UnsupportedMoEError:
 def _check_layout(experts: nn.Module, adapter: FamilyAdapter):
     """The experts' Activation; raises when the layout is one the kernels don't compute."""
     name = type(experts).__name__
+    if mxfp4_experts.is_mxfp4_experts(experts):  # no experts interface: served by a forward swap
+        if problem := mxfp4_experts.layout_problem(experts):
+            raise UnsupportedMoEError(f"{name} ({mxfp4_experts.FORMAT}): {problem}. {mxfp4_experts.LAYOUT_FIX}.")
+        if getattr(experts, "_is_hooked", False) or getattr(experts, "_is_expert_parallel", False):
+            raise _unsupported(f"{name} is sharded by Transformers' expert parallelism")
+        return mxfp4_experts.activation(experts)
     if not dispatches_through_interface(experts):
         raise _unsupported(
             f"{name} doesn't dispatch its forward through Transformers' ALL_EXPERTS_FUNCTIONS (or, for FP8 experts, "
@@ -123,7 +134,7 @@ def _find_experts(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     found = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            if is_experts_module(child):
+            if is_experts_module(child) or mxfp4_experts.is_mxfp4_experts(child):
                 found.append((f"{parent_name}.{child_name}".lstrip("."), parent, child))
     return found
 
@@ -146,11 +157,16 @@ def patch_model(model: nn.Module, expert_dtype: ExpertDtype | None = None, keep_
 
     plan = []
     for name, parent, experts in found:
-        model_type = experts.config.model_type
+        # Mxfp4GptOssExperts keeps no config: Transformers builds it for gpt-oss only.
+        model_type = "gpt_oss" if mxfp4_experts.is_mxfp4_experts(experts) else experts.config.model_type
         adapter = ADAPTER_BY_MODEL_TYPE.get(model_type)
         if adapter is None:
             raise _unsupported(f"{type(experts).__name__} (family {model_type!r}) has no adapter")
         activation = _check_layout(experts, adapter)
+        mxfp4 = mxfp4_experts.is_mxfp4_experts(experts)
+        if mxfp4 and expert_dtype == "fp8":
+            raise ValueError(f"accelerate(expert_dtype='fp8'): {name} is stored in {mxfp4_experts.FORMAT}, which the "
+                             "kernels serve as it is; requantizing it to FP8 would lose precision")
         quantize = expert_dtype == "fp8" and _check_quantizable(name, experts)
         plan.append((name, parent, experts, adapter, activation, quantize))
 
@@ -158,6 +174,15 @@ def patch_model(model: nn.Module, expert_dtype: ExpertDtype | None = None, keep_
     previous: dict[int, str | None] = {}  # by id(config): its experts implementation before this call
     try:
         for name, parent, experts, adapter, activation, quantize in plan:
+            if mxfp4_experts.is_mxfp4_experts(experts):
+                mxfp4_experts.patch(experts, parent, activation)
+                report.experts.append(name)
+                report.mxfp4.append(name)
+                report.families.add("gpt_oss")
+                router = getattr(parent, adapter.router_attr, None)
+                if router is not None and patch_router(router, adapter):
+                    report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
+                continue
             if (interface := dispatch_interface(experts)) is not None:
                 serve_interface(interface)
             quantized = quantize_experts(experts, keep_original_experts) if quantize else None  # all or nothing
@@ -172,6 +197,7 @@ def patch_model(model: nn.Module, expert_dtype: ExpertDtype | None = None, keep_
             router = getattr(parent, adapter.router_attr, None)
             if router is not None and patch_router(router, adapter):
                 report.routers.append(name.rsplit(".", 1)[0] + f".{adapter.router_attr}")
+        report.mxfp4_dequantized = mxfp4_experts.mxfp4_dequantized_at_load(model)
         report.norms = patch_norms(model)
         report.projections = patch_projections(model)
         report.decode_attention = apply_decode_attention(model)
@@ -211,6 +237,8 @@ def unpatch_model(model: nn.Module) -> None:
     remove_decode_attention(model)
     released: dict[int, tuple] = {}
     for module in model.modules():
+        if isinstance(swapped_state(module), mxfp4_experts.Mxfp4State):
+            mxfp4_experts.unpatch(module)  # its stock tensors back; the class below
         state = experts_state(module)
         if state is not None:
             if state.quantized is not None:
