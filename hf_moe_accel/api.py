@@ -118,7 +118,8 @@ def accelerate(
     fp8 = expert_dtype is not None or has_fp8_experts(model)
     # Offload holds the experts as patch_model leaves them (expert_dtype quantizes first): FP8 bytes and scales.
     offload_setup = prepare_offload(model, gpu_memory, offload, expert_dtype) if gpu_memory is not None else None
-    placement = choose_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs)
+    placement = choose_placement(model, devices=devices, parallel=parallel, cuda_graphs=cuda_graphs,
+                                 expert_dtype=expert_dtype)
     if fp8 and placement is not None:
         check_fp8_placement(model, placement, expert_dtype)  # tensor parallel cuts FP8 experts on whole scale blocks
     if offload_setup is not None and offload_setup.caches_every_expert and _on_one_device(model):

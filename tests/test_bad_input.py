@@ -173,6 +173,7 @@ def test_env_on_a_good_checkpoint_reads_its_config(fixture_path, capsys):
         (["bench", "--top-k", "0"], ">= 1"),
         (["bench", "--threshold", "1"], "[0, 1)"),
         (["bench", "--threshold", "nan"], "[0, 1)"),
+        (["bench", "--gpu-memory", "1GiB", "--miss-drop-threshold", "1"], "[0, 1)"),
         (["bench", "--prompt-len", "eight"], ">= 1"),
         (["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100x8", "--gpus", "0"], ">= 1"),
         (["plan", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--batch", "0"], "positive integers"),
@@ -192,6 +193,11 @@ def test_numbers_out_of_range_are_refused_with_the_range(argv, expected, capsys)
     flag = next(a for a in reversed(argv) if a.startswith("--"))
     err = _refused(capsys, argv, flag, expected)
     assert "--help" in err
+
+
+@pytest.mark.parametrize("flag", [["--host-dtype", "int4"], ["--miss-drop-threshold", "0.1"], ["--no-zero-copy"]])
+def test_offload_flags_need_gpu_memory(flag, capsys):
+    _refused(capsys, ["bench", "--device", "cpu", *flag], flag[0], "needs --gpu-memory")
 
 
 def test_measured_plans_need_two_new_tokens(capsys):

@@ -51,8 +51,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compile_decode and (args.no_cuda_graphs or args.gpu_memory):
         raise CliError("--compile-decode compiles the decode step captured in CUDA graphs: it doesn't combine with "
                        "--no-cuda-graphs or --gpu-memory (the offloaded decode step is captured uncompiled)")
-    if args.no_zero_copy and not args.gpu_memory:
-        raise CliError("--no-zero-copy is an option of expert offload: it needs --gpu-memory")
+    for flag, value in (("--no-zero-copy", args.no_zero_copy), ("--host-dtype", args.host_dtype),
+                        ("--miss-drop-threshold", args.miss_drop_threshold)):
+        if value not in (None, False) and not args.gpu_memory:
+            raise CliError(f"{flag} is an option of expert offload: it needs --gpu-memory")
     if args.gpu_memory:
         if len(prompt_lens) > 1:
             raise CliError("--gpu-memory benchmarks one prompt length; give --prompt-len one value")
@@ -170,7 +172,9 @@ def _bench_offload(args: argparse.Namespace, preset: str | None, dtype: torch.dt
     try:
         rows = run_offload_bench(model, name, args.gpu_memory, workloads, repeats=args.repeats,
                                  stock_new_tokens=args.stock_new_tokens, stock_batches=[min(batches)],
-                                 options=OffloadOptions(zero_copy=False if args.no_zero_copy else None))
+                                 options=OffloadOptions(zero_copy=False if args.no_zero_copy else None,
+                                                        host_dtype=args.host_dtype,
+                                                        miss_drop_threshold=args.miss_drop_threshold))
     except ValueError as error:  # a budget too small, or one that holds the whole model
         raise CliError(str(error)) from None
     print(markdown_table(rows))
@@ -316,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-zero-copy", action="store_true",
                        help="with --gpu-memory: ours without zero-copy decode (OffloadOptions(zero_copy=False)): every "
                             "decode step runs the expert cache's host round trip, eagerly")
+    bench.add_argument("--host-dtype", choices=["int4"],
+                       help="with --gpu-memory: misses computed on the CPU read group-wise int4 host copies "
+                            "(OffloadOptions(host_dtype='int4'); lossy; zero-copy off)")
+    bench.add_argument("--miss-drop-threshold", type=in_range(0.0, 1.0, high_open=True),
+                       help="with --gpu-memory: drop a missed expert whose normalised routing weight is under this "
+                            "(OffloadOptions(miss_drop_threshold=...); lossy)")
     bench.add_argument("--stock-new-tokens", type=int, default=3,
                        help="with --gpu-memory: tokens stock's offloading device map decodes (seconds each on real shapes)")
     bench.add_argument("--start-time", action="store_true",

@@ -30,6 +30,13 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _expert_dtype(text: str) -> str:
+    if text != "fp8":
+        raise argparse.ArgumentTypeError(
+            f"unknown expert dtype {text!r}; the one choice is 'fp8' (block-scaled float8 experts); leave it out for --dtype experts")
+    return text
+
+
 def _gib(text: str) -> float:
     try:
         return parse_memory_size(text) / GIB
@@ -51,6 +58,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="expert-cache hit rate in [0, 1] for the offload plan (default: uniform routing)")
     plan.add_argument("--plans", type=_kinds, help=f"only these plans, comma-separated ({', '.join(PLAN_KINDS)})")
     plan.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    plan.add_argument("--expert-dtype", type=_expert_dtype,
+                      help="fp8: count the routed experts as block-scaled FP8 (1 byte per weight + a float32 scale per "
+                           "128x128 block), as accelerate(expert_dtype='fp8') stores them; the rest stays in --dtype")
+    plan.add_argument("--fp8-attention", action="store_true",
+                      help="with --expert-dtype fp8: the attention projections in FP8 too, as FP8 checkpoints store them")
     plan.add_argument("--calibrate", action="store_true", help="re-measure this machine (otherwise the cached calibration is used)")
     plan.add_argument("--measure", action="store_true", help="also run each feasible plan briefly here and print measured beside predicted")
     plan.add_argument("--repeats", type=at_least(1), default=1, help="timed repeats per measured plan, 1 or more (--measure)")
@@ -111,17 +123,21 @@ def run_plan(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from ..costmodel.presets import PRESETS
     from ..costmodel.ranking import candidate_plans, format_table, rank_plans
-    from ..costmodel.shapes import load_shape
+    from ..costmodel.shapes import load_shape, with_fp8
 
     if args.measure and args.new_tokens < 2:
         raise CliError("--measure times decode steps: --new-tokens must be 2 or more (a first token, then decode)")
     if args.model not in PRESETS and os.path.isdir(args.model):
         check_checkpoint(args.model, weights=args.measure)  # --measure loads the weights
+    if args.fp8_attention and args.expert_dtype != "fp8":
+        raise CliError("--fp8-attention counts attention in FP8 beside FP8 experts: add --expert-dtype fp8")
     hardware = _hardware(args)
     try:
         shape = load_shape(args.model, _DTYPES[args.dtype])
     except OSError as error:  # Transformers' config reader: a checkpoint folder it can't read
         raise CliError(f"--model {args.model}: can't read its config ({' '.join(str(error).split())})") from None
+    if args.expert_dtype == "fp8":
+        shape = with_fp8(shape, attention=args.fp8_attention)
     workloads = [Workload(b, args.prompt_len, args.new_tokens, args.hit_rate) for b in args.batch]
     say = print if _is_rank_zero() else (lambda *_: None)  # under torchrun, rank 0 speaks
     say(shape.summary())

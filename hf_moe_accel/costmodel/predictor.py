@@ -42,7 +42,7 @@ from transformers import PretrainedConfig
 from ..kernels.tuning import address_path, prefill_block_m
 from .hardware import GIB, Hardware
 from .memory import SlotBudget, length_bucket, reserve_bytes, split_budget
-from .shapes import ModelShape
+from .shapes import FP8_BLOCK, ModelShape
 
 PlanKind = Literal["single", "pp", "ep", "tp", "dp", "offload"]
 PLAN_KINDS: tuple[str, ...] = ("single", "pp", "ep", "tp", "dp", "offload")
@@ -201,7 +201,7 @@ def _stream_s(nbytes: float, flops: float, hw: Hardware, gemm_efficiency: float)
 
 
 def _expert_params(shape: ModelShape) -> float:
-    return shape.expert_bytes / shape.dtype_bytes
+    return shape.expert_weight_params
 
 
 def kv_traffic_bytes(shape: ModelShape, workload: Workload, batch: int, cuda_graphs: bool) -> tuple[float, float]:
@@ -224,11 +224,12 @@ def _dense_s(shape: ModelShape, hw: Hardware, tokens: int, kv: tuple[float, floa
     """Attention, norms, routers, shared/dense MLPs, embedding rows and head for `tokens` decode tokens;
     `kv` from `kv_traffic_bytes` (read, moved)."""
     weights = shape.attention_bytes * attention_share + shape.other_bytes + shape.lm_head_bytes
+    params = shape.attention_weight_params * attention_share + (shape.other_bytes + shape.lm_head_bytes) / shape.dtype_bytes
     kv_read, kv_moved = kv[0] * kv_share, kv[1] * kv_share
     embed_rows = tokens * shape.hidden_size * shape.dtype_bytes
     # Scores and weighted sum: 2 FLOPs per (query head x key element); queries share each KV head.
     group = shape.num_heads / shape.num_kv_heads
-    flops = 2 * tokens * weights / shape.dtype_bytes + 2 * group * kv_read / shape.dtype_bytes
+    flops = 2 * tokens * params + 2 * group * kv_read / shape.dtype_bytes
     return _stream_s(weights + kv_moved + embed_rows, flops, hw, DENSE_GEMM_EFFICIENCY)
 
 
@@ -283,7 +284,7 @@ def runtime_bytes(shape: ModelShape, workload: Workload) -> float:
 def _prefill_s(shape: ModelShape, hw: Hardware, workload: Workload, batch: int, share: float = 1.0) -> float:
     """Time to first token: every weight read once, compute for batch x prompt tokens, eager host."""
     tokens = batch * workload.prompt_len
-    dense_params = (shape.attention_bytes + shape.other_bytes) / shape.dtype_bytes
+    dense_params = shape.attention_weight_params + shape.other_bytes / shape.dtype_bytes
     attention_flops = 2 * batch * workload.prompt_len**2 * shape.num_heads * shape.head_dim * shape.num_layers
     dense = _stream_s(
         (shape.attention_bytes + shape.other_bytes + shape.lm_head_bytes) * share,
@@ -365,38 +366,77 @@ def _predict_expert_parallel(shape, hw, plan, workload) -> Prediction:
 
 
 def tensor_parallel_refusal(shape: ModelShape, n: int) -> str:
-    """Why tensor parallel over n ranks can't shard this model's attention, or '' when it can."""
+    """Why tensor parallel over n ranks can't shard this model (its attention heads, its experts' inner
+    dimension: parallel/shards.py's rules), or '' when it can."""
     if not shape.qkvo_attention:
         return "tensor parallel shards q/k/v/o attention; this model's attention has another layout (use ep)"
     if shape.num_heads % n:
         return f"{shape.num_heads} attention heads don't split over {n} ranks"
     if shape.num_kv_heads % n and n % shape.num_kv_heads:
         return f"{shape.num_kv_heads} KV heads don't split over (or replicate evenly on) {n} ranks"
+    return _fp8_attention_refusal(shape, n) or _expert_inner_refusal(shape, n)
+
+
+def _fp8_attention_refusal(shape: ModelShape, n: int) -> str:
+    """FP8 attention projections are cut on whole scale blocks: each rank's query rows and KV rows must
+    fill whole FP8_BLOCK-row blocks."""
+    if shape.attention_format != "fp8":
+        return ""
+    q_rows = shape.num_heads // n * shape.head_dim
+    kv_rows = max(1, shape.num_kv_heads // n) * shape.head_dim
+    if q_rows % FP8_BLOCK or kv_rows % FP8_BLOCK:
+        return (f"a rank's FP8 attention rows ({q_rows} query, {kv_rows} KV) don't fill whole {FP8_BLOCK}-row scale "
+                "blocks (use ep)")
     return ""
+
+
+def _expert_inner_refusal(shape: ModelShape, n: int) -> str:
+    """Each expert's inner dimension is cut on columns (plain weights) or on whole scale blocks (FP8):
+    every rank needs at least one; FP8 gate and up rows stacked in one matrix must not share a block."""
+    step = shape.expert_block or 1
+    blocks = -(-shape.expert_inner // step)
+    if step == 1:
+        return f"expert inner size {shape.expert_inner} is smaller than {n} ranks" if blocks < n else ""
+    if shape.expert_gate_up_stacked and shape.expert_inner % step:
+        return (f"expert inner size {shape.expert_inner} isn't a multiple of the {step}-column FP8 scale block, so "
+                "gate and up rows share blocks no cut separates (use ep)")
+    if blocks < n:
+        return (f"FP8 experts are cut on whole scale blocks: inner size {shape.expert_inner} is {blocks} block(s) of "
+                f"{step} columns, fewer than {n} ranks (use ep)")
+    return ""
+
+
+def tensor_parallel_expert_share(shape: ModelShape, n: int) -> float:
+    """The largest rank's share of each expert under tensor parallel over n ranks. The inner dimension's
+    columns (plain weights) or whole scale blocks (FP8) are dealt out, the first ranks taking one more
+    where they don't divide evenly (parallel/shards.py's split_blocks); every step waits on those ranks."""
+    step = shape.expert_block or 1
+    blocks = -(-shape.expert_inner // step)
+    largest = min(-(-blocks // n) * step, shape.expert_inner)
+    return largest / shape.expert_inner
 
 
 def _predict_tensor_parallel(shape, hw, plan, workload) -> Prediction:
     n, batch = plan.gpus, workload.batch
-    refusal = tensor_parallel_refusal(shape, n) or (
-        f"expert inner size {shape.expert_inner} is smaller than {n} ranks" if shape.expert_inner < n else ""
-    )
+    refusal = tensor_parallel_refusal(shape, n)
     if refusal:
         return _result(plan, workload, 1.0, 1.0, 0.0, hw, {}, reason=refusal)
     kv_share = 1.0 / n if shape.num_kv_heads >= n else 1.0 / shape.num_kv_heads
+    expert_share = tensor_parallel_expert_share(shape, n)
     kv = kv_traffic_bytes(shape, workload, batch, plan.cuda_graphs)
     gpu = _dense_s(shape, hw, batch, kv, attention_share=1.0 / n, kv_share=kv_share)
-    gpu += _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k, share=1.0 / n)
+    gpu += _moe_s(shape, hw, touched_experts(shape, batch), batch * shape.top_k, share=expert_share)
     # One all-reduce after attention's output projection, one after the experts.
     comm = (shape.num_layers + shape.moe_layers) * _allreduce_s(hw, batch * shape.hidden_size * shape.dtype_bytes, n)
     parts = _step_parts(shape, hw, plan.cuda_graphs, {"gpu": gpu, "allreduce": comm}, 2 * COLLECTIVE_HOST_US)
     memory = (
         shape.non_expert_bytes
         - shape.attention_bytes * (1 - 1.0 / n)
-        + shape.experts_total_bytes / n
+        + shape.experts_total_bytes * expert_share
         + shape.kv_bytes(batch, workload.max_context) * kv_share
         + _workspace_bytes(shape, workload)
     )
-    ttft = _prefill_s(shape, hw, workload, batch, share=1.0 / n)
+    ttft = _prefill_s(shape, hw, workload, batch, share=expert_share)
     return _result(plan, workload, sum(parts.values()), ttft, memory, hw, parts)
 
 

@@ -28,7 +28,7 @@ from ..costmodel.predictor import (
     tensor_parallel_refusal,
 )
 from ..costmodel.ranking import rank_plans
-from ..costmodel.shapes import ModelShape, shape_of_model
+from ..costmodel.shapes import ModelShape, shape_of_model, with_fp8
 from ..patches.expert_dtype import BLOCK_SIZE
 from ..state import drop_state_if_empty, ensure_state, state_of
 from .distributed import (
@@ -82,8 +82,11 @@ def placement_of(model: nn.Module) -> PlacementDecision | None:
 # ---- choosing --------------------------------------------------------------------------------
 
 
-def choose_placement(model: nn.Module, *, devices: Devices = None, parallel: str | None = None, cuda_graphs: bool = True) -> PlacementDecision | None:
-    """Validate `devices`/`parallel` and choose the plan, before anything changes; None: no placement."""
+def choose_placement(model: nn.Module, *, devices: Devices = None, parallel: str | None = None, cuda_graphs: bool = True,
+                     expert_dtype: str | None = None) -> PlacementDecision | None:
+    """Validate `devices`/`parallel` and choose the plan, before anything changes; None: no placement.
+    `expert_dtype`: the experts will be quantized to it (`accelerate(expert_dtype=...)`): plans are
+    costed at those bytes (experts already stored in FP8 are read as such from the model)."""
     if parallel is not None and parallel not in PARALLEL_CHOICES:
         raise ValueError(f"parallel={parallel!r}; expected one of {', '.join(map(repr, PARALLEL_CHOICES))}")
     loaded = loaded_shard(model)
@@ -93,8 +96,13 @@ def choose_placement(model: nn.Module, *, devices: Devices = None, parallel: str
         return None
     single_device(model)  # raises for a model already spread over devices
     if distributed_world() is not None:
-        return _plan_distributed(model, devices, parallel or "auto", cuda_graphs)
-    return _plan_local(model, devices, parallel or "auto", cuda_graphs)
+        return _plan_distributed(model, devices, parallel or "auto", cuda_graphs, expert_dtype)
+    return _plan_local(model, devices, parallel or "auto", cuda_graphs, expert_dtype)
+
+
+def _planned_shape(shape: ModelShape, expert_dtype: str | None) -> ModelShape:
+    """The sizes the plan will run at: the experts in `expert_dtype` where it quantizes them."""
+    return with_fp8(shape) if expert_dtype == "fp8" else shape
 
 
 def _loaded_plan(model: nn.Module, loaded, parallel: str | None) -> str:
@@ -147,7 +155,7 @@ def _require_fit(prediction: Prediction) -> None:
         raise ValueError(f"plan {prediction.plan.label} can't run: {prediction.reason}")
 
 
-def _plan_local(model: nn.Module, devices: Devices, parallel: str, cuda_graphs: bool) -> PlacementDecision:
+def _plan_local(model: nn.Module, devices: Devices, parallel: str, cuda_graphs: bool, expert_dtype: str | None = None) -> PlacementDecision:
     if parallel in DISTRIBUTED_KINDS:
         raise ValueError(
             f"parallel={parallel!r} runs one process per GPU over torch.distributed: launch your script with "
@@ -164,7 +172,7 @@ def _plan_local(model: nn.Module, devices: Devices, parallel: str, cuda_graphs: 
         raise ValueError(f"parallel='single' runs on one GPU; devices names {len(resolved)}")
     if parallel == "pp" and len(resolved) < 2:
         raise ValueError("parallel='pp' splits the layers over several GPUs; devices names one")
-    shape, hardware = shape_of_model(model), _hardware_for(resolved)
+    shape, hardware = _planned_shape(shape_of_model(model), expert_dtype), _hardware_for(resolved)
     if parallel == "auto":
         candidates = [PlacementPlan("single", 1, cuda_graphs)] + ([PlacementPlan("pp", len(resolved), False)] if len(resolved) > 1 else [])
     else:
@@ -209,13 +217,15 @@ def _rank_device(devices: Devices) -> torch.device:
     return resolved[local_rank()]
 
 
-def _plan_distributed(model: nn.Module, devices: Devices, parallel: str, cuda_graphs: bool) -> PlacementDecision:
+def _plan_distributed(model: nn.Module, devices: Devices, parallel: str, cuda_graphs: bool,
+                      expert_dtype: str | None = None) -> PlacementDecision:
     rank, world = distributed_world()
     if parallel not in ("auto", *DISTRIBUTED_KINDS):
         raise ValueError(f"under torch.distributed ({world} processes) parallel must be 'auto', 'ep', 'tp' or 'dp', got {parallel!r}")
     device = _rank_device(devices)
     loaded = loaded_shard(model)
     shape = loaded.model_shape if loaded is not None else shape_of_model(model)  # the whole model's sizes
+    shape = _planned_shape(shape, expert_dtype)
     if device.type == "cpu":
         if parallel == "auto":
             raise ValueError("parallel='auto' predicts GPU plans; on the CPU name one: 'ep', 'tp' or 'dp'")
