@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .experts_reference import experts_reference
+from .experts_reference import experts_reference, used_experts
 from .spec import BlockScales, ExpertWeights
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -110,8 +110,7 @@ def experts_fp8_reference(
     memory is that of the experts hit, not of the layer. Ids of -1 add nothing, as in the bf16 path.
     """
     scales = check_block_scales(weights)
-    used = topk_ids[topk_ids >= 0].unique()  # sorted
-    local_ids = torch.where(topk_ids >= 0, torch.searchsorted(used, topk_ids.clamp_min(0)), -1)
+    used, local_ids = used_experts(topk_ids)
     dtype = hidden_states.dtype
     dense = replace(
         weights, scales=None,

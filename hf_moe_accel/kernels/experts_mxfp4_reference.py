@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .experts_reference import experts_reference
+from .experts_reference import experts_reference, used_experts
 from .spec import ExpertWeights, MxScales
 
 MX_GROUP = 32  # values per e8m0 scale (OCP MX)
@@ -79,8 +79,7 @@ def experts_mxfp4_reference(
     that of the experts hit, not of the layer. Ids of -1 add nothing, as in the bf16 path.
     """
     scales = check_mx_scales(weights)
-    used = topk_ids[topk_ids >= 0].unique()  # sorted
-    local_ids = torch.where(topk_ids >= 0, torch.searchsorted(used, topk_ids.clamp_min(0)), -1)
+    used, local_ids = used_experts(topk_ids)
     dtype = hidden_states.dtype
     dense = replace(
         weights, mx_scales=None,

@@ -85,3 +85,10 @@ def experts_reference(
     routing = topk_weights.reshape(-1, 1).to(acc_dtype)
     pair_out *= torch.where(flat_ids.unsqueeze(1) >= 0, routing, 0.0)  # a dropped pair's weight may be anything
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden_states.dtype)
+
+
+def used_experts(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] (-1: no expert) -> (the experts some pair uses, sorted; topk_ids renumbered into
+    that list, -1 kept). The quantized references dequantize only those experts."""
+    used = topk_ids[topk_ids >= 0].unique()  # sorted
+    return used, torch.where(topk_ids >= 0, torch.searchsorted(used, topk_ids.clamp_min(0)), -1)
