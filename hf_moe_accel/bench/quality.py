@@ -30,16 +30,20 @@ from .timing import forced_greedy, time_generate
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to run the model: stock, or accelerated with optional expert-selection options."""
+    """One way to run the model: stock, or accelerated with optional expert-selection options, or with its
+    experts quantized at patch time (`expert_dtype`; the originals are kept and restored)."""
 
     name: str
     accelerated: bool = True
     top_k: int | None = None
     expert_threshold: float | None = None
+    expert_dtype: str | None = None
 
 
-def sweep_settings(top_ks: Sequence[int] = (), thresholds: Sequence[float] = ()) -> list[Setting]:
-    """stock, full (accelerated, the model's own top-k), then one setting per top-k and per threshold."""
+def sweep_settings(top_ks: Sequence[int] = (), thresholds: Sequence[float] = (),
+                   expert_dtype: str | None = None) -> list[Setting]:
+    """stock, full (accelerated, the model's own top-k), full with its experts in `expert_dtype` (a row
+    named after it), then one setting per top-k and per threshold."""
     for top_k in top_ks:
         check_expert_selection(top_k, None)
     for threshold in thresholds:
@@ -47,6 +51,7 @@ def sweep_settings(top_ks: Sequence[int] = (), thresholds: Sequence[float] = ())
     return [
         Setting("stock", accelerated=False),
         Setting("full"),
+        *([Setting(expert_dtype, expert_dtype=expert_dtype)] if expert_dtype else []),
         *(Setting(f"top_k={k}", top_k=k) for k in top_ks),
         *(Setting(f"threshold={t:g}", expert_threshold=t) for t in thresholds),
     ]
@@ -147,7 +152,8 @@ def applied(model: nn.Module, setting: Setting) -> Iterator[nn.Module]:
     if not setting.accelerated:
         yield model
         return
-    accelerate(model, top_k=setting.top_k, expert_threshold=setting.expert_threshold)
+    quantized = {"expert_dtype": setting.expert_dtype, "keep_original_experts": True} if setting.expert_dtype else {}
+    accelerate(model, top_k=setting.top_k, expert_threshold=setting.expert_threshold, **quantized)
     try:
         yield model
     finally:
@@ -193,10 +199,14 @@ def evaluate(model: nn.Module, token_ids: torch.Tensor, settings: Sequence[Setti
 
 
 def _add_relative_figures(rows: list[dict]) -> None:
-    """ppl change, share of the model's experts, speed against the accelerated full model."""
     full = next((r for r in rows if r["name"] == "full"), rows[0])
     for row in rows:
-        row["ppl_change_pct"] = 100 * (row["ppl"] / full["ppl"] - 1)
-        row["experts_fraction"] = row["experts_per_token"] / full["experts_per_token"]
-        if "decode_tokens_per_s" in row:
-            row["speed_vs_full"] = row["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        add_relative_figures(row, full)
+
+
+def add_relative_figures(row: dict, full: dict) -> None:
+    """ppl change, share of the model's experts, speed against the accelerated full model's row."""
+    row["ppl_change_pct"] = 100 * (row["ppl"] / full["ppl"] - 1)
+    row["experts_fraction"] = row["experts_per_token"] / full["experts_per_token"]
+    if "decode_tokens_per_s" in row:
+        row["speed_vs_full"] = row["decode_tokens_per_s"] / full["decode_tokens_per_s"]

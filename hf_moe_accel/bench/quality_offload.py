@@ -34,6 +34,7 @@ from ..offload.miss_drop import check_miss_drop_threshold
 from .quality import (
     EvalConfig,
     ExpertCounter,
+    add_relative_figures,
     greedy_agreement,
     perplexity,
     prepare_data,
@@ -115,7 +116,6 @@ def offload_rows(model: nn.Module, token_ids: torch.Tensor, config: EvalConfig, 
             row.update(hit_rate=total.hit_rate, miss_dropped=total.miss_dropped)
         finally:
             unpatch(model)
-        row["ppl_change_pct"] = 100 * (row["ppl"] / full["ppl"] - 1)
-        row["experts_fraction"] = row["experts_per_token"] / full["experts_per_token"]
+        add_relative_figures(row, full)
         rows.append(row)
     return rows

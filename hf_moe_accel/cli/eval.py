@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     speed_batch = args.speed_batch if args.speed_batch is not None else (32 if cuda else 0)
     try:
-        settings = sweep_settings(args.top_k, args.threshold)
+        settings = sweep_settings(args.top_k, args.threshold, args.expert_dtype)
         config = EvalConfig(
             window=args.window, max_tokens=args.max_tokens, batch=args.batch, prompts=args.prompts,
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, speed_batch=speed_batch,
@@ -101,17 +101,12 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device_map=device)
     token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
     try:
-        if args.expert_dtype:  # a model it can't serve is refused before the long work, as evaluate's settings are
-            _check_expert_dtype(model, args.expert_dtype)
         if offload is not None:
             check_offload_eval(model, offload)
         result = evaluate(model, token_ids, settings, config)
-        rows = result["settings"]
-        full = next(index for index, row in enumerate(rows) if row["name"] == "full")
-        if args.expert_dtype:
-            rows.insert(full + 1, expert_dtype_row(model, token_ids, config, args.expert_dtype, rows[full]))
         if offload is not None:
-            rows.extend(offload_rows(model, token_ids, config, offload, rows[full]))
+            full = next(row for row in result["settings"] if row["name"] == "full")
+            result["settings"].extend(offload_rows(model, token_ids, config, offload, full))
     except ValueError as error:  # e.g. a top-k above the model's number of experts
         raise CliError(str(error)) from None
     result = {"model": args.model, "text": args.text, **result}
@@ -134,44 +129,3 @@ def _offload_eval(args: argparse.Namespace):
     return OffloadEval(gpu_memory=args.gpu_memory, slots_per_layer=args.offload_slots, host_dtype=args.host_dtype,
                 miss_drop_thresholds=tuple(args.miss_drop_threshold))
 
-
-def _check_expert_dtype(model, expert_dtype: str) -> None:
-    """Raises (ValueError) where accelerate() can't quantize this model's experts; leaves it stock."""
-    from ..api import accelerate, unpatch
-
-    unpatch(accelerate(model, expert_dtype=expert_dtype, keep_original_experts=True, cuda_graphs=False))
-
-
-def expert_dtype_row(model, token_ids: torch.Tensor, config, expert_dtype: str, full: dict) -> dict:
-    """The full model with its experts quantized at patch time (`accelerate(expert_dtype=...)`), measured as
-    `bench.quality.evaluate` measures a setting (greedy agreement with stock's tokens), with the relative
-    figures against `full`, the checkpoint's dtype. The original experts are kept and restored: the model
-    is left stock."""
-    from ..api import accelerate, unpatch
-    from ..bench.quality import (
-        ExpertCounter,
-        greedy_agreement,
-        perplexity,
-        prepare_data,
-    )
-    from ..bench.timing import forced_greedy, time_generate
-
-    data = prepare_data(token_ids, config, next(model.parameters()).device)
-    reference = forced_greedy(model, data.prompts, config.new_tokens)  # stock greedy tokens
-    accelerate(model, expert_dtype=expert_dtype, keep_original_experts=True)
-    try:
-        with ExpertCounter().installed(model) as counter:
-            ppl = perplexity(model, data.windows, config.batch)
-        row = {"name": expert_dtype, "accelerated": True, "top_k": None, "expert_threshold": None,
-               "expert_dtype": expert_dtype, "ppl": ppl, "agreement": greedy_agreement(model, reference, config.prompt_len),
-               "experts_per_token": counter.per_token}
-        if config.speed_batch:
-            prompts = data.prompts.repeat(-(-config.speed_batch // config.prompts), 1)[: config.speed_batch]
-            row["decode_tokens_per_s"] = time_generate(model, prompts, config.new_tokens, config.speed_repeats).decode_tokens_per_s
-    finally:
-        unpatch(model)
-    row["ppl_change_pct"] = 100 * (row["ppl"] / full["ppl"] - 1)
-    row["experts_fraction"] = row["experts_per_token"] / full["experts_per_token"]
-    if "decode_tokens_per_s" in row:
-        row["speed_vs_full"] = row["decode_tokens_per_s"] / full["decode_tokens_per_s"]
-    return row
