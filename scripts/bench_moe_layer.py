@@ -338,11 +338,13 @@ def bench_fp8_row(name: str, shape: dict, blocks: list, fp8_experts: list[Expert
     return row
 
 
-def markdown_fp8(rows: list[dict]) -> str:
-    def us(row, key):
-        value = row.get(key)
-        return f"{value:.1f}" if isinstance(value, float) else "-"
+def us(row: dict, key: str) -> str:
+    """A table cell: the row's microseconds to one decimal, "-" where it has none."""
+    value = row.get(key)
+    return f"{value:.1f}" if isinstance(value, float) else "-"
 
+
+def markdown_fp8(rows: list[dict]) -> str:
     lines = [
         "| shape | tokens | path | FP8 HBM limit us (measured / 3.35 TB/s) | ours bf16 graph us | ours FP8 eager us "
         "| ours FP8 graph us | % of FP8 HBM limit (measured / 3.35 TB/s) | FP8 speedup vs our bf16 | rel error vs stock bf16 |",
@@ -363,10 +365,6 @@ def markdown_fp8(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    def us(row, key):
-        value = row.get(key)
-        return f"{value:.1f}" if isinstance(value, float) else "-"
-
     lines = [
         "| shape | tokens | path | HBM limit us (measured / 3.35 TB/s) | stock grouped_mm us | stock batched_mm us "
         "(eager / graph) | ours eager us | ours graph us | % of HBM limit (measured / 3.35 TB/s) | speedup vs stock best |",
